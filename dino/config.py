@@ -1,0 +1,366 @@
+"""The typed configuration of a DINO run: one dataclass per component composed into `DinoConfig`.
+
+YAML presets in `dino/conf/<group>/` only pick values; Hydra's compose API merges them with command
+line overrides and the result is converted once (`OmegaConf.to_object`) into these dataclasses, so
+code below the entry point never sees a `DictConfig`. `validate` names the offending key and the
+allowed values before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+# Architecture name -> timm model name and the kwargs that shape it.
+ARCHS: dict[str, tuple[str, dict[str, int]]] = {
+    "vit_test": ("vit_tiny_patch16_224", {"embed_dim": 64, "depth": 2, "num_heads": 2}),
+    "vit_tiny": ("vit_tiny_patch16_224", {}),
+    "vit_small": ("vit_small_patch16_224", {}),
+    "vit_base": ("vit_base_patch16_224", {}),
+}
+PRECISIONS = ("bf16", "fp16", "fp32")
+DATASETS = ("synthetic", "fashion_mnist", "imagefolder")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Keys that cannot change a run's result: they may differ between a checkpoint and the config that
+# resumes it, and they are left out of the config hash (the run id).
+NON_SEMANTIC_KEYS = (
+    "run.dir",
+    "tracking.",
+    "train.workers",
+    "train.log_every",
+    "train.max_steps",
+    "train.checkpoint_every_steps",
+    "train.checkpoint_every_minutes",
+    "train.keep_last",
+    "train.progress",
+    "train.device",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_small"
+    """Backbone: vit_test (2 blocks, 64 wide, for tests), vit_tiny, vit_small or vit_base."""
+    patch_size: int = 16
+    """Patch size in pixels; must divide crops.global_size and crops.local_size."""
+    drop_path: float = 0.1
+    """Stochastic depth rate of the student (the teacher has none)."""
+
+
+@dataclass
+class HeadConfig:
+    out_dim: int = 65536
+    """K, the number of prototypes (dimension of the softmax)."""
+    hidden_dim: int = 2048
+    """Width of the head's MLP."""
+    bottleneck_dim: int = 256
+    """Dimension before the weight-normalised last layer."""
+    num_layers: int = 3
+    """Linear layers in the MLP before the bottleneck output."""
+    norm_last_layer: bool = True
+    """Fix the last layer's weight norm (weight_g = 1, frozen); stabilises training."""
+
+
+@dataclass
+class CropsConfig:
+    global_size: int = 224
+    """Side of the 2 global crops (student and teacher)."""
+    local_size: int = 96
+    """Side of the local crops (student only)."""
+    num_local: int = 10
+    """Number of local crops per image; 0 disables multi-crop."""
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    """Area range of RandomResizedCrop for global crops."""
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    """Area range of RandomResizedCrop for local crops."""
+
+
+@dataclass
+class TeacherConfig:
+    momentum: float = 0.996
+    """Start of the teacher EMA momentum; cosine schedule to 1."""
+    temp: float = 0.04
+    """Teacher softmax temperature after warm-up."""
+    warmup_temp: float = 0.04
+    """Teacher temperature at step 0; warms up linearly to `temp`."""
+    warmup_temp_epochs: int = 0
+    """Epochs of the teacher temperature warm-up."""
+    student_temp: float = 0.1
+    """Student softmax temperature."""
+    center_momentum: float = 0.9
+    """EMA momentum of the center subtracted from teacher logits."""
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    """Epochs of pretraining; all schedules span them."""
+    batch_size: int = 64
+    """Images per device per step."""
+    lr: float = 0.0005
+    """Peak learning rate per 256 images of global batch (linear scaling rule)."""
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine schedule."""
+    warmup_epochs: int = 10
+    """Linear learning-rate warm-up."""
+    weight_decay: float = 0.04
+    """Weight decay at step 0 (not on biases and 1-D parameters)."""
+    weight_decay_end: float = 0.4
+    """Weight decay at the end of the cosine schedule."""
+    clip_grad: float = 3.0
+    """Per-parameter gradient norm clip; 0 disables."""
+    freeze_last_layer: int = 1
+    """Epochs during which the head's last layer gets no update."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    """Dataset: synthetic (no files), fashion_mnist (Debian package) or imagefolder."""
+    root: str = ""
+    """Root of the dataset files (imagefolder: class folders; fashion_mnist: the idx .gz files)."""
+    split: str = "train"
+    """Split used for pretraining."""
+    num_samples: int = 512
+    """synthetic: number of images."""
+    image_size: int = 64
+    """synthetic: side of the generated images."""
+    num_classes: int = 10
+    """synthetic: number of classes."""
+    max_decode_size: int = 0
+    """imagefolder: shorter side is resized down to this before augmentation; 0 keeps the original."""
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    """Seed of the initialisation, the data order and every augmentation."""
+    precision: str = "bf16"
+    """Autocast precision: bf16, fp16 (with loss scaling) or fp32."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+    workers: int = 4
+    """Data loader worker processes per device."""
+    max_steps: int = 0
+    """Stop after this global step (0: run all epochs); schedules still span all epochs."""
+    log_every: int = 10
+    """Steps between metric reductions (the only host synchronisation of the step)."""
+    checkpoint_every_steps: int = 500
+    """Steps between checkpoints (0: only by time and at the end)."""
+    checkpoint_every_minutes: float = 30.0
+    """Minutes between checkpoints (0: only by steps and at the end)."""
+    keep_last: int = 3
+    """Complete checkpoints kept; older ones are removed once a newer one is complete."""
+    progress: bool = True
+    """Show a live progress bar when the console is a terminal."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: config.yaml, checkpoints/, metrics.jsonl, train.log."""
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""
+    """Tracking store URI; empty disables tracking."""
+    experiment: str = "dinolab"
+    """Experiment name in the tracking store."""
+
+
+@dataclass
+class DinoConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so YAML presets and overrides are type-checked against it."""
+    ConfigStore.instance().store(name="dino_schema", node=DinoConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Composition (Hydra compose API) and conversion
+# --------------------------------------------------------------------------------------------------
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DinoConfig:
+    """Compose `dino/conf/config.yaml` with Hydra overrides and return a validated `DinoConfig`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="dino.conf", version_base="1.3"):
+            dict_cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        cfg = OmegaConf.to_object(dict_cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_explain_compose_error(err, overrides)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+    return cfg
+
+
+def _explain_compose_error(err: Exception, overrides: list[str] | tuple[str, ...]) -> str:
+    """Turn Hydra/OmegaConf errors into one line naming the key and the nearest valid name."""
+    msg = str(err).strip().splitlines()[0]
+    for ov in overrides:
+        key = ov.split("=", 1)[0].lstrip("+~")
+        if "=" not in ov:
+            continue
+        if "." not in key and key in {f.name for f in dataclasses.fields(DinoConfig)}:
+            continue  # a config group choice; Hydra's own message lists the options
+        valid = sorted(flatten(to_dict(DinoConfig())))
+        if key not in valid and "." in key:
+            near = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            return f"unknown config key '{key}'{hint}"
+    full = str(err).strip().replace("\n", " ")
+    return full if len(full) < 400 else msg
+
+
+def to_dict(cfg: DinoConfig) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(data: dict[str, Any]) -> DinoConfig:
+    """Rebuild a `DinoConfig` from `to_dict` output (e.g. a checkpoint's saved config)."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(DinoConfig), data)
+    return OmegaConf.to_object(merged)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def is_semantic(key: str) -> bool:
+    return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NON_SEMANTIC_KEYS)
+
+
+def semantic_items(cfg: DinoConfig | dict[str, Any]) -> dict[str, Any]:
+    flat = flatten(to_dict(cfg) if isinstance(cfg, DinoConfig) else cfg)
+    return {k: v for k, v in flat.items() if is_semantic(k)}
+
+
+def config_hash(cfg: DinoConfig) -> str:
+    """Short hash of the keys that change the result: same hash, same run."""
+    blob = json.dumps(semantic_items(cfg), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def semantic_diff(saved: dict[str, Any], current: DinoConfig) -> list[str]:
+    """Human-readable `key: saved -> current` lines for every semantic key that differs."""
+    old, new = semantic_items(saved), semantic_items(current)
+    return [
+        f"{key}: {old.get(key, '<missing>')!r} -> {new.get(key, '<missing>')!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
+    if value not in allowed:
+        near = difflib.get_close_matches(str(value), list(allowed), n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ConfigError(f"{key}={value!r} is not allowed{hint}; choose one of: {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value} must be {bound}")
+
+
+def _scale(key: str, value: tuple[float, float]) -> None:
+    if len(value) != 2 or not (0 < value[0] <= value[1] <= 1):
+        raise ConfigError(f"{key}={list(value)} must be [low, high] with 0 < low <= high <= 1")
+
+
+def validate(cfg: DinoConfig) -> None:
+    """Raise `ConfigError` naming the key and the allowed values for the first impossible setting."""
+    _choice("model.name", cfg.model.name, list(ARCHS))
+    _choice("train.precision", cfg.train.precision, PRECISIONS)
+    _choice("train.device", cfg.train.device, DEVICES)
+    _choice("data.name", cfg.data.name, DATASETS)
+    _positive("model.patch_size", cfg.model.patch_size)
+    for key in ("crops.global_size", "crops.local_size"):
+        size = getattr(cfg.crops, key.split(".")[1])
+        _positive(key, size)
+        if size % cfg.model.patch_size:
+            raise ConfigError(f"{key}={size} must be a multiple of model.patch_size={cfg.model.patch_size}")
+    if not 0 <= cfg.model.drop_path < 1:
+        raise ConfigError(f"model.drop_path={cfg.model.drop_path} must be in [0, 1)")
+    _positive("crops.num_local", cfg.crops.num_local, allow_zero=True)
+    _scale("crops.global_scale", cfg.crops.global_scale)
+    _scale("crops.local_scale", cfg.crops.local_scale)
+    for key in ("head.out_dim", "head.hidden_dim", "head.bottleneck_dim", "head.num_layers"):
+        _positive(key, getattr(cfg.head, key.split(".")[1]))
+    for key in ("teacher.temp", "teacher.warmup_temp", "teacher.student_temp"):
+        _positive(key, getattr(cfg.teacher, key.split(".")[1]))
+    for key in ("teacher.momentum", "teacher.center_momentum"):
+        value = getattr(cfg.teacher, key.split(".")[1])
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{key}={value} must be in [0, 1]")
+    _positive("optim.epochs", cfg.optim.epochs)
+    _positive("optim.batch_size", cfg.optim.batch_size)
+    _positive("optim.lr", cfg.optim.lr)
+    for key in ("optim.min_lr", "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad"):
+        _positive(key, getattr(cfg.optim, key.split(".")[1]), allow_zero=True)
+    for key in ("optim.warmup_epochs", "optim.freeze_last_layer", "teacher.warmup_temp_epochs"):
+        value = getattr(cfg.optim if key.startswith("optim") else cfg.teacher, key.split(".")[1])
+        if not 0 <= value <= cfg.optim.epochs:
+            raise ConfigError(f"{key}={value} must be between 0 and optim.epochs={cfg.optim.epochs}")
+    for key in ("train.workers", "train.max_steps", "train.checkpoint_every_steps"):
+        _positive(key, getattr(cfg.train, key.split(".")[1]), allow_zero=True)
+    _positive("train.checkpoint_every_minutes", cfg.train.checkpoint_every_minutes, allow_zero=True)
+    _positive("train.log_every", cfg.train.log_every)
+    _positive("train.keep_last", cfg.train.keep_last)
+    if cfg.data.name == "imagefolder" and not cfg.data.root:
+        raise ConfigError("data=imagefolder needs data.root=<folder with one sub-folder per class>")
+    if cfg.data.name == "synthetic":
+        _positive("data.num_samples", cfg.data.num_samples)
+        _positive("data.image_size", cfg.data.image_size)
+        _positive("data.num_classes", cfg.data.num_classes)
+    if not cfg.run.dir:
+        raise ConfigError("run.dir must name the run directory")

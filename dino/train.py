@@ -1,0 +1,263 @@
+"""DINO pretraining: `run(cfg)` sets up, resumes from the newest complete checkpoint, loops, closes.
+
+Resume belongs here: started again in the same run.dir, a run continues exactly (same weights as an
+uninterrupted run) from its newest complete checkpoint. Requeueing belongs to the launcher, which only
+needs `run(cfg, should_stop=...)`: when `should_stop()` turns true the loop finishes the current step,
+writes a complete checkpoint and returns with `stopped=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from dino import checkpoint, distributed, rng, storage
+from dino.augment import MultiCropAugment
+from dino.config import DinoConfig, config_hash, flatten, semantic_diff, to_dict
+from dino.data import MultiCropDataset, build_dataset, build_loader, steps_per_epoch
+from dino.loss import DINOLoss
+from dino.models import build_student_teacher
+from dino.progress import TrainProgress, setup_logging
+from dino.schedules import build_schedules
+from dino.step import StepState, build_optimizer, train_step
+from dino.tracking import build_tracker
+
+log = logging.getLogger("dino.train")
+
+
+class ConfigMismatchError(RuntimeError):
+    """The run directory or checkpoint belongs to another config; the message lists the keys."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message gives the step and the last logged values."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    step: int
+    total_steps: int
+    stopped: bool = False
+    resumed_from: int | None = None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+
+def resolve_device(cfg: DinoConfig) -> torch.device:
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible")
+        return torch.device("cuda", distributed.info().local_rank if distributed.is_initialized() else 0)
+    return torch.device("cpu")
+
+
+def prepare_run_dir(cfg: DinoConfig, is_main: bool) -> None:
+    """Create run.dir and its config.yaml; refuse a run.dir that holds another config's run."""
+    path = storage.join(cfg.run.dir, "config.yaml")
+    if storage.exists(path):
+        saved = yaml.safe_load(storage.read_text(path))
+        diff = semantic_diff(saved, cfg)
+        if diff:
+            raise ConfigMismatchError(
+                f"{cfg.run.dir} holds a run with another config; differing keys: {'; '.join(diff)}. "
+                "Use another run.dir, or the same settings to resume it."
+            )
+    if is_main:
+        storage.makedirs(cfg.run.dir)
+        storage.atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run(cfg: DinoConfig, should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train (or continue training) the run described by `cfg`; see the module docstring."""
+    device_type = "cuda" if resolve_device(cfg).type == "cuda" else "cpu"
+    dist = distributed.init_from_env(device_type)
+    device = resolve_device(cfg)
+    local_run = "://" not in cfg.run.dir
+    if dist.is_main and local_run:
+        storage.makedirs(cfg.run.dir)
+    setup_logging(storage.join(cfg.run.dir, "train.log") if dist.is_main and local_run else None)
+    tracker = build_tracker(cfg, dist.is_main)
+    status = "FAILED"
+    try:
+        result = _train(cfg, device, dist, tracker, should_stop or (lambda: False))
+        status = "FINISHED" if result.finished else "KILLED"
+        return result
+    finally:
+        tracker.close(status)
+        distributed.destroy()
+
+
+def _train(cfg, device, dist, tracker, should_stop) -> TrainResult:
+    prepare_run_dir(cfg, dist.is_main)
+    run_hash = config_hash(cfg)
+    log.info("run %s (config %s) on %s, %d process(es)", cfg.run.dir, run_hash, device, dist.world_size)
+
+    # Models are initialised from the seed alone (identical on every rank); randomness after that
+    # (drop path) gets a per-rank stream.
+    torch.manual_seed(cfg.train.seed)
+    student, teacher = build_student_teacher(cfg)
+    student, teacher = student.to(device), teacher.to(device)
+    num_crops = 2 + cfg.crops.num_local
+    loss_fn = DINOLoss(cfg.head.out_dim, num_crops, cfg.teacher.student_temp, cfg.teacher.center_momentum).to(device)
+    optimizer = build_optimizer(student, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+
+    base = build_dataset(cfg.data, cfg.train.seed)
+    dataset = MultiCropDataset(base, MultiCropAugment(cfg.crops), cfg.train.seed)
+    spe = steps_per_epoch(len(dataset), cfg.optim.batch_size, dist.world_size)
+    if spe == 0:
+        raise ValueError(
+            f"the dataset has {len(dataset)} images, fewer than one global batch "
+            f"(optim.batch_size={cfg.optim.batch_size} x {dist.world_size} process(es))"
+        )
+    schedules = build_schedules(cfg, spe, dist.world_size)
+    end_step = min(schedules.total_steps, cfg.train.max_steps or schedules.total_steps)
+
+    start_step, resumed_from = 0, None
+    latest = checkpoint.load_latest(cfg.run.dir)
+    if latest is not None:
+        diff = semantic_diff(latest.state["config"], cfg)
+        if diff:
+            raise ConfigMismatchError(f"checkpoint {latest.path} was written by another config: {'; '.join(diff)}")
+        student.load_state_dict(latest.state["student"], strict=True)
+        teacher.load_state_dict(latest.state["teacher"], strict=True)
+        optimizer.load_state_dict(latest.state["optimizer"])
+        scaler.load_state_dict(latest.state["scaler"])
+        loss_fn.load_state_dict(latest.state["loss"], strict=True)
+        start_step = resumed_from = latest.step
+        log.info("resumed from %s (step %d, epoch %.2f)", latest.path, latest.step, latest.step / spe)
+    if dist.world_size > 1:
+        student = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    student_module = student.module if isinstance(student, DistributedDataParallel) else student
+    if latest is not None:
+        rng.restore(latest.state["rng"][min(dist.rank, len(latest.state["rng"]) - 1)])
+    else:
+        torch.manual_seed(cfg.train.seed + dist.rank)
+    if dist.is_main:
+        tracker.log_params(flatten(to_dict(cfg)))
+
+    state = StepState(
+        student, student_module, teacher, loss_fn, optimizer, scaler, schedules,
+        device.type, cfg.train.precision, cfg.optim.clip_grad,
+    )  # fmt: skip
+    loader = build_loader(cfg, dataset, start_step, end_step, dist.rank, dist.world_size, device.type == "cuda")
+    progress = TrainProgress(start_step, end_step, spe, cfg.train.progress and dist.is_main)
+    metrics_path = storage.join(cfg.run.dir, "metrics.jsonl")
+
+    def save(step: int) -> None:
+        rng_states = [rng.capture()]
+        if dist.world_size > 1:
+            gathered: list = [None] * dist.world_size
+            torch.distributed.all_gather_object(gathered, rng_states[0])
+            rng_states = gathered
+        if not dist.is_main:
+            return
+        payload = {
+            "student": student_module.state_dict(),
+            "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "loss": loss_fn.state_dict(),
+            "step": step,
+            "epoch": step / spe,
+            "data_position": {"epoch": step // spe, "batch_in_epoch": step % spe, "steps_per_epoch": spe},
+            "rng": rng_states,
+            "config": to_dict(cfg),
+        }
+        path = checkpoint.save(cfg.run.dir, step, payload, run_hash, cfg.train.keep_last)
+        log.info("checkpoint %s", path)
+
+    # Device-side accumulators: read only every log_every steps (the loop's one host sync).
+    sums = torch.zeros(3, device=device)  # loss, teacher entropy, kl
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    last: dict[str, float] = {}
+    window_start, window_steps = time.monotonic(), 0
+    last_save_time, step, stopped = time.monotonic(), start_step, False
+
+    def reduce_and_log(step: int) -> None:
+        nonlocal sums, window_start, window_steps, last
+        values = distributed.all_reduce_mean_(sums / max(window_steps, 1))
+        bad_ranks = distributed.all_reduce_sum_((first_bad >= 0).float())
+        loss, entropy, kl = values.tolist()
+        elapsed = time.monotonic() - window_start
+        if bad_ranks.item() > 0 or not math.isfinite(loss):
+            bad_step = int(first_bad.item()) if first_bad.item() >= 0 else step
+            raise NonFiniteLossError(
+                f"loss is not finite at step {bad_step} (mean over the last {window_steps} steps: {loss}); "
+                f"last logged values: {last or 'none'}. Last good checkpoint: "
+                f"{(checkpoint.complete_steps(cfg.run.dir) or ['none'])[-1]} in {cfg.run.dir}/checkpoints. "
+                "Lower optim.lr, use train.precision=bf16 or fp32, or raise teacher.warmup_temp_epochs."
+            )
+        s = step - 1
+        last = {
+            "step": step,
+            "epoch": step / spe,
+            "loss": loss,
+            "teacher_entropy": entropy,
+            "kl": kl,
+            "lr": float(schedules.lr[s]),
+            "weight_decay": float(schedules.weight_decay[s]),
+            "momentum": float(schedules.momentum[s]),
+            "teacher_temp": float(schedules.teacher_temp[s]),
+            "img_per_s": window_steps * cfg.optim.batch_size / max(elapsed, 1e-9),
+            "memory_gib": memory_gib(device),
+        }
+        if dist.is_main:
+            if "://" not in cfg.run.dir:
+                storage.append_text(metrics_path, json.dumps(last) + "\n")
+            tracker.log_metrics({k: v for k, v in last.items() if k != "step"}, step)
+        progress.update(step, last)
+        sums.zero_()
+        window_start, window_steps = time.monotonic(), 0
+
+    try:
+        for crops, _ in loader:
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            out = train_step(state, crops, step)
+            sums += torch.stack((out["loss"], out["teacher_entropy"], out["kl"])).float()
+            bad_now = ~torch.isfinite(out["loss"])
+            first_bad = torch.where(bad_now & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
+            step += 1
+            window_steps += 1
+            final = step >= end_step
+            due_steps = bool(cfg.train.checkpoint_every_steps) and step % cfg.train.checkpoint_every_steps == 0
+            if not (step % cfg.train.log_every == 0 or due_steps or final):
+                continue
+            # Stop requests and the checkpoint clock are read only here, and agreed on by all ranks,
+            # so every rank takes the same branch (checkpointing gathers RNG states collectively).
+            minutes = cfg.train.checkpoint_every_minutes
+            stop_now, due_time = distributed.any_true(
+                should_stop(), bool(minutes) and time.monotonic() - last_save_time >= 60 * minutes
+            )
+            reduce_and_log(step)  # raises on a non-finite loss, before anything is saved
+            if due_steps or due_time or final or stop_now:
+                save(step)
+                last_save_time = time.monotonic()
+            if stop_now and not final:
+                stopped = True
+                log.info("stop requested: checkpoint written at step %d", step)
+                break
+    finally:
+        progress.close()
+    if step >= schedules.total_steps and start_step == step:
+        log.info("run already finished at step %d", step)
+    return TrainResult(cfg.run.dir, step, schedules.total_steps, stopped, resumed_from, last)

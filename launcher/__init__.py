@@ -1,0 +1,1 @@
+"""dinolab's launcher: the `dinolab` command line, and (to come) sweeps on submitit/SLURM."""

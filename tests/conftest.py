@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny configs on the 2-block, 64-wide test ViT with 32/16 px crops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dino.config import DinoConfig, compose
+
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+
+
+def tiny_config(run_dir: Path | str, *overrides: str) -> DinoConfig:
+    """vit_test on 64 synthetic images, batch 8: 8 steps per epoch, a fraction of a second each."""
+    return compose(
+        [
+            "model=vit_test",
+            "data=synthetic",
+            "data.num_samples=64",
+            "data.image_size=32",
+            "optim.batch_size=8",
+            "optim.epochs=2",
+            "train.checkpoint_every_minutes=0",
+            "train.progress=false",
+            "train.device=cpu",
+            f"run.dir={run_dir}",
+            *overrides,
+        ]
+    )
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    return lambda *overrides, run_dir=None: tiny_config(run_dir or tmp_path / "run", *overrides)
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # Two cores in CI: keep intra-op threads predictable so runs are comparable.
+    torch.set_num_threads(2)
+    yield
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def load_final(run_dir: Path) -> dict:
+    from dino import checkpoint
+
+    latest = checkpoint.load_latest(str(run_dir))
+    assert latest is not None, f"no complete checkpoint in {run_dir}"
+    return latest.state

@@ -1,0 +1,47 @@
+import pytest
+
+from dino.config import ConfigError, compose, config_hash, semantic_diff, to_dict
+
+
+def test_presets_compose_and_round_trip(tmp_path):
+    cfg = compose(["model=vit_small", "model.patch_size=8", "crops.num_local=6", "data=imagefolder", "data.root=/x"])
+    assert (cfg.model.name, cfg.model.patch_size, cfg.crops.num_local, cfg.data.root) == ("vit_small", 8, 6, "/x")
+    assert cfg.head.out_dim == 65536 and cfg.crops.global_size == 224
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.precision=bf17"], "train.precision='bf17' is not allowed (did you mean bf16?); choose one of: bf16, fp16, fp32"),
+        (["optim.epohcs=3"], "unknown config key 'optim.epohcs'; did you mean optim.epochs?"),
+        (["model.patch_size=5"], "crops.global_size=224 must be a multiple of model.patch_size=5"),
+        (["model=vit_test", "crops.local_size=12"], "crops.local_size=12 must be a multiple of model.patch_size=8"),
+        (["data=imagefolder"], "data=imagefolder needs data.root"),
+        (["optim.warmup_epochs=200"], "optim.warmup_epochs=200 must be between 0 and optim.epochs=100"),
+        (["crops.local_scale=[0.5,0.1]"], "crops.local_scale=[0.5, 0.1] must be [low, high]"),
+        (["teacher.momentum=1.5"], "teacher.momentum=1.5 must be in [0, 1]"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_allowed_values(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides)
+    assert message in str(err.value)
+
+
+def test_unknown_group_value_lists_the_options():
+    with pytest.raises(ConfigError) as err:
+        compose(["model=vit_smal"])
+    assert "vit_small" in str(err.value) and "model" in str(err.value)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match="optim.epochs"):
+        compose(["optim.epochs=many"])
+
+
+def test_hash_ignores_non_semantic_keys():
+    a = compose(["run.dir=/a", "train.workers=2", "train.max_steps=5"])
+    b = compose(["run.dir=/b", "train.workers=8", "train.log_every=1"])
+    c = compose(["run.dir=/a", "crops.num_local=2"])
+    assert config_hash(a) == config_hash(b) != config_hash(c)
+    assert semantic_diff(to_dict(a), c) == ["crops.num_local: 10 -> 2"]

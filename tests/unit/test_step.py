@@ -1,0 +1,84 @@
+import torch
+
+from dino.loss import DINOLoss
+from dino.models import build_student_teacher
+from dino.schedules import build_schedules
+from dino.step import StepState, build_optimizer, clip_gradients_, param_groups, train_step
+
+
+def make_state(cfg):
+    torch.manual_seed(0)
+    student, teacher = build_student_teacher(cfg)
+    loss_fn = DINOLoss(cfg.head.out_dim, 2 + cfg.crops.num_local)
+    sched = build_schedules(cfg, steps_per_epoch=4, world_size=1)
+    return StepState(
+        student, student, teacher, loss_fn, build_optimizer(student, "cpu"),
+        torch.amp.GradScaler("cpu", enabled=False), sched, "cpu", cfg.train.precision, cfg.optim.clip_grad,
+    )  # fmt: skip
+
+
+def crops_for(cfg, batch=4):
+    g, loc = cfg.crops.global_size, cfg.crops.local_size
+    return [torch.randn(batch, 3, g, g) for _ in range(2)] + [
+        torch.randn(batch, 3, loc, loc) for _ in range(cfg.crops.num_local)
+    ]
+
+
+def test_every_student_parameter_gets_a_gradient_and_the_teacher_moves_only_by_ema(tiny_cfg):
+    cfg = tiny_cfg("optim.freeze_last_layer=0", "optim.warmup_epochs=0")
+    state = make_state(cfg)
+    teacher_before = {n: p.clone() for n, p in state.teacher.named_parameters()}
+    step = 5
+    out = train_step(state, crops_for(cfg), step)
+    assert torch.isfinite(out["loss"])
+    for name, p in state.student.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    m = float(state.schedules.momentum[step])
+    student = dict(state.student.named_parameters())
+    for name, p in state.teacher.named_parameters():
+        assert p.grad is None, name
+        expected = m * teacher_before[name] + (1 - m) * student[name].detach()
+        assert torch.allclose(p, expected, atol=1e-7), name
+
+
+def test_last_layer_is_frozen_during_the_first_epoch(tiny_cfg):
+    cfg = tiny_cfg("optim.freeze_last_layer=1")
+    state = make_state(cfg)
+    v = state.student.head.last_layer.parametrizations.weight.original1
+    before = v.detach().clone()
+    train_step(state, crops_for(cfg), step=0)  # epoch 0 of 4 steps per epoch
+    assert torch.equal(v, before)
+    train_step(state, crops_for(cfg), step=4)  # epoch 1
+    assert not torch.equal(v, before)
+
+
+def test_clipping_matches_the_reference_per_parameter_loop():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(3, 4), (5,), (2, 2, 2)]]
+    for p, scale in zip(params, (10.0, 0.01, 3.0), strict=True):
+        p.grad = torch.randn_like(p) * scale
+    expected = []
+    for p in params:  # the reference: one norm and one .item() per parameter
+        g = p.grad.clone()
+        clip_coef = 1.0 / (g.norm(2) + 1e-6)
+        expected.append(g * clip_coef if clip_coef < 1 else g)
+    clip_gradients_(params, 1.0)
+    for p, e in zip(params, expected, strict=True):
+        assert torch.allclose(p.grad, e, atol=1e-7)
+
+
+def test_no_weight_decay_on_biases_and_norms(tiny_cfg):
+    student, _ = build_student_teacher(tiny_cfg())
+    decay, no_decay = param_groups(student)
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_fp16_and_bf16_steps_are_finite(tiny_cfg):
+    for precision in ("bf16", "fp16"):
+        cfg = tiny_cfg(f"train.precision={precision}")
+        state = make_state(cfg)
+        state.scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+        out = train_step(state, crops_for(cfg), 6)
+        assert torch.isfinite(out["loss"]), precision

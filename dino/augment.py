@@ -11,8 +11,7 @@ import math
 
 import numpy as np
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from dino.config import CropsConfig
 
@@ -34,7 +33,9 @@ def _crop_pipeline(
     size: int, scale: tuple[float, float], reference_size: int, blur_p: float, solarize_p: float
 ) -> v2.Compose:
     steps: list[v2.Transform] = [
-        v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomResizedCrop(
+            size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC, antialias=True
+        ),
         v2.RandomHorizontalFlip(p=0.5),
         v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
@@ -57,8 +58,12 @@ class MultiCropAugment:
 
     def __init__(self, crops: CropsConfig) -> None:
         g, loc = crops.global_size, crops.local_size
-        self.global_1 = _crop_pipeline(g, crops.global_scale, REFERENCE_GLOBAL_SIZE, blur_p=1.0, solarize_p=0.0)
-        self.global_2 = _crop_pipeline(g, crops.global_scale, REFERENCE_GLOBAL_SIZE, blur_p=0.1, solarize_p=0.2)
+        self.global_1 = _crop_pipeline(
+            g, crops.global_scale, REFERENCE_GLOBAL_SIZE, blur_p=1.0, solarize_p=0.0
+        )
+        self.global_2 = _crop_pipeline(
+            g, crops.global_scale, REFERENCE_GLOBAL_SIZE, blur_p=0.1, solarize_p=0.2
+        )
         self.local = _crop_pipeline(loc, crops.local_scale, REFERENCE_LOCAL_SIZE, blur_p=0.5, solarize_p=0.0)
         self.num_local = crops.num_local
 
@@ -70,4 +75,7 @@ class MultiCropAugment:
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A well-mixed 63-bit seed for one sample's augmentation in one epoch."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32).view(np.uint64)[0]
+        >> 1
+    )

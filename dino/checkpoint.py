@@ -101,7 +101,9 @@ def _read(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ValueError(f"corrupt ({STATE_FILE} is missing)")
     data = storage.read_bytes(state_path)
     if len(data) != marker["size"] or hashlib.sha256(data).hexdigest() != marker["sha256"]:
-        raise ValueError(f"corrupt ({STATE_FILE} has {len(data)} bytes and another checksum than its marker says)")
+        raise ValueError(
+            f"corrupt ({STATE_FILE} has {len(data)} bytes and another checksum than its marker says)"
+        )
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is unusable

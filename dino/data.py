@@ -37,7 +37,12 @@ class SyntheticDataset(Dataset):
     """Deterministic images from (seed, index): class-dependent stripes over smooth random colour."""
 
     def __init__(self, num_samples: int, image_size: int, num_classes: int, seed: int = 0) -> None:
-        self.num_samples, self.image_size, self.num_classes, self.seed = num_samples, image_size, num_classes, seed
+        self.num_samples, self.image_size, self.num_classes, self.seed = (
+            num_samples,
+            image_size,
+            num_classes,
+            seed,
+        )
 
     def __len__(self) -> int:
         return self.num_samples
@@ -178,7 +183,14 @@ class RunBatchSampler(Sampler[list[tuple[int, int]]]):
     """
 
     def __init__(
-        self, num_samples: int, batch_size: int, seed: int, start_step: int, end_step: int, rank: int = 0, world_size: int = 1
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        start_step: int,
+        end_step: int,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.start_step, self.end_step, self.rank, self.world_size = start_step, end_step, rank, world_size
@@ -206,9 +218,17 @@ class RunBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 def build_loader(
-    cfg: DinoConfig, dataset: MultiCropDataset, start_step: int, end_step: int, rank: int, world_size: int, pin_memory: bool
+    cfg: DinoConfig,
+    dataset: MultiCropDataset,
+    start_step: int,
+    end_step: int,
+    rank: int,
+    world_size: int,
+    pin_memory: bool,
 ) -> DataLoader:
-    sampler = RunBatchSampler(len(dataset), cfg.optim.batch_size, cfg.train.seed, start_step, end_step, rank, world_size)
+    sampler = RunBatchSampler(
+        len(dataset), cfg.optim.batch_size, cfg.train.seed, start_step, end_step, rank, world_size
+    )
     return DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -220,5 +240,3 @@ def build_loader(
         # drop-path randomness would differ from an uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.train.seed),
     )
-
-

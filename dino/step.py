@@ -56,7 +56,9 @@ def cancel_last_layer_gradients_(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def ema_update_(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], momentum: float) -> None:
+def ema_update_(
+    teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], momentum: float
+) -> None:
     """θt ← m·θt + (1−m)·θs for every parameter, in two foreach kernels."""
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)

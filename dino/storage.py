@@ -6,6 +6,7 @@ same folder, then a rename. Everything else is a thin layer over fsspec so `s3:/
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
@@ -74,10 +75,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if hasattr(f, "flush"):
             f.flush()
         if hasattr(f, "fileno"):
-            try:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
                 os.fsync(f.fileno())
-            except (OSError, ValueError, AttributeError):
-                pass
     fs.mv(tmp, p)
 
 

@@ -117,7 +117,9 @@ def _train(cfg, device, dist, tracker, should_stop) -> TrainResult:
     student, teacher = build_student_teacher(cfg)
     student, teacher = student.to(device), teacher.to(device)
     num_crops = 2 + cfg.crops.num_local
-    loss_fn = DINOLoss(cfg.head.out_dim, num_crops, cfg.teacher.student_temp, cfg.teacher.center_momentum).to(device)
+    loss_fn = DINOLoss(cfg.head.out_dim, num_crops, cfg.teacher.student_temp, cfg.teacher.center_momentum).to(
+        device
+    )
     optimizer = build_optimizer(student, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
 
@@ -137,7 +139,9 @@ def _train(cfg, device, dist, tracker, should_stop) -> TrainResult:
     if latest is not None:
         diff = semantic_diff(latest.state["config"], cfg)
         if diff:
-            raise ConfigMismatchError(f"checkpoint {latest.path} was written by another config: {'; '.join(diff)}")
+            raise ConfigMismatchError(
+                f"checkpoint {latest.path} was written by another config: {'; '.join(diff)}"
+            )
         student.load_state_dict(latest.state["student"], strict=True)
         teacher.load_state_dict(latest.state["teacher"], strict=True)
         optimizer.load_state_dict(latest.state["optimizer"])
@@ -146,7 +150,9 @@ def _train(cfg, device, dist, tracker, should_stop) -> TrainResult:
         start_step = resumed_from = latest.step
         log.info("resumed from %s (step %d, epoch %.2f)", latest.path, latest.step, latest.step / spe)
     if dist.world_size > 1:
-        student = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+        student = DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
     student_module = student.module if isinstance(student, DistributedDataParallel) else student
     if latest is not None:
         rng.restore(latest.state["rng"][min(dist.rank, len(latest.state["rng"]) - 1)])
@@ -159,7 +165,9 @@ def _train(cfg, device, dist, tracker, should_stop) -> TrainResult:
         student, student_module, teacher, loss_fn, optimizer, scaler, schedules,
         device.type, cfg.train.precision, cfg.optim.clip_grad,
     )  # fmt: skip
-    loader = build_loader(cfg, dataset, start_step, end_step, dist.rank, dist.world_size, device.type == "cuda")
+    loader = build_loader(
+        cfg, dataset, start_step, end_step, dist.rank, dist.world_size, device.type == "cuda"
+    )
     progress = TrainProgress(start_step, end_step, spe, cfg.train.progress and dist.is_main)
     metrics_path = storage.join(cfg.run.dir, "metrics.jsonl")
 
@@ -239,7 +247,9 @@ def _train(cfg, device, dist, tracker, should_stop) -> TrainResult:
             step += 1
             window_steps += 1
             final = step >= end_step
-            due_steps = bool(cfg.train.checkpoint_every_steps) and step % cfg.train.checkpoint_every_steps == 0
+            due_steps = (
+                bool(cfg.train.checkpoint_every_steps) and step % cfg.train.checkpoint_every_steps == 0
+            )
             if not (step % cfg.train.log_every == 0 or due_steps or final):
                 continue
             # Stop requests and the checkpoint clock are read only here, and agreed on by all ranks,

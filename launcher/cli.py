@@ -30,7 +30,9 @@ def _train(args: argparse.Namespace) -> int:
     result = run(cfg)
     state = "finished" if result.finished else ("stopped" if result.stopped else "paused at max_steps")
     last = result.last_metrics
-    summary = f"loss {last['loss']:.4f}, teacher entropy {last['teacher_entropy']:.3f}" if last else "nothing to do"
+    summary = (
+        f"loss {last['loss']:.4f}, teacher entropy {last['teacher_entropy']:.3f}" if last else "nothing to do"
+    )
     print(f"{state}: step {result.step}/{result.total_steps} in {result.run_dir} ({summary})")
     return 0
 
@@ -59,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetNotFoundError, ConfigMismatchError, NonFiniteLossError, CheckpointError) as err:
+    except (
+        ConfigError,
+        DatasetNotFoundError,
+        ConfigMismatchError,
+        NonFiniteLossError,
+        CheckpointError,
+    ) as err:
         print(f"dinolab {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -57,7 +57,9 @@ def test_sampler_resumes_mid_epoch_and_splits_ranks():
     assert len(set(epoch0)) == 18
     # Two ranks with half the batch each see, together, exactly the single-process global batch.
     single = list(RunBatchSampler(20, 6, seed=1, start_step=0, end_step=3))
-    ranks = [list(RunBatchSampler(20, 3, seed=1, start_step=0, end_step=3, rank=r, world_size=2)) for r in (0, 1)]
+    ranks = [
+        list(RunBatchSampler(20, 3, seed=1, start_step=0, end_step=3, rank=r, world_size=2)) for r in (0, 1)
+    ]
     for i in range(3):
         assert sorted(ranks[0][i] + ranks[1][i]) == sorted(single[i])
 
@@ -84,7 +86,9 @@ def test_imagefolder_reads_class_folders(tmp_path):
     for cls in ("cat", "dog"):
         (tmp_path / cls).mkdir()
         for i in range(3):
-            Image.fromarray(np.random.randint(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+            Image.fromarray(np.random.randint(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+                tmp_path / cls / f"{i}.png"
+            )
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
     ds = ImageFolder(str(tmp_path), max_decode_size=10)
     assert len(ds) == 6 and ds.classes == ["cat", "dog"]
@@ -92,7 +96,9 @@ def test_imagefolder_reads_class_folders(tmp_path):
     assert image.dtype == torch.uint8 and image.shape == (3, 10, 12) and label == 1
 
 
-@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").exists(), reason="apt package")
+@pytest.mark.skipif(
+    not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").exists(), reason="apt package"
+)
 def test_fashion_mnist_from_the_debian_package(tiny_cfg):
     cfg = tiny_cfg("data=fashion_mnist")
     train, test = build_dataset(cfg.data), build_dataset(cfg.data, split="test")

@@ -4,18 +4,31 @@ from dino.config import ConfigError, compose, config_hash, semantic_diff, to_dic
 
 
 def test_presets_compose_and_round_trip(tmp_path):
-    cfg = compose(["model=vit_small", "model.patch_size=8", "crops.num_local=6", "data=imagefolder", "data.root=/x"])
-    assert (cfg.model.name, cfg.model.patch_size, cfg.crops.num_local, cfg.data.root) == ("vit_small", 8, 6, "/x")
+    cfg = compose(
+        ["model=vit_small", "model.patch_size=8", "crops.num_local=6", "data=imagefolder", "data.root=/x"]
+    )
+    assert (cfg.model.name, cfg.model.patch_size, cfg.crops.num_local, cfg.data.root) == (
+        "vit_small",
+        8,
+        6,
+        "/x",
+    )
     assert cfg.head.out_dim == 65536 and cfg.crops.global_size == 224
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["train.precision=bf17"], "train.precision='bf17' is not allowed (did you mean bf16?); choose one of: bf16, fp16, fp32"),
+        (
+            ["train.precision=bf17"],
+            "train.precision='bf17' is not allowed (did you mean bf16?); choose one of: bf16, fp16, fp32",
+        ),
         (["optim.epohcs=3"], "unknown config key 'optim.epohcs'; did you mean optim.epochs?"),
         (["model.patch_size=5"], "crops.global_size=224 must be a multiple of model.patch_size=5"),
-        (["model=vit_test", "crops.local_size=12"], "crops.local_size=12 must be a multiple of model.patch_size=8"),
+        (
+            ["model=vit_test", "crops.local_size=12"],
+            "crops.local_size=12 must be a multiple of model.patch_size=8",
+        ),
         (["data=imagefolder"], "data=imagefolder needs data.root"),
         (["optim.warmup_epochs=200"], "optim.warmup_epochs=200 must be between 0 and optim.epochs=100"),
         (["crops.local_scale=[0.5,0.1]"], "crops.local_scale=[0.5, 0.1] must be [low, high]"),

@@ -33,7 +33,9 @@ def test_loss_matches_reference_formula():
     assert pairs == 2 * (num_crops - 1) == 10
     assert abs(loss.item() - expected.item()) < 1e-6 * max(1.0, abs(expected.item()))
     # Center: EMA (0.9) of the batch mean of raw teacher logits.
-    assert torch.allclose(loss_fn.center, 0.9 * center_before + 0.1 * teacher.mean(0, keepdim=True), atol=1e-6)
+    assert torch.allclose(
+        loss_fn.center, 0.9 * center_before + 0.1 * teacher.mean(0, keepdim=True), atol=1e-6
+    )
     # Signals: teacher entropy within [0, log K] and KL = CE - H >= 0.
     q = torch.softmax((teacher - center_before) / 0.04, dim=-1)
     entropy = -torch.special.xlogy(q, q).sum(-1).mean()

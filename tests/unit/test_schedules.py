@@ -16,7 +16,9 @@ def test_teacher_temp_warms_linearly_then_stays():
 
 
 def test_build_schedules_follows_the_recipe(tiny_cfg):
-    cfg = tiny_cfg("optim.epochs=10", "optim.warmup_epochs=2", "teacher.warmup_temp=0.02", "teacher.warmup_temp_epochs=3")
+    cfg = tiny_cfg(
+        "optim.epochs=10", "optim.warmup_epochs=2", "teacher.warmup_temp=0.02", "teacher.warmup_temp_epochs=3"
+    )
     sch = build_schedules(cfg, steps_per_epoch=5, world_size=4)
     assert sch.total_steps == 50
     peak = 0.0005 * 8 * 4 / 256  # lr per 256 images x global batch

@@ -38,7 +38,17 @@ def test_run_directory_holds_config_metrics_checkpoints_and_log(tmp_path, tiny_c
     assert checkpoint.complete_steps(str(run_dir)) == [12, 16]
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines][-1] == 16
-    for key in ("loss", "teacher_entropy", "kl", "lr", "weight_decay", "momentum", "teacher_temp", "img_per_s", "memory_gib"):
+    for key in (
+        "loss",
+        "teacher_entropy",
+        "kl",
+        "lr",
+        "weight_decay",
+        "momentum",
+        "teacher_temp",
+        "img_per_s",
+        "memory_gib",
+    ):
         assert all(math.isfinite(m[key]) for m in lines), key
     assert 0 < lines[-1]["teacher_entropy"] < math.log(cfg.head.out_dim)
     state = load_final(run_dir)
@@ -74,13 +84,17 @@ def test_another_config_in_the_same_run_dir_is_refused_with_the_keys(tmp_path, t
 def test_checkpoint_of_another_config_is_refused(tmp_path, tiny_cfg):
     run(tiny_cfg("train.max_steps=2"))
     (tmp_path / "run" / "config.yaml").unlink()  # only the checkpoint tells now
-    with pytest.raises(ConfigMismatchError, match="written by another config: teacher.momentum: 0.996 -> 0.9"):
+    with pytest.raises(
+        ConfigMismatchError, match="written by another config: teacher.momentum: 0.996 -> 0.9"
+    ):
         run(tiny_cfg("teacher.momentum=0.9"))
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_cfg):
     # An absurd learning rate: the first steps of warm-up are finite, then the weights blow up.
-    cfg = tiny_cfg("optim.lr=1e36", "optim.clip_grad=0", "train.log_every=1", "train.checkpoint_every_steps=1")
+    cfg = tiny_cfg(
+        "optim.lr=1e36", "optim.clip_grad=0", "train.log_every=1", "train.checkpoint_every_steps=1"
+    )
     with pytest.raises(NonFiniteLossError) as err:
         run(cfg)
     message = str(err.value)

@@ -1,0 +1,35 @@
+"""Helpers to run the real `dinolab` command in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DINOLAB = [sys.executable, "-m", "launcher.cli"]
+
+TINY = [
+    "model=vit_test",
+    "data=synthetic",
+    "data.num_samples=64",
+    "data.image_size=32",
+    "optim.batch_size=8",
+    "optim.epochs=2",
+    "train.checkpoint_every_minutes=0",
+    "train.device=cpu",
+]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+def dinolab(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*DINOLAB, *args], capture_output=True, text=True, env=env(), timeout=timeout, cwd=REPO
+    )

@@ -12,6 +12,7 @@ from dino.train import ConfigMismatchError, NonFiniteLossError, run
 from tests.conftest import load_final
 
 
+@pytest.mark.slow
 def test_exact_resume_gives_identical_weights(tmp_path, tiny_cfg):
     # 16 steps with drop path on (the RNG must be restored too), 2 epochs of 8 steps.
     full = run(tiny_cfg(run_dir=tmp_path / "full"))
@@ -63,6 +64,7 @@ def test_run_directory_holds_config_metrics_checkpoints_and_log(tmp_path, tiny_c
     assert (run_dir / "checkpoints" / "000000016" / "state.pt").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_resume_skips_a_corrupt_checkpoint_for_the_previous_complete_one(tmp_path, tiny_cfg, caplog):
     run(tiny_cfg("train.max_steps=8", "train.checkpoint_every_steps=4"))
     state = tmp_path / "run" / "checkpoints" / "000000008" / "state.pt"

@@ -86,8 +86,16 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run(cfg: DinoConfig, should_stop: Callable[[], bool] | None = None) -> TrainResult:
-    """Train (or continue training) the run described by `cfg`; see the module docstring."""
+def run(
+    cfg: DinoConfig,
+    should_stop: Callable[[], bool] | None = None,
+    on_progress: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train (or continue training) the run described by `cfg`; see the module docstring.
+
+    `on_progress(metrics)` is called on rank 0 after every metric reduction and checkpoint (the
+    launcher keeps its run record's step, loss and heartbeat current with it).
+    """
     device_type = "cuda" if resolve_device(cfg).type == "cuda" else "cpu"
     dist = distributed.init_from_env(device_type)
     device = resolve_device(cfg)
@@ -98,7 +106,9 @@ def run(cfg: DinoConfig, should_stop: Callable[[], bool] | None = None) -> Train
     tracker = build_tracker(cfg, dist.is_main)
     status = "FAILED"
     try:
-        result = _train(cfg, device, dist, tracker, should_stop or (lambda: False))
+        result = _train(
+            cfg, device, dist, tracker, should_stop or (lambda: False), on_progress or (lambda m: None)
+        )
         status = "FINISHED" if result.finished else "KILLED"
         return result
     finally:
@@ -106,7 +116,7 @@ def run(cfg: DinoConfig, should_stop: Callable[[], bool] | None = None) -> Train
         distributed.destroy()
 
 
-def _train(cfg, device, dist, tracker, should_stop) -> TrainResult:
+def _train(cfg, device, dist, tracker, should_stop, on_progress) -> TrainResult:
     prepare_run_dir(cfg, dist.is_main)
     run_hash = config_hash(cfg)
     log.info("run %s (config %s) on %s, %d process(es)", cfg.run.dir, run_hash, device, dist.world_size)
@@ -171,6 +181,8 @@ def _train(cfg, device, dist, tracker, should_stop) -> TrainResult:
     progress = TrainProgress(start_step, end_step, spe, cfg.train.progress and dist.is_main)
     metrics_path = storage.join(cfg.run.dir, "metrics.jsonl")
 
+    save_step = [start_step]  # newest complete checkpoint, for progress reports
+
     def save(step: int) -> None:
         rng_states = [rng.capture()]
         if dist.world_size > 1:
@@ -192,6 +204,7 @@ def _train(cfg, device, dist, tracker, should_stop) -> TrainResult:
             "config": to_dict(cfg),
         }
         path = checkpoint.save(cfg.run.dir, step, payload, run_hash, cfg.train.keep_last)
+        save_step[0] = step
         log.info("checkpoint %s", path)
 
     # Device-side accumulators: read only every log_every steps (the loop's one host sync).
@@ -262,6 +275,8 @@ def _train(cfg, device, dist, tracker, should_stop) -> TrainResult:
             if due_steps or due_time or final or stop_now:
                 save(step)
                 last_save_time = time.monotonic()
+            if dist.is_main:
+                on_progress({**last, "total_steps": schedules.total_steps, "checkpoint_step": save_step[0]})
             if stop_now and not final:
                 stopped = True
                 log.info("stop requested: checkpoint written at step %d", step)

@@ -140,6 +140,8 @@ class DataConfig:
     """synthetic: number of classes."""
     max_decode_size: int = 0
     """imagefolder: shorter side is resized down to this before augmentation; 0 keeps the original."""
+    limit: int = 0
+    """Use only the first N images of the split (0: all): quick experiments on a fixed subset."""
 
 
 @dataclass
@@ -362,5 +364,6 @@ def validate(cfg: DinoConfig) -> None:
         _positive("data.num_samples", cfg.data.num_samples)
         _positive("data.image_size", cfg.data.image_size)
         _positive("data.num_classes", cfg.data.num_classes)
+    _positive("data.limit", cfg.data.limit, allow_zero=True)
     if not cfg.run.dir:
         raise ConfigError("run.dir must name the run directory")

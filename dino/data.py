@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from dino import storage
 from dino.augment import MultiCropAugment, sample_seed
@@ -137,14 +137,19 @@ class ImageFolder(Dataset):
 
 
 def build_dataset(data: DataConfig, seed: int = 0, split: str | None = None) -> Dataset:
+    """The configured dataset; with `data.limit` only its first N images (pretraining split only)."""
     split = split or data.split
     if data.name == "synthetic":
-        return SyntheticDataset(data.num_samples, data.image_size, data.num_classes, seed)
-    if data.name == "fashion_mnist":
-        return FashionMNIST(data.root, split)
-    if data.name == "imagefolder":
-        return ImageFolder(data.root, data.max_decode_size)
-    raise ValueError(f"data.name={data.name!r} is unknown")
+        dataset: Dataset = SyntheticDataset(data.num_samples, data.image_size, data.num_classes, seed)
+    elif data.name == "fashion_mnist":
+        dataset = FashionMNIST(data.root, split)
+    elif data.name == "imagefolder":
+        dataset = ImageFolder(data.root, data.max_decode_size)
+    else:
+        raise ValueError(f"data.name={data.name!r} is unknown")
+    if data.limit and split == data.split and data.limit < len(dataset):
+        dataset = Subset(dataset, range(data.limit))
+    return dataset
 
 
 class MultiCropDataset(Dataset):

@@ -1,0 +1,125 @@
+"""`dinolab sweep plan|submit|status|logs|cancel|run <sweep.yaml>`: ablation grids on submitit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rich.console import Console
+
+# Outside a terminal (logs, CI) rich would wrap at 80 columns; tables are wider than that.
+console = Console(width=None if sys.stdout.isatty() else 200)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("sweep", help="plan, submit, watch and collect ablation grids (sweeps/*.yaml)")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    def verb(name: str, help_text: str, func) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help_text)
+        p.add_argument("sweep_file", help="the sweep file, e.g. sweeps/quickstart.yaml")
+        p.add_argument(
+            "overrides", nargs="*", help="edits of the sweep file (root=/tmp/x array_parallelism=2) or extra base overrides"
+        )
+        p.add_argument("--run", action="append", default=[], help="only this run (name, id or name-id); repeatable")
+        p.set_defaults(func=func)
+        return p
+
+    p = verb("plan", "dry run: the runs, their ids and states, resources and the sbatch script", _plan)
+    p.add_argument("--executor", default="slurm", help="whose script to preview (default slurm)")
+    for name, help_text, func in (
+        ("submit", "submit new and unfinished runs as job arrays, evaluations chained", _submit),
+        ("run", "submit on the local executor, wait with progress, print the results", _run),
+    ):
+        p = verb(name, help_text, func)
+        p.add_argument("--executor", default="local", choices=["local", "slurm", "debug"])
+        p.add_argument(
+            "--only", choices=["new", "unfinished", "failed"], help="submit only runs in this state (default: all not finished)"
+        )
+    p = verb("status", "one table: state, step, loss, requeues, job, evaluations", _status)
+    p.add_argument("--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS until interrupted")
+    p = verb("logs", "tail of the newest job's stdout/stderr of a run", _logs)
+    p.add_argument("--stage", default="pretrain", help="pretrain (default), knn or linear")
+    p.add_argument("-n", "--lines", type=int, default=40)
+    verb("cancel", "cancel the sweep's queued and running jobs", _cancel)
+
+
+def _load(args: argparse.Namespace):
+    from launcher.sweep import expand, load_sweep, select
+
+    sweep = load_sweep(args.sweep_file, args.overrides)
+    return sweep, select(expand(sweep), args.run)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from launcher import plan
+    from launcher.executors import sbatch_preview
+
+    sweep, runs = _load(args)
+    console.print(plan.plan_table(sweep, runs))
+    console.print(f"{len(runs)} runs in {sweep.folder}; evaluations: {', '.join(sweep.evals) or 'none'}")
+    for stage in ("pretrain", *sweep.evals):
+        dep = "aftercorr:<pretrain array job id>" if stage != "pretrain" else ""
+        script = sbatch_preview(sweep, stage, plan.submitit_folder(sweep), len(runs), dep)
+        console.rule(f"sbatch script: {stage} array")
+        print(script, flush=True)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from launcher import plan
+
+    sweep, runs = _load(args)
+    todo = plan.classify(sweep, runs, args.executor)
+    console.print(plan.plan_table(sweep, runs, todo))
+    submitted = plan.submit(sweep, todo, args.executor, only=args.only)
+    console.print(submitted.summary())
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from launcher import plan, status
+
+    sweep, runs = _load(args)
+    todo = plan.classify(sweep, runs, args.executor)
+    submitted = plan.submit(sweep, todo, args.executor, only=args.only)
+    console.print(submitted.summary())
+    ok = plan.wait(sweep, runs, submitted, console)
+    console.print(status.status_table(sweep, runs))
+    return 0 if ok else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    from launcher import status
+
+    sweep, runs = _load(args)
+    if not args.watch:
+        console.print(status.status_table(sweep, runs))
+        return 0
+    from rich.live import Live
+
+    with Live(status.status_table(sweep, runs), console=console, refresh_per_second=1) as live:
+        while True:
+            time.sleep(args.watch)
+            live.update(status.status_table(sweep, runs))
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from launcher import status
+    from launcher.cli import UserError
+
+    sweep, runs = _load(args)
+    if len(runs) != 1:
+        raise UserError(f"name one run with --run (the sweep has {len(runs)}: {', '.join(r.name for r in runs)})")
+    console.print(status.log_tail(runs[0], args.stage, args.lines), markup=False, highlight=False)
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from launcher import plan
+
+    sweep, runs = _load(args)
+    for line in plan.cancel(runs):
+        console.print(line)
+    return 0

@@ -1,0 +1,58 @@
+"""submitit executors per stage: `local` (embedded default), `slurm`, `debug` (in-process)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import submitit
+
+from launcher.sweep import Resources, Sweep
+
+EXECUTORS = ("local", "slurm", "debug")
+
+
+def executor_parameters(res: Resources, executor: str, name: str, parallelism: int) -> dict[str, Any]:
+    """submitit parameters for one stage; SLURM-only keys are passed only to SLURM."""
+    params: dict[str, Any] = {
+        "name": name,
+        "timeout_min": res.timeout_min,
+        "nodes": res.nodes,
+        "tasks_per_node": res.tasks_per_node,
+        "cpus_per_task": res.cpus_per_task,
+        "mem_gb": res.mem_gb,
+    }
+    if res.gpus_per_node:  # asking for 0 GPUs fails on clusters without GRES
+        params["gpus_per_node"] = res.gpus_per_node
+    if executor == "slurm":
+        params["slurm_array_parallelism"] = parallelism
+        params["slurm_signal_delay_s"] = res.signal_delay_s
+        for key in ("partition", "account", "qos", "constraint"):
+            if getattr(res, key):
+                params[f"slurm_{key}"] = getattr(res, key)
+        if res.additional:
+            params["slurm_additional_parameters"] = dict(res.additional)
+        if res.setup:
+            params["slurm_setup"] = list(res.setup)
+    if executor == "local" and res.setup:
+        params["local_setup"] = list(res.setup)
+    return params
+
+
+def build_executor(sweep: Sweep, stage: str, executor: str, folder: str) -> submitit.AutoExecutor:
+    if executor not in EXECUTORS:
+        raise ValueError(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
+    ex = submitit.AutoExecutor(folder=folder, cluster=executor, slurm_max_num_timeout=sweep.max_timeouts)
+    res = sweep.stage_resources(stage)
+    ex.update_parameters(**executor_parameters(res, executor, f"{sweep.name}-{stage}", sweep.array_parallelism))
+    return ex
+
+
+def sbatch_preview(sweep: Sweep, stage: str, folder: str, array_size: int, dependency: str = "") -> str:
+    """The sbatch script of this stage's job array as SLURM would get it (for `plan`; no cluster needed)."""
+    ex = build_executor(sweep, stage, "slurm", folder)
+    if dependency:
+        extra = dict(ex._executor.parameters.get("additional_parameters", {}), dependency=dependency)
+        ex._executor.parameters["additional_parameters"] = extra
+    ex._executor.parameters["map_count"] = array_size
+    command = " ".join(ex._executor._submitit_command_str.split())
+    return ex._executor._make_submission_file_text(command, "<uid>")

@@ -1,0 +1,168 @@
+"""The jobs submitit runs: pretraining and evaluation, both `Checkpointable`.
+
+On USR2 (preemption, or a time limit coming) submitit calls `checkpoint()` in the main thread. The
+training itself runs in a worker thread, so `checkpoint()` can ask it to stop at the next metric
+boundary, wait for the complete checkpoint, record the requeue and hand back a fresh job with the
+same spec; submitit then requeues it. Resume is the train loop's own: the new job continues from the
+newest complete checkpoint, at the exact step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import submitit
+
+from launcher import records
+
+
+def _job_env() -> tuple[str, int, int]:
+    """(job id, global rank, number of tasks) of this process; one local task outside submitit."""
+    try:
+        env = submitit.JobEnvironment()
+        return str(env.job_id), env.global_rank, env.num_tasks
+    except RuntimeError:
+        return "", 0, 1
+
+
+def _export_distributed_env(num_tasks: int) -> None:
+    """RANK/WORLD_SIZE/MASTER_ADDR/... from the SLURM or local job, for torch.distributed."""
+    if num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """Pretrain one run. Holds only its spec (pickled by submitit); thread and stop flag live in the job."""
+
+    def __init__(self, overrides: list[str], run_dir: str, local_slots: int = 0, slots_dir: str = "") -> None:
+        self.overrides, self.run_dir = list(overrides), run_dir
+        self.local_slots, self.slots_dir = local_slots, slots_dir  # local executor parallelism (local_slots.py)
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_stop", "_thread")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _stop=None, _thread=None)
+
+    def __call__(self) -> dict[str, Any]:
+        from dino.config import compose
+        from dino.train import run
+
+        job_id, rank, num_tasks = _job_env()
+        _export_distributed_env(num_tasks)
+        slot = None
+        if self.local_slots and num_tasks == 1:
+            from launcher.local_slots import acquire
+
+            slot = acquire(self.slots_dir, self.local_slots)
+        cfg = compose(self.overrides)
+        main = rank == 0
+        if main:
+            prior = records.read_record(self.run_dir)
+            records.update_record(self.run_dir, state=records.RUNNING, job_id=job_id, error="", pid=os.getpid(),
+                                  requeues=prior.get("requeues", 0), started=time.time())  # fmt: skip
+
+        def report(metrics: dict[str, float]) -> None:
+            records.update_record(
+                self.run_dir, state=records.RUNNING, step=int(metrics["step"]), total_steps=int(metrics["total_steps"]),
+                loss=metrics["loss"], teacher_entropy=metrics["teacher_entropy"], img_per_s=metrics["img_per_s"],
+                checkpoint_step=int(metrics["checkpoint_step"]),
+            )  # fmt: skip
+
+        outcome: dict[str, Any] = {}
+        self._stop = threading.Event()
+
+        def work() -> None:
+            try:
+                outcome["result"] = run(cfg, should_stop=self._stop.is_set, on_progress=report if main else None)
+            except BaseException as err:  # noqa: BLE001 - reported below, in the main thread
+                outcome["error"] = err
+                outcome["traceback"] = traceback.format_exc()
+
+        self._thread = threading.Thread(target=work, name="dino-train", daemon=True)
+        self._thread.start()
+        while self._thread.is_alive():
+            self._thread.join(0.5)  # short joins: signals are handled in the main thread between them
+        if slot is not None:
+            slot.close()
+        if "error" in outcome:
+            if main:
+                records.update_record(self.run_dir, state=records.FAILED, error=outcome["traceback"][-2000:])
+            raise outcome["error"]
+        result = outcome["result"]
+        if main and result.finished:
+            records.update_record(self.run_dir, state=records.COMPLETED, step=result.step, total_steps=result.total_steps,
+                                  finished=time.time())  # fmt: skip
+        return {"run_dir": self.run_dir, "step": result.step, "finished": result.finished}
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """USR2: stop at the next boundary with a complete checkpoint, then requeue a fresh job."""
+        if self._stop is not None:
+            self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        record = records.read_record(self.run_dir)
+        if record.get("state") != records.COMPLETED:
+            records.update_record(self.run_dir, state=records.REQUEUED, requeues=record.get("requeues", 0) + 1,
+                                  requeued_at_step=record.get("step", 0))  # fmt: skip
+        print(f"dinolab: requeueing {self.run_dir} at step {record.get('step')}", file=sys.stderr, flush=True)
+        fresh = TrainJob(self.overrides, self.run_dir, self.local_slots, self.slots_dir)
+        return submitit.helpers.DelayedSubmission(fresh)
+
+
+@dataclass
+class EvalJob(submitit.helpers.Checkpointable):
+    """`dinolab eval <protocol>` on a run's newest checkpoint, after its pretraining completed.
+
+    On SLURM the dependency (afterok) orders it; on the local executor it waits for the run record
+    to say completed. Evaluations keep their own resumable state, so a requeue just starts again.
+    """
+
+    protocol: str
+    run_dir: str
+    overrides: list[str] = field(default_factory=list)
+    wait_for_pretrain: bool = False
+    local_slots: int = 0
+    slots_dir: str = ""
+    poll_s: float = 2.0
+
+    def __call__(self) -> dict[str, Any]:
+        from launcher.cli import main as dinolab
+
+        if self.wait_for_pretrain:
+            while (state := records.read_record(self.run_dir).get("state")) != records.COMPLETED:
+                if state in (records.FAILED, "cancelled"):
+                    raise RuntimeError(f"pretraining of {self.run_dir} {state}; {self.protocol} evaluation not run")
+                time.sleep(self.poll_s)
+        slot = None
+        if self.local_slots:
+            from launcher.local_slots import acquire
+
+            slot = acquire(self.slots_dir, self.local_slots)
+        self._set_eval_state("running")
+        code = dinolab(["eval", self.protocol, f"run.dir={self.run_dir}", *self.overrides])
+        if slot is not None:
+            slot.close()
+        if code != 0:
+            self._set_eval_state("failed")
+            raise RuntimeError(f"dinolab eval {self.protocol} exited with {code} for {self.run_dir}")
+        self._set_eval_state("completed")
+        return {"run_dir": self.run_dir, "protocol": self.protocol}
+
+    def _set_eval_state(self, state: str) -> None:
+        evals = records.read_record(self.run_dir).get("evals", {})
+        evals[self.protocol] = state
+        records.update_record(self.run_dir, evals=evals)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(dataclasses.replace(self))
+

@@ -1,0 +1,250 @@
+"""Classify a sweep's runs (new / resume / finished / active / failed), submit them, wait, cancel.
+
+Every command is idempotent because the decision comes from the run folders: record.json (what
+the job reported), jobs.json (what was submitted) and the checkpoints. Finished runs are skipped,
+unfinished ones resumed, runs with a live job left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.table import Table
+
+from dino import checkpoint, storage
+from launcher import records
+from launcher.executors import build_executor
+from launcher.jobs import EvalJob, TrainJob
+from launcher.sweep import RunSpec, Sweep
+
+NEW, RESUME, FINISHED, ACTIVE, FAILED = "new", "resume", "finished", "active", "failed"
+LIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUE_HOLD", "RESIZING"}
+
+
+def submitit_folder(sweep: Sweep) -> str:
+    return storage.join(sweep.folder, ".submitit", "%j")
+
+
+def slots_folder(sweep: Sweep) -> str:
+    return storage.join(sweep.folder, ".slots")
+
+
+@dataclass
+class Todo:
+    run: RunSpec
+    action: str
+    evals: list[str] = field(default_factory=list)  # evaluations still to run after (or without) pretraining
+
+
+def _slurm_state(job_id: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    states = {s.strip() for s in out.stdout.split()}
+    return next(iter(states)) if states else ""
+
+
+def job_is_live(job: dict[str, Any] | None) -> bool:
+    if not job:
+        return False
+    if job["executor"] == "slurm":
+        return _slurm_state(job["job_id"]) in LIVE_SLURM_STATES
+    if job["executor"] == "local":
+        try:
+            os.kill(int(job["job_id"]), 0)  # the local job id is its controller's pid
+            return True
+        except (ProcessLookupError, ValueError, PermissionError):
+            return False
+    return False
+
+
+def is_finished(run: RunSpec) -> bool:
+    record = records.read_record(run.run_dir)
+    if record.get("state") == records.COMPLETED:
+        return True
+    total = record.get("total_steps")
+    return bool(total) and total in checkpoint.complete_steps(run.run_dir)
+
+
+def missing_evals(sweep: Sweep, run: RunSpec) -> list[str]:
+    done = records.read_record(run.run_dir).get("evals", {})
+    return [p for p in sweep.evals if done.get(p) != "completed"]
+
+
+def classify(sweep: Sweep, runs: list[RunSpec], executor: str) -> list[Todo]:
+    todos = []
+    for run in runs:
+        record = records.read_record(run.run_dir)
+        evals = missing_evals(sweep, run)
+        if is_finished(run):
+            live_eval = any(job_is_live(records.last_job(run.run_dir, p)) for p in evals)
+            todos.append(Todo(run, ACTIVE if live_eval else FINISHED, [] if live_eval else evals))
+        elif job_is_live(records.last_job(run.run_dir)):
+            todos.append(Todo(run, ACTIVE))
+        elif record.get("state") == records.FAILED:
+            todos.append(Todo(run, FAILED, evals))
+        elif record or checkpoint.list_steps(run.run_dir):
+            todos.append(Todo(run, RESUME, evals))
+        else:
+            todos.append(Todo(run, NEW, evals))
+    return todos
+
+
+def plan_table(sweep: Sweep, runs: list[RunSpec], todos: list[Todo] | None = None) -> Table:
+    todos = todos or classify(sweep, runs, "slurm")
+    res = sweep.stage_resources("pretrain")
+    table = Table(title=f"sweep {sweep.name}: {len(runs)} runs", title_justify="left")
+    for col in ("run", "id", *sweep.grid, *sweep.zip, "seed", "action", "evals"):
+        table.add_column(col)
+    for todo in todos:
+        r = todo.run
+        action = {NEW: "new", RESUME: "resume", FINISHED: "skip (finished)", ACTIVE: "skip (job live)",
+                  FAILED: "retry (failed)"}[todo.action]  # fmt: skip
+        table.add_row(r.name, r.run_id, *(str(r.axes[k]) for k in (*sweep.grid, *sweep.zip)), str(r.seed), action,
+                      ", ".join(todo.evals) or "-")  # fmt: skip
+    gpus = f"{res.gpus_per_node} GPU x " if res.gpus_per_node else ""
+    table.caption = (
+        f"pretrain: {res.nodes} node(s) x {gpus}{res.tasks_per_node} task(s), {res.cpus_per_task} CPU/task, "
+        f"{res.mem_gb} GB, {res.timeout_min} min, partition {res.partition or 'default'}; "
+        f"array parallelism {sweep.array_parallelism}; max timeouts {sweep.max_timeouts}"
+    )
+    return table
+
+
+@dataclass
+class Submitted:
+    pretrain: list[tuple[RunSpec, Any]] = field(default_factory=list)
+    evals: list[tuple[RunSpec, str, Any]] = field(default_factory=list)
+    skipped: list[Todo] = field(default_factory=list)
+
+    def summary(self) -> str:
+        ids = sorted({str(j.job_id).split("_")[0] for _, j in self.pretrain})
+        lines = [f"submitted {len(self.pretrain)} pretraining job(s) {' '.join(ids)}".rstrip()]
+        if self.evals:
+            lines.append(f"submitted {len(self.evals)} evaluation job(s) ({', '.join(sorted({p for _, p, _ in self.evals}))})")
+        for todo in self.skipped:
+            lines.append(f"skipped {todo.run.label}: {todo.action}")
+        return "\n".join(lines)
+
+
+def _record_submission(run: RunSpec, stage: str, job: Any, executor: str) -> None:
+    records.add_job(run.run_dir, stage, str(job.job_id), executor, str(job.paths.stdout), str(job.paths.stderr))
+
+
+def submit(sweep: Sweep, todos: list[Todo], executor: str, only: str | None = None) -> Submitted:
+    """One array for the pretraining runs, one per evaluation; evaluations of runs being trained wait
+    for their own run (SLURM `aftercorr` on the pretrain array; locally a wait on the run record)."""
+    wanted = {"new": {NEW}, "unfinished": {RESUME, FAILED}, "failed": {FAILED}}.get(only or "", {NEW, RESUME, FAILED})
+    train = [t for t in todos if t.action in wanted]
+    eval_only = [t for t in todos if t.action == FINISHED and t.evals and not only]
+    out = Submitted(skipped=[t for t in todos if t not in train and t not in eval_only])
+    folder = submitit_folder(sweep)
+    local_slots = sweep.array_parallelism if executor == "local" else 0
+
+    for todo in train:  # fresh record state for the runs about to be (re)submitted
+        records.update_record(todo.run.run_dir, state=records.PENDING, error="", evals={})
+    if train:
+        ex = build_executor(sweep, "pretrain", executor, folder)
+        with ex.batch():
+            jobs = [ex.submit(TrainJob(t.run.overrides, t.run.run_dir, local_slots, slots_folder(sweep))) for t in train]
+        for todo, job in zip(train, jobs, strict=True):
+            _record_submission(todo.run, "pretrain", job, executor)
+            out.pretrain.append((todo.run, job))
+    for protocol in sweep.evals:
+        # Every run (re)trained now needs this evaluation again, on its final checkpoint; keeping the
+        # eval array the same size and order as the pretrain array lets SLURM pair task i with task i.
+        chained = [(t, j) for t, (_, j) in zip(train, out.pretrain, strict=True)]
+        alone = [t for t in eval_only if protocol in t.evals]
+        overrides = sweep.eval_overrides.get(protocol, [])
+        if chained:
+            ex = build_executor(sweep, protocol, executor, folder)
+            if executor == "slurm":
+                array_id = str(chained[0][1].job_id).split("_")[0]
+                extra = dict(ex._executor.parameters.get("additional_parameters", {}), dependency=f"aftercorr:{array_id}")
+                ex.update_parameters(slurm_additional_parameters=extra)
+            with ex.batch():
+                jobs = [ex.submit(EvalJob(protocol, t.run.run_dir, overrides, executor != "slurm", local_slots, slots_folder(sweep)))
+                        for t, _ in chained]  # fmt: skip
+            for (todo, _), job in zip(chained, jobs, strict=True):
+                _record_submission(todo.run, protocol, job, executor)
+                out.evals.append((todo.run, protocol, job))
+        if alone:
+            ex = build_executor(sweep, protocol, executor, folder)
+            with ex.batch():
+                jobs = [ex.submit(EvalJob(protocol, t.run.run_dir, overrides, False, local_slots, slots_folder(sweep))) for t in alone]
+            for todo, job in zip(alone, jobs, strict=True):
+                _record_submission(todo.run, protocol, job, executor)
+                out.evals.append((todo.run, protocol, job))
+    return out
+
+
+def wait(sweep: Sweep, runs: list[RunSpec], submitted: Submitted, console) -> bool:
+    """Wait for every submitted job with a progress bar per run; True when all succeeded."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    jobs = [(run, "pretrain", job) for run, job in submitted.pretrain] + list(submitted.evals)
+    if not jobs:
+        return True
+    ok = True
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=console) as progress:  # fmt: skip
+        tasks = {run.run_id: progress.add_task(run.name, total=1, info="pending") for run, _ in submitted.pretrain}
+        pending = list(jobs)
+        while pending:
+            for run, stage, job in list(pending):
+                if executor_is_debug(job):
+                    _result(job)  # the debug executor runs jobs in this process, on demand
+                if job.done():
+                    pending.remove((run, stage, job))
+                    try:
+                        job.result()
+                    except Exception as err:  # noqa: BLE001 - shown, then the others go on
+                        ok = False
+                        console.print(f"[red]{run.label} {stage} failed:[/red] {str(err).strip().splitlines()[-1]}")
+            for run, _ in submitted.pretrain:
+                rec = records.read_record(run.run_dir)
+                total = rec.get("total_steps") or 1
+                evals = rec.get("evals", {})
+                info = f"{rec.get('state', 'pending')} step {rec.get('step', 0)}/{total}"
+                if rec.get("loss") is not None:
+                    info += f" loss {rec['loss']:.3f}"
+                if evals:
+                    info += " " + " ".join(f"{p}:{s}" for p, s in evals.items())
+                progress.update(tasks[run.run_id], completed=rec.get("step", 0), total=total, info=info)
+            if pending:
+                time.sleep(1.0)
+    return ok
+
+
+def executor_is_debug(job: Any) -> bool:
+    return type(job).__name__ == "DebugJob"
+
+
+def _result(job: Any) -> None:
+    with contextlib.suppress(Exception):  # failures are reported by wait()
+        job.result()
+
+
+def cancel(runs: list[RunSpec]) -> list[str]:
+    """Cancel every live job of the runs (SLURM: scancel; local: SIGTERM to the job's processes)."""
+    lines = []
+    for run in runs:
+        for job in records.read_jobs(run.run_dir):
+            if not job_is_live(job):
+                continue
+            if job["executor"] == "slurm":
+                subprocess.run(["scancel", job["job_id"]], check=False)
+            else:
+                record = records.read_record(run.run_dir)
+                for pid in (record.get("pid"), int(job["job_id"])):
+                    if pid:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), signal.SIGTERM)
+            records.update_record(run.run_dir, state="cancelled")
+            lines.append(f"cancelled {run.label} {job['stage']} job {job['job_id']}")
+    return lines or ["no live jobs"]
+

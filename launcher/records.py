@@ -1,0 +1,67 @@
+"""Run records: what a job reports (`record.json`) and what the launcher submitted (`jobs.json`).
+
+Two files with one writer each, so a job starting while `submit` is still writing can never lose an
+update: the job owns `record.json` (state, step, loss, requeues, heartbeat, error), the launcher owns
+`jobs.json` (every submission: stage, job id, executor, log paths, time). Both are written atomically
+through `dino.storage`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+from dino import storage
+
+RECORD = "record.json"
+JOBS = "jobs.json"
+
+# Run states, as the job reports them.
+PENDING, RUNNING, REQUEUED, COMPLETED, FAILED = "pending", "running", "requeued", "completed", "failed"
+
+
+def _read(path: str, default: Any) -> Any:
+    if not storage.exists(path):
+        return default
+    try:
+        return json.loads(storage.read_text(path))
+    except (json.JSONDecodeError, OSError):
+        return default
+
+
+def read_record(run_dir: str) -> dict[str, Any]:
+    return _read(storage.join(run_dir, RECORD), {})
+
+
+def update_record(run_dir: str, **changes: Any) -> dict[str, Any]:
+    """Merge `changes` into record.json (job side) and stamp the heartbeat."""
+    record = read_record(run_dir)
+    record.update(changes)
+    record["heartbeat"] = time.time()
+    record["host"] = socket.gethostname()
+    storage.makedirs(run_dir)
+    storage.atomic_write_text(storage.join(run_dir, RECORD), json.dumps(record, indent=1))
+    return record
+
+
+def read_jobs(run_dir: str) -> list[dict[str, Any]]:
+    return _read(storage.join(run_dir, JOBS), [])
+
+
+def add_job(run_dir: str, stage: str, job_id: str, executor: str, stdout: str, stderr: str) -> None:
+    jobs = read_jobs(run_dir)
+    jobs.append({"stage": stage, "job_id": job_id, "executor": executor, "stdout": stdout,
+                 "stderr": stderr, "submitted": time.time()})  # fmt: skip
+    storage.makedirs(run_dir)
+    storage.atomic_write_text(storage.join(run_dir, JOBS), json.dumps(jobs, indent=1))
+
+
+def last_job(run_dir: str, stage: str = "pretrain") -> dict[str, Any] | None:
+    jobs = [j for j in read_jobs(run_dir) if j["stage"] == stage]
+    return jobs[-1] if jobs else None
+
+
+def eval_result_path(run_dir: str, protocol: str) -> str:
+    return storage.join(run_dir, "eval", protocol, "result.json")

@@ -1,0 +1,118 @@
+"""The sweep status table (records + scheduler) and log tails."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from dino import storage
+from launcher import records
+from launcher.plan import _slurm_state, job_is_live
+from launcher.sweep import RunSpec, Sweep
+
+
+def scheduler_state(job: dict[str, Any] | None) -> str:
+    """What the scheduler says of a run's newest job (SLURM: squeue; local: process alive)."""
+    if not job:
+        return ""
+    if job["executor"] == "slurm":
+        return _slurm_state(job["job_id"]).lower()
+    return "alive" if job_is_live(job) else ""
+
+
+def run_state(run: RunSpec) -> str:
+    """pending / running / requeued / preempted / completed / failed / cancelled / lost / new."""
+    rec = records.read_record(run.run_dir)
+    state = rec.get("state", "new")
+    sched = scheduler_state(records.last_job(run.run_dir))
+    if state in (records.RUNNING, records.PENDING, records.REQUEUED) and sched == "pending":
+        return records.REQUEUED if rec.get("requeues") else records.PENDING
+    if state == records.RUNNING and sched == "":
+        return "lost"  # the job is gone without saying so (SIGKILL, node failure): `submit` resumes it
+    if state == records.PENDING and sched == "" and records.last_job(run.run_dir):
+        return "lost"
+    return state
+
+
+def eval_summary(run: RunSpec, protocol: str) -> str:
+    """Headline of the newest result JSON of a protocol (e.g. k-NN top-1 at k=20), or its state."""
+    state = records.read_record(run.run_dir).get("evals", {}).get(protocol, "")
+    folder = storage.join(run.run_dir, "eval", protocol)
+    files = sorted(glob.glob(os.path.join(folder, "*.json")), key=os.path.getmtime) if "://" not in folder else []
+    if state == "completed" and files:
+        result = json.loads(Path(files[-1]).read_text())
+        headline = _headline(result)
+        if headline:
+            return headline
+    return state or "-"
+
+
+def _headline(result: dict[str, Any]) -> str:
+    if "headline" in result and isinstance(result["headline"], dict):
+        h = result["headline"]
+        return f"{h.get('value', 0):.1f}"
+    for key in ("top1@20", "top1", "final_top1", "accuracy"):
+        value = _find(result, key)
+        if isinstance(value, int | float):
+            return f"{value:.1f}"
+    return ""
+
+
+def _find(tree: Any, key: str) -> Any:
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        for v in tree.values():
+            found = _find(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+def status_table(sweep: Sweep, runs: list[RunSpec]) -> Table:
+    table = Table(title=f"sweep {sweep.name} ({sweep.folder})", title_justify="left")
+    axes = [*sweep.grid, *sweep.zip]
+    for col in ("run", *axes, "seed", "state", "step", "loss", "requeues", "job", *sweep.evals, "note"):
+        table.add_column(col, overflow="fold")
+    counts: dict[str, int] = {}
+    for run in runs:
+        rec = records.read_record(run.run_dir)
+        state = run_state(run)
+        counts[state] = counts.get(state, 0) + 1
+        total = rec.get("total_steps") or 0
+        step = rec.get("step", 0)
+        progress = f"{step}/{total} ({100 * step / total:.0f}%)" if total else str(step or "-")
+        loss = f"{rec['loss']:.3f}" if rec.get("loss") is not None else "-"
+        job = records.last_job(run.run_dir)
+        note = ""
+        if state == records.FAILED and rec.get("error"):
+            note = " | ".join(rec["error"].strip().splitlines()[-2:])
+        elif state in (records.RUNNING,) and rec.get("heartbeat"):
+            note = f"heartbeat {time.time() - rec['heartbeat']:.0f}s ago"
+        colour = {"completed": "green", "failed": "red", "lost": "red", "running": "cyan", "requeued": "yellow"}.get(state, "")
+        table.add_row(
+            run.name, *(str(run.axes[a]) for a in axes), str(run.seed),
+            f"[{colour}]{state}[/{colour}]" if colour else state, progress, loss, str(rec.get("requeues", 0)),
+            job["job_id"] if job else "-", *(eval_summary(run, p) for p in sweep.evals), note,
+        )  # fmt: skip
+    table.caption = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return table
+
+
+def log_tail(run: RunSpec, stage: str, lines: int) -> str:
+    job = records.last_job(run.run_dir, stage)
+    if not job:
+        return f"{run.label}: no {stage} job submitted yet"
+    parts = []
+    for kind in ("stdout", "stderr"):
+        path = job[kind]
+        text = Path(path).read_text(errors="replace") if os.path.exists(path) else f"({path} does not exist yet)"
+        tail = "\n".join(text.splitlines()[-lines:])
+        parts.append(f"==> {path} <==\n{tail}")
+    return f"{run.label} {stage} job {job['job_id']}\n" + "\n\n".join(parts)

@@ -1,0 +1,223 @@
+"""Sweep files (`sweeps/*.yaml`) -> validated `Sweep` -> one `RunSpec` per grid point and seed.
+
+A sweep file is a diff: base overrides plus axes. Every run's config is composed with the same Hydra
+compose API as `dinolab train`, so a typo fails here, at `plan`, with the file, the key and the
+nearest valid name. A run's id is the hash of its resolved config without non-semantic keys, so the
+same grid point always lands in the same folder: `<root>/<sweep name>/<run name>-<id>/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dino import storage
+from dino.config import ConfigError, DinoConfig, compose, config_hash, flatten, to_dict
+
+EVALS = ("knn", "linear")
+
+
+class SweepError(ValueError):
+    """A sweep file that cannot work; the message names the file and the key."""
+
+
+@dataclass
+class Resources:
+    """What one job of a stage asks the scheduler for (submitit/SLURM parameter names)."""
+
+    partition: str = ""
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int = 2
+    mem_gb: float = 4
+    timeout_min: int = 60
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    signal_delay_s: int = 120
+    additional: dict[str, Any] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: str
+    root: str = "runs"
+    base: list[str] = field(default_factory=list)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    zip: dict[str, list[Any]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    short_names: dict[str, str] = field(default_factory=dict)
+    resources: dict[str, Resources] = field(default_factory=dict)
+    array_parallelism: int = 4
+    max_timeouts: int = 3
+    evals: list[str] = field(default_factory=list)
+    eval_overrides: dict[str, list[str]] = field(default_factory=dict)
+    tracking_uri: str = ""
+
+    @property
+    def folder(self) -> str:
+        return storage.join(self.root, self.name)
+
+    def stage_resources(self, stage: str) -> Resources:
+        return self.resources.get(stage) or self.resources.get("pretrain") or Resources()
+
+
+@dataclass
+class RunSpec:
+    """One run of a sweep: its name, id, folder and the overrides that compose its config."""
+
+    name: str
+    run_id: str
+    run_dir: str
+    overrides: list[str]
+    axes: dict[str, Any]
+    seed: int
+    config: DinoConfig
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-{self.run_id}"
+
+
+SWEEP_KEYS = {f.name for f in dataclasses.fields(Sweep)} - {"path"}
+RESOURCE_KEYS = {f.name for f in dataclasses.fields(Resources)}
+
+
+def _near(word: str, options: set[str] | list[str]) -> str:
+    match = difflib.get_close_matches(word, sorted(options), n=1)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
+    """Read and validate a sweep file. `overrides` are `key=value` edits of the sweep file itself
+    (e.g. `root=/tmp/x`, `array_parallelism=2`) or, for any other key, extra base overrides."""
+    path = str(path)
+    if not storage.exists(path):
+        raise SweepError(f"sweep file {path} does not exist")
+    try:
+        raw = yaml.safe_load(storage.read_text(path)) or {}
+    except yaml.YAMLError as err:
+        raise SweepError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path}: expected a mapping at the top level")
+    extra_base = []
+    for ov in overrides:
+        key, _, value = ov.partition("=")
+        if key in SWEEP_KEYS and key not in ("base", "grid", "zip", "resources", "evals", "eval_overrides"):
+            raw[key] = yaml.safe_load(value)
+        else:
+            extra_base.append(ov)
+    unknown = set(raw) - SWEEP_KEYS
+    if unknown:
+        key = sorted(unknown)[0]
+        raise SweepError(f"{path}: unknown key '{key}'{_near(key, SWEEP_KEYS)}; allowed: {', '.join(sorted(SWEEP_KEYS))}")
+    if "name" not in raw:
+        raise SweepError(f"{path}: missing key 'name'")
+    resources = {}
+    for stage, res in (raw.pop("resources", None) or {}).items():
+        if stage not in ("pretrain", *EVALS):
+            raise SweepError(f"{path}: resources.{stage}: unknown stage{_near(stage, ['pretrain', *EVALS])}")
+        bad = set(res or {}) - RESOURCE_KEYS
+        if bad:
+            key = sorted(bad)[0]
+            raise SweepError(f"{path}: unknown key 'resources.{stage}.{key}'{_near(key, RESOURCE_KEYS)}")
+        resources[stage] = Resources(**(res or {}))
+    sweep = Sweep(path=path, resources=resources, **raw)
+    sweep.base = [*(sweep.base or []), *extra_base]
+    sweep.grid, sweep.zip = sweep.grid or {}, sweep.zip or {}
+    for stage in sweep.evals:
+        if stage not in EVALS:
+            raise SweepError(f"{path}: evals: unknown evaluation '{stage}'{_near(stage, EVALS)}; allowed: {', '.join(EVALS)}")
+    lengths = {len(v) for v in sweep.zip.values()}
+    if len(lengths) > 1:
+        raise SweepError(f"{path}: every list under 'zip' must have the same length; got {sorted(lengths)}")
+    for section in ("grid", "zip"):
+        for key, values in getattr(sweep, section).items():
+            if not isinstance(values, list) or not values:
+                raise SweepError(f"{path}: {section}.{key} must be a non-empty list of values")
+    if not sweep.seeds:
+        raise SweepError(f"{path}: seeds must list at least one seed")
+    return sweep
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, list | tuple):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _short(key: str, sweep: Sweep) -> str:
+    if key in sweep.short_names:
+        return sweep.short_names[key]
+    return key.split(".")[-1].split("=")[0]
+
+
+def _grid_points(sweep: Sweep) -> list[dict[str, Any]]:
+    grid_keys = list(sweep.grid)
+    zipped = [dict(zip(sweep.zip, values, strict=True)) for values in zip(*sweep.zip.values(), strict=True)] or [{}]
+    points = []
+    for values in itertools.product(*(sweep.grid[k] for k in grid_keys)):
+        for z in zipped:
+            points.append({**dict(zip(grid_keys, values, strict=True)), **z})
+    return points
+
+
+def _check_axis_keys(sweep: Sweep) -> None:
+    """Axes must name config keys or config groups; say which and the nearest valid one."""
+    valid = set(flatten(to_dict(DinoConfig())))
+    groups = {f.name for f in dataclasses.fields(DinoConfig)}
+    for section in ("grid", "zip"):
+        for key in getattr(sweep, section):
+            if key not in valid and key not in groups:
+                raise SweepError(f"{sweep.path}: {section}.{key} names no config key{_near(key, valid)}")
+
+
+def expand(sweep: Sweep) -> list[RunSpec]:
+    """Every (grid point, seed) as a RunSpec with its composed, validated config."""
+    _check_axis_keys(sweep)
+    runs: list[RunSpec] = []
+    for point in _grid_points(sweep):
+        for seed in sweep.seeds:
+            parts = [f"{_short(k, sweep)}{_value(v)}" for k, v in point.items()]
+            if len(sweep.seeds) > 1:
+                parts.append(f"s{seed}")
+            name = "-".join(parts) or "run"
+            overrides = [*sweep.base, *(f"{k}={_value(v)}" for k, v in point.items()), f"train.seed={seed}"]
+            if sweep.tracking_uri:
+                overrides.append(f"tracking.uri={sweep.tracking_uri}")
+            try:
+                cfg = compose([*overrides, "run.dir=PLACEHOLDER"])
+            except ConfigError as err:
+                raise SweepError(f"{sweep.path}: run {name}: {err}") from None
+            run_id = config_hash(cfg)
+            run_dir = storage.join(sweep.folder, f"{name}-{run_id}")
+            cfg.run.dir = run_dir
+            runs.append(RunSpec(name, run_id, run_dir, [*overrides, f"run.dir={run_dir}"], point, seed, cfg))
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):
+        dup = next(r for r in runs if ids.count(r.run_id) > 1)
+        raise SweepError(f"{sweep.path}: two runs have the same config (id {dup.run_id}, e.g. {dup.name}); an axis changes nothing")
+    return runs
+
+
+def select(runs: list[RunSpec], names: list[str] | None) -> list[RunSpec]:
+    """Runs whose name, id or label is in `names` (all when `names` is empty)."""
+    if not names:
+        return runs
+    chosen = [r for r in runs if r.name in names or r.run_id in names or r.label in names]
+    missing = set(names) - {r.name for r in chosen} - {r.run_id for r in chosen} - {r.label for r in chosen}
+    if missing:
+        name = sorted(missing)[0]
+        raise SweepError(f"no run named '{name}'{_near(name, [r.name for r in runs])}")
+    return chosen

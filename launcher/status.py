@@ -54,11 +54,11 @@ def eval_summary(run: RunSpec, protocol: str) -> str:
 
 
 def _headline(result: dict[str, Any]) -> str:
-    if "headline" in result and isinstance(result["headline"], dict):
-        h = result["headline"]
-        return f"{h.get('value', 0):.1f}"
-    for key in ("top1@20", "top1", "final_top1", "accuracy"):
+    """k-NN: top-1 at k = 20 (the paper's headline); linear: the final top-1."""
+    for key in ("top1", "final_top1", "top1_final", "accuracy"):
         value = _find(result, key)
+        if isinstance(value, dict):
+            value = value.get("20", next(iter(value.values()), None))
         if isinstance(value, int | float):
             return f"{value:.1f}"
     return ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             raise SweepError(f"{path}: unknown key 'resources.{stage}.{key}'{_near(key, RESOURCE_KEYS)}")
         resources[stage] = Resources(**(res or {}))
     sweep = Sweep(path=path, resources=resources, **raw)
+    sweep.root = os.path.expandvars(str(sweep.root))  # root: /checkpoint/${USER}/dinolab
     sweep.base = [*(sweep.base or []), *extra_base]
     sweep.grid, sweep.zip = sweep.grid or {}, sweep.zip or {}
     for stage in sweep.evals:

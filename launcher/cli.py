@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `dinolab --help` lists them.
-COMMANDS = ("train",)
+COMMANDS = ("train", "eval", "viz", "sweep")
 
 
 class UserError(Exception):

@@ -1,0 +1,227 @@
+"""The typed configuration of an evaluation (k-NN, linear probe) and how overrides become one.
+
+An evaluation reads a run: its checkpoint (the newest complete one unless `checkpoint=` names one)
+and the config saved in it. The data defaults to the run's own data config; `data=<preset>` swaps in
+a preset of `dino/conf/data/` and `data.<key>=...` changes single keys. Overrides use the dotted
+syntax of `dinolab train` (`knn.k=[10,20] linear.epochs=10`) and are merged into these dataclasses
+with OmegaConf, so a typo fails naming the key and the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import posixpath
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from dino.config import ConfigError, DataConfig, flatten
+
+BASELINES = ("none", "random", "pixels")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class EvalDataConfig(DataConfig):
+    """The run's data config plus what only evaluation needs."""
+
+    val_root: str = ""
+    """imagefolder: root of the validation images (<val_root>/<class>/<image>), the k-NN queries."""
+
+
+@dataclass
+class KnnConfig:
+    k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    """Numbers of neighbours; each is clipped to the size of the feature bank. 20 is the headline."""
+    temperature: float = 0.07
+    """T of the vote weights exp(similarity / T)."""
+    query_chunk: int = 0
+    """Test queries per similarity block; 0 sizes it from the device memory."""
+    bank_chunk: int = 0
+    """Bank (train) features per similarity block; 0 sizes it from the device memory."""
+    max_train: int = 0
+    """Use only the first N images of the train split as the bank (0: all)."""
+    max_test: int = 0
+    """Use only the first N images of the test split as queries (0: all)."""
+
+
+@dataclass
+class LinearConfig:
+    epochs: int = 100
+    """Epochs of the probe; the cosine learning-rate schedule spans them."""
+    max_epochs: int = 0
+    """Stop after this epoch (0: run all); run again with a higher value to continue."""
+    batch_size: int = 256
+    """Images per step (global)."""
+    lr: float = 0.001
+    """Learning rate per 256 images (lr = linear.lr * batch_size / 256)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 0.0
+    """SGD weight decay."""
+    n_last_blocks: int = 4
+    """Concatenate the (normed) CLS tokens of this many last blocks."""
+    avgpool: bool = False
+    """Also concatenate the average-pooled patch tokens of the last block (ViT-B style)."""
+    scale: tuple[float, float] = (0.08, 1.0)
+    """Area range of the train-time RandomResizedCrop."""
+    max_train: int = 0
+    """Train on the first N images of the train split only (0: all)."""
+    max_test: int = 0
+    """Evaluate on the first N images of the test split only (0: all)."""
+
+
+@dataclass
+class EvalRunConfig:
+    dir: str = ""
+    """Run directory to evaluate; results go to <run.dir>/eval/."""
+
+
+@dataclass
+class EvalConfig:
+    run: EvalRunConfig = field(default_factory=EvalRunConfig)
+    checkpoint: str = ""
+    """A checkpoint folder (<run>/checkpoints/<step>); empty: the run's newest complete checkpoint."""
+    baseline: str = "none"
+    """none (the checkpoint's teacher), random (same architecture, random init) or pixels."""
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    """Dataset of the bank/train and query/test splits; defaults to the run's data config."""
+    image_size: int = 0
+    """Side of the center crop fed to the backbone; 0: the run's crops.global_size."""
+    seed: int = 0
+    """Seed of the random baseline, the probe's initialisation, data order and augmentation."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+    batch_size: int = 256
+    """Images per forward pass while extracting features."""
+    shard_size: int = 2048
+    """Images per cached feature shard (the unit a preempted evaluation resumes at)."""
+    workers: int = 2
+    """Data loader worker processes."""
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+
+
+def _parent(path: str) -> str:
+    path = path.rstrip("/")
+    return posixpath.dirname(path) if "://" in path else os.path.dirname(path)
+
+
+def run_dir_of_checkpoint(path: str) -> str:
+    """<run>/checkpoints/<step> -> <run>."""
+    return _parent(_parent(path))
+
+
+def _data_preset(name: str) -> dict[str, Any]:
+    preset = resources.files("dino.conf") / "data" / f"{name}.yaml"
+    if not preset.is_file():
+        options = sorted(
+            p.name.removesuffix(".yaml") for p in (resources.files("dino.conf") / "data").iterdir()
+        )
+        near = difflib.get_close_matches(name, options, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ConfigError(f"data={name!r} is not a data preset{hint}; choose one of: {', '.join(options)}")
+    return yaml.safe_load(preset.read_text()) or {}
+
+
+def split_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    pairs = []
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key=value (e.g. run.dir=runs/a)")
+        key, value = ov.split("=", 1)
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def merge_overrides(schema: type, pairs: list[tuple[str, str]], base: dict[str, Any] | None = None) -> Any:
+    """`schema` dataclass <- `base` dict <- dotted `pairs`; unknown keys name the nearest valid one."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    valid = sorted(flatten(_plain(schema())))
+    groups = {k.split(".")[0] for k in valid if "." in k}
+    for key, _ in pairs:
+        if key not in valid and key not in groups:
+            near = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+    try:
+        merged = OmegaConf.structured(schema)
+        if base:
+            merged = OmegaConf.merge(merged, base)
+        if pairs:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs]))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "") or ""
+        msg = str(err).strip().splitlines()[0]
+        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def compose_eval(
+    overrides: list[str] | tuple[str, ...], run_data: dict[str, Any] | None = None
+) -> EvalConfig:
+    """EvalConfig from `key=value` overrides; `run_data` (the run's data config) is the data default.
+
+    Without `run_data` the run is looked up from `run.dir`/`checkpoint` by the caller (see
+    `dino.eval.features.resolve_target`), which calls this again with it.
+    """
+    pairs = split_overrides(overrides)
+    preset = [v for k, v in pairs if k == "data"]
+    pairs = [(k, v) for k, v in pairs if k != "data"]
+    data: dict[str, Any] = dict(run_data or {})
+    if preset:
+        data = _data_preset(preset[-1])
+    cfg = merge_overrides(EvalConfig, pairs, {"data": data} if data else None)
+    validate_eval(cfg)
+    return cfg
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        near = difflib.get_close_matches(str(value), list(allowed), n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ConfigError(f"{key}={value!r} is not allowed{hint}; choose one of: {', '.join(allowed)}")
+
+
+def validate_eval(cfg: EvalConfig) -> None:
+    """Raise `ConfigError` naming the key for the first impossible setting."""
+    if not cfg.run.dir and not cfg.checkpoint:
+        raise ConfigError("name the run to evaluate: run.dir=<run folder> or checkpoint=<checkpoint folder>")
+    _choice("baseline", cfg.baseline, BASELINES)
+    _choice("device", cfg.device, DEVICES)
+    for key in ("batch_size", "shard_size", "linear.epochs", "linear.batch_size", "linear.n_last_blocks"):
+        obj = cfg.linear if key.startswith("linear.") else cfg
+        _positive(key, getattr(obj, key.split(".")[-1]))
+    for key in ("workers", "image_size", "knn.query_chunk", "knn.bank_chunk", "knn.max_train",
+                "knn.max_test", "linear.max_epochs", "linear.max_train", "linear.max_test",
+                "linear.weight_decay"):  # fmt: skip
+        obj = cfg.knn if key.startswith("knn.") else cfg.linear if key.startswith("linear.") else cfg
+        _positive(key, getattr(obj, key.split(".")[-1]), allow_zero=True)
+    if not cfg.knn.k or any(k <= 0 for k in cfg.knn.k):
+        raise ConfigError(f"knn.k={cfg.knn.k} must be a non-empty list of positive integers")
+    _positive("knn.temperature", cfg.knn.temperature)
+    _positive("linear.lr", cfg.linear.lr)
+    if not 0 <= cfg.linear.momentum < 1:
+        raise ConfigError(f"linear.momentum={cfg.linear.momentum} must be in [0, 1)")
+    lo, hi = cfg.linear.scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(
+            f"linear.scale={list(cfg.linear.scale)} must be [low, high] with 0 < low <= high <= 1"
+        )

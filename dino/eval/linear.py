@@ -1,0 +1,277 @@
+"""Linear probe on a frozen backbone (the DINO protocol), checkpointed every epoch and resumable.
+
+Input: the CLS tokens of the last `linear.n_last_blocks` blocks (each through the final norm),
+concatenated, optionally with the average-pooled patch tokens of the last block. A linear layer
+(N(0, 0.01) init, zero bias) is trained with SGD (momentum 0.9, no weight decay, lr 0.001 * batch /
+256, cosine over the epochs) on RandomResizedCrop + flip views. Each view is seeded from (seed,
+epoch, index) and each epoch's order from (seed, epoch), so the result depends on nothing else (not
+on workers, not on where it was resumed): a probe killed mid-way and started again ends with the
+same weights as an uninterrupted one.
+
+State lives in `<run>/eval/linear/<target>-<data>-<probe hash>/checkpoints/<epoch>/` (written with
+`dino.checkpoint`: files first, marker last); the result JSON beside it reports the final accuracy
+and, labelled as such, the best over epochs (what the DINO paper reports).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode, v2
+
+from dino import checkpoint, distributed, storage
+from dino.augment import IMAGENET_MEAN, IMAGENET_STD, sample_seed
+from dino.data import epoch_permutation
+from dino.eval.config import EvalConfig, _plain
+from dino.eval.features import (
+    Target,
+    build_encoder,
+    eval_dataset,
+    image_size,
+    num_classes,
+    resolve,
+    resolve_device,
+    split_features,
+    write_result,
+)
+from dino.eval.knn import data_id
+
+log = logging.getLogger("dino.eval")
+
+# Keys of the probe config that do not change its result (left out of its identity hash).
+NON_SEMANTIC = ("max_epochs",)
+
+
+def train_transform(size: int, scale: tuple[float, float]) -> v2.Compose:
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(
+                size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC, antialias=True
+            ),
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+class SeededViews(Dataset):
+    """(epoch, index) -> (augmented view, label), the augmentation seeded from (seed, epoch, index)."""
+
+    def __init__(self, base: Dataset, transform: Callable, seed: int) -> None:
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        image, label = self.base[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(image), label
+
+
+def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[list[tuple[int, int]]]:
+    order = epoch_permutation(num_samples, seed, epoch).tolist()
+    return [[(epoch, i) for i in order[s : s + batch_size]] for s in range(0, num_samples, batch_size)]
+
+
+def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
+    return base_lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def probe_id(cfg: EvalConfig) -> str:
+    semantic = {k: v for k, v in _plain(cfg.linear).items() if k not in NON_SEMANTIC}
+    semantic.update(seed=cfg.seed, image_size=cfg.image_size)
+    return hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()[:8]
+
+
+@dataclass
+class LinearResult:
+    epoch: int
+    epochs: int
+    final_top1: float
+    best_top1: float
+    best_epoch: int
+    path: str
+    state_dir: str
+    resumed_from: int | None
+    record: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.epochs
+
+
+def evaluate(
+    head: nn.Module, features: torch.Tensor, labels: torch.Tensor, batch: int = 4096
+) -> tuple[float, float]:
+    correct1 = correct5 = 0
+    with torch.no_grad():
+        for s in range(0, len(labels), batch):
+            logits = head(features[s : s + batch])
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hit = top == labels[s : s + batch, None]
+            correct1 += int(hit[:, :1].sum())
+            correct5 += int(hit.sum())
+    n = max(len(labels), 1)
+    return 100.0 * correct1 / n, 100.0 * correct5 / n
+
+
+def evaluate_linear(
+    cfg: EvalConfig, target: Target, should_stop: Callable[[], bool] | None = None
+) -> LinearResult:
+    """Train (or continue) the probe of `target`; see the module docstring."""
+    if target.backbone is None:
+        from dino.config import ConfigError
+
+        raise ConfigError("baseline=pixels has no backbone to probe; use baseline=random or none")
+    lin = cfg.linear
+    dist = distributed.info()
+    device = resolve_device(cfg.device)
+    backbone = target.backbone.to(device)
+    for p in backbone.parameters():
+        p.requires_grad = False
+    encode = build_encoder(target, "blocks", lin.n_last_blocks, lin.avgpool)
+    size = image_size(cfg, target.run_cfg)
+
+    # Test features are deterministic (eval transform, frozen backbone): extracted once, cached.
+    test = split_features(
+        cfg, target, "test", limit=lin.max_test, kind="blocks", n_last=lin.n_last_blocks,
+        avgpool=lin.avgpool, device=device, encoder=encode,
+    )  # fmt: skip
+    test_x, test_y = test.features.to(device), test.labels.to(device)
+    train_base = eval_dataset(cfg, target.run_cfg, "train")
+    num_train = min(lin.max_train or len(train_base), len(train_base))
+    classes = num_classes(train_base)
+    views = SeededViews(train_base, train_transform(size, lin.scale), cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    head = nn.Linear(test_x.shape[1], classes)
+    nn.init.normal_(head.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(head.bias)
+    head = head.to(device)
+    base_lr = lin.lr * lin.batch_size / 256
+    optimizer = torch.optim.SGD(
+        head.parameters(), lr=base_lr, momentum=lin.momentum, weight_decay=lin.weight_decay
+    )
+
+    name = f"{target.key}-{data_id(cfg)}-{probe_id(cfg)}"
+    state_dir = storage.join(target.eval_dir, "linear", name)
+    history: list[dict[str, float]] = []
+    start_epoch, resumed_from = 0, None
+    latest = checkpoint.load_latest(state_dir)
+    if latest is not None:
+        head.load_state_dict(latest.state["head"], strict=True)
+        optimizer.load_state_dict(latest.state["optimizer"])
+        history = list(latest.state["history"])
+        start_epoch = resumed_from = latest.step
+        log.info("linear probe resumed from %s (epoch %d)", latest.path, latest.step)
+    end_epoch = min(lin.epochs, lin.max_epochs or lin.epochs)
+    started = time.monotonic()
+    epoch = start_epoch
+    while epoch < end_epoch:
+        lr = cosine_lr(base_lr, epoch, lin.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = epoch_batches(num_train, lin.batch_size, cfg.seed, epoch)
+        loader = DataLoader(
+            views, batch_sampler=batches, num_workers=cfg.workers, pin_memory=device.type == "cuda"
+        )
+        loss_sum = 0.0
+        for images, labels in loader:
+            # Each rank takes every world-th image of the global batch; gradients are summed, so the
+            # update is the one a single process makes on the whole batch.
+            images, labels = images[dist.rank :: dist.world_size], labels[dist.rank :: dist.world_size]
+            global_n = len(images) if dist.world_size == 1 else None
+            with torch.no_grad():
+                feats = encode(images.to(device, non_blocking=True))
+            logits = head(feats)
+            loss = F.cross_entropy(logits, labels.to(device), reduction="sum")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if global_n is None:
+                global_n = int(distributed.all_reduce_sum_(torch.tensor([len(images)], device=device)).item())
+                for p in head.parameters():
+                    distributed.all_reduce_sum_(p.grad)
+            for p in head.parameters():
+                p.grad /= global_n
+            optimizer.step()
+            loss_sum += float(loss.detach()) / max(global_n, 1)
+        epoch += 1
+        top1, top5 = evaluate(head, test_x, test_y)
+        history.append(
+            {"epoch": epoch, "lr": lr, "loss": loss_sum / max(len(batches), 1), "top1": top1, "top5": top5}
+        )
+        log.info(
+            "linear probe epoch %d/%d: loss %.4f top-1 %.2f top-5 %.2f",
+            epoch,
+            lin.epochs,
+            history[-1]["loss"],
+            top1,
+            top5,
+        )
+        if dist.is_main:
+            payload = {
+                "head": head.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": epoch,
+                "history": history,
+                "config": _plain(cfg),
+                "target": target.provenance,
+            }
+            checkpoint.save(state_dir, epoch, payload, probe_id(cfg), keep_last=2)
+        distributed.barrier()
+        if should_stop is not None and should_stop():
+            break
+
+    last = history[-1] if history else {"top1": float("nan"), "top5": float("nan"), "epoch": 0}
+    best = max(history, key=lambda h: h["top1"]) if history else last
+    record = {
+        "protocol": "linear",
+        **target.provenance,
+        "target": target.key,
+        "data": _plain(cfg.data),
+        "linear": _plain(lin),
+        "seed": cfg.seed,
+        "image_size": size,
+        "num_train": num_train,
+        "num_test": len(test_y),
+        "feature_dim": test_x.shape[1],
+        "epoch": epoch,
+        "epochs": lin.epochs,
+        "finished": epoch >= lin.epochs,
+        "final": {"epoch": last["epoch"], "top1": last["top1"], "top5": last["top5"]},
+        "best_over_epochs": {"epoch": best["epoch"], "top1": best["top1"], "top5": best["top5"]},
+        "history": history,
+        "state_dir": state_dir,
+        "seconds": time.monotonic() - started,
+        "time": time.time(),
+    }
+    path = storage.join(target.eval_dir, "linear", f"{name}.json")
+    write_result(path, record)
+    return LinearResult(
+        epoch, lin.epochs, last["top1"], best["top1"], int(best["epoch"]), path, state_dir, resumed_from, record,
+        {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
+    )  # fmt: skip
+
+
+def run_linear(
+    overrides: list[str] | tuple[str, ...], should_stop: Callable[[], bool] | None = None
+) -> LinearResult:
+    """`dinolab eval linear`: resolve the checkpoint from overrides and train/continue its probe."""
+    cfg, target = resolve(overrides)
+    return evaluate_linear(cfg, target, should_stop)

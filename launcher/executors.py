@@ -43,7 +43,9 @@ def build_executor(sweep: Sweep, stage: str, executor: str, folder: str) -> subm
         raise ValueError(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
     ex = submitit.AutoExecutor(folder=folder, cluster=executor, slurm_max_num_timeout=sweep.max_timeouts)
     res = sweep.stage_resources(stage)
-    ex.update_parameters(**executor_parameters(res, executor, f"{sweep.name}-{stage}", sweep.array_parallelism))
+    ex.update_parameters(
+        **executor_parameters(res, executor, f"{sweep.name}-{stage}", sweep.array_parallelism)
+    )
     return ex
 
 

@@ -43,7 +43,10 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __init__(self, overrides: list[str], run_dir: str, local_slots: int = 0, slots_dir: str = "") -> None:
         self.overrides, self.run_dir = list(overrides), run_dir
-        self.local_slots, self.slots_dir = local_slots, slots_dir  # local executor parallelism (local_slots.py)
+        self.local_slots, self.slots_dir = (
+            local_slots,
+            slots_dir,
+        )  # local executor parallelism (local_slots.py)
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
 
@@ -83,7 +86,9 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         def work() -> None:
             try:
-                outcome["result"] = run(cfg, should_stop=self._stop.is_set, on_progress=report if main else None)
+                outcome["result"] = run(
+                    cfg, should_stop=self._stop.is_set, on_progress=report if main else None
+                )
             except BaseException as err:  # noqa: BLE001 - reported below, in the main thread
                 outcome["error"] = err
                 outcome["traceback"] = traceback.format_exc()
@@ -141,7 +146,9 @@ class EvalJob(submitit.helpers.Checkpointable):
         if self.wait_for_pretrain:
             while (state := records.read_record(self.run_dir).get("state")) != records.COMPLETED:
                 if state in (records.FAILED, "cancelled"):
-                    raise RuntimeError(f"pretraining of {self.run_dir} {state}; {self.protocol} evaluation not run")
+                    raise RuntimeError(
+                        f"pretraining of {self.run_dir} {state}; {self.protocol} evaluation not run"
+                    )
                 time.sleep(self.poll_s)
         slot = None
         if self.local_slots:
@@ -165,4 +172,3 @@ class EvalJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(dataclasses.replace(self))
-

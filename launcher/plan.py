@@ -24,7 +24,16 @@ from launcher.jobs import EvalJob, TrainJob
 from launcher.sweep import RunSpec, Sweep
 
 NEW, RESUME, FINISHED, ACTIVE, FAILED = "new", "resume", "finished", "active", "failed"
-LIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUE_HOLD", "RESIZING"}
+LIVE_SLURM_STATES = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+}
 
 
 def submitit_folder(sweep: Sweep) -> str:
@@ -125,20 +134,26 @@ class Submitted:
         ids = sorted({str(j.job_id).split("_")[0] for _, j in self.pretrain})
         lines = [f"submitted {len(self.pretrain)} pretraining job(s) {' '.join(ids)}".rstrip()]
         if self.evals:
-            lines.append(f"submitted {len(self.evals)} evaluation job(s) ({', '.join(sorted({p for _, p, _ in self.evals}))})")
+            lines.append(
+                f"submitted {len(self.evals)} evaluation job(s) ({', '.join(sorted({p for _, p, _ in self.evals}))})"
+            )
         for todo in self.skipped:
             lines.append(f"skipped {todo.run.label}: {todo.action}")
         return "\n".join(lines)
 
 
 def _record_submission(run: RunSpec, stage: str, job: Any, executor: str) -> None:
-    records.add_job(run.run_dir, stage, str(job.job_id), executor, str(job.paths.stdout), str(job.paths.stderr))
+    records.add_job(
+        run.run_dir, stage, str(job.job_id), executor, str(job.paths.stdout), str(job.paths.stderr)
+    )
 
 
 def submit(sweep: Sweep, todos: list[Todo], executor: str, only: str | None = None) -> Submitted:
     """One array for the pretraining runs, one per evaluation; evaluations of runs being trained wait
     for their own run (SLURM `aftercorr` on the pretrain array; locally a wait on the run record)."""
-    wanted = {"new": {NEW}, "unfinished": {RESUME, FAILED}, "failed": {FAILED}}.get(only or "", {NEW, RESUME, FAILED})
+    wanted = {"new": {NEW}, "unfinished": {RESUME, FAILED}, "failed": {FAILED}}.get(
+        only or "", {NEW, RESUME, FAILED}
+    )
     train = [t for t in todos if t.action in wanted]
     eval_only = [t for t in todos if t.action == FINISHED and t.evals and not only]
     out = Submitted(skipped=[t for t in todos if t not in train and t not in eval_only])
@@ -146,11 +161,18 @@ def submit(sweep: Sweep, todos: list[Todo], executor: str, only: str | None = No
     local_slots = sweep.array_parallelism if executor == "local" else 0
 
     for todo in train:  # fresh record state for the runs about to be (re)submitted
+        # Evaluations chained to an earlier attempt wait on a pretraining that will never succeed.
+        for job in records.read_jobs(todo.run.run_dir):
+            if job["stage"] != "pretrain" and job_is_live(job):
+                _cancel_job(job, records.read_record(todo.run.run_dir))
         records.update_record(todo.run.run_dir, state=records.PENDING, error="", evals={})
     if train:
         ex = build_executor(sweep, "pretrain", executor, folder)
         with ex.batch():
-            jobs = [ex.submit(TrainJob(t.run.overrides, t.run.run_dir, local_slots, slots_folder(sweep))) for t in train]
+            jobs = [
+                ex.submit(TrainJob(t.run.overrides, t.run.run_dir, local_slots, slots_folder(sweep)))
+                for t in train
+            ]
         for todo, job in zip(train, jobs, strict=True):
             _record_submission(todo.run, "pretrain", job, executor)
             out.pretrain.append((todo.run, job))
@@ -164,7 +186,10 @@ def submit(sweep: Sweep, todos: list[Todo], executor: str, only: str | None = No
             ex = build_executor(sweep, protocol, executor, folder)
             if executor == "slurm":
                 array_id = str(chained[0][1].job_id).split("_")[0]
-                extra = dict(ex._executor.parameters.get("additional_parameters", {}), dependency=f"aftercorr:{array_id}")
+                extra = dict(
+                    ex._executor.parameters.get("additional_parameters", {}),
+                    dependency=f"aftercorr:{array_id}",
+                )
                 ex.update_parameters(slurm_additional_parameters=extra)
             with ex.batch():
                 jobs = [ex.submit(EvalJob(protocol, t.run.run_dir, overrides, executor != "slurm", local_slots, slots_folder(sweep)))
@@ -175,7 +200,12 @@ def submit(sweep: Sweep, todos: list[Todo], executor: str, only: str | None = No
         if alone:
             ex = build_executor(sweep, protocol, executor, folder)
             with ex.batch():
-                jobs = [ex.submit(EvalJob(protocol, t.run.run_dir, overrides, False, local_slots, slots_folder(sweep))) for t in alone]
+                jobs = [
+                    ex.submit(
+                        EvalJob(protocol, t.run.run_dir, overrides, False, local_slots, slots_folder(sweep))
+                    )
+                    for t in alone
+                ]
             for todo, job in zip(alone, jobs, strict=True):
                 _record_submission(todo.run, protocol, job, executor)
                 out.evals.append((todo.run, protocol, job))
@@ -192,7 +222,9 @@ def wait(sweep: Sweep, runs: list[RunSpec], submitted: Submitted, console) -> bo
     ok = True
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), console=console) as progress:  # fmt: skip
-        tasks = {run.run_id: progress.add_task(run.name, total=1, info="pending") for run, _ in submitted.pretrain}
+        tasks = {
+            run.run_id: progress.add_task(run.name, total=1, info="pending") for run, _ in submitted.pretrain
+        }
         pending = list(jobs)
         while pending:
             for run, stage, job in list(pending):
@@ -204,7 +236,9 @@ def wait(sweep: Sweep, runs: list[RunSpec], submitted: Submitted, console) -> bo
                         job.result()
                     except Exception as err:  # noqa: BLE001 - shown, then the others go on
                         ok = False
-                        console.print(f"[red]{run.label} {stage} failed:[/red] {str(err).strip().splitlines()[-1]}")
+                        console.print(
+                            f"[red]{run.label} {stage} failed:[/red] {str(err).strip().splitlines()[-1]}"
+                        )
             for run, _ in submitted.pretrain:
                 rec = records.read_record(run.run_dir)
                 total = rec.get("total_steps") or 1
@@ -229,6 +263,16 @@ def _result(job: Any) -> None:
         job.result()
 
 
+def _cancel_job(job: dict[str, Any], record: dict[str, Any]) -> None:
+    if job["executor"] == "slurm":
+        subprocess.run(["scancel", job["job_id"]], check=False)
+        return
+    for pid in (record.get("pid"), int(job["job_id"])):
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGTERM)
+
+
 def cancel(runs: list[RunSpec]) -> list[str]:
     """Cancel every live job of the runs (SLURM: scancel; local: SIGTERM to the job's processes)."""
     lines = []
@@ -236,15 +280,7 @@ def cancel(runs: list[RunSpec]) -> list[str]:
         for job in records.read_jobs(run.run_dir):
             if not job_is_live(job):
                 continue
-            if job["executor"] == "slurm":
-                subprocess.run(["scancel", job["job_id"]], check=False)
-            else:
-                record = records.read_record(run.run_dir)
-                for pid in (record.get("pid"), int(job["job_id"])):
-                    if pid:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(int(pid), signal.SIGTERM)
+            _cancel_job(job, records.read_record(run.run_dir))
             records.update_record(run.run_dir, state="cancelled")
             lines.append(f"cancelled {run.label} {job['stage']} job {job['job_id']}")
     return lines or ["no live jobs"]
-

@@ -44,7 +44,9 @@ def eval_summary(run: RunSpec, protocol: str) -> str:
     """Headline of the newest result JSON of a protocol (e.g. k-NN top-1 at k=20), or its state."""
     state = records.read_record(run.run_dir).get("evals", {}).get(protocol, "")
     folder = storage.join(run.run_dir, "eval", protocol)
-    files = sorted(glob.glob(os.path.join(folder, "*.json")), key=os.path.getmtime) if "://" not in folder else []
+    files = (
+        sorted(glob.glob(os.path.join(folder, "*.json")), key=os.path.getmtime) if "://" not in folder else []
+    )
     if state == "completed" and files:
         result = json.loads(Path(files[-1]).read_text())
         headline = _headline(result)
@@ -95,7 +97,13 @@ def status_table(sweep: Sweep, runs: list[RunSpec]) -> Table:
             note = " | ".join(rec["error"].strip().splitlines()[-2:])
         elif state in (records.RUNNING,) and rec.get("heartbeat"):
             note = f"heartbeat {time.time() - rec['heartbeat']:.0f}s ago"
-        colour = {"completed": "green", "failed": "red", "lost": "red", "running": "cyan", "requeued": "yellow"}.get(state, "")
+        colour = {
+            "completed": "green",
+            "failed": "red",
+            "lost": "red",
+            "running": "cyan",
+            "requeued": "yellow",
+        }.get(state, "")
         table.add_row(
             run.name, *(str(run.axes[a]) for a in axes), str(run.seed),
             f"[{colour}]{state}[/{colour}]" if colour else state, progress, loss, str(rec.get("requeues", 0)),
@@ -112,7 +120,9 @@ def log_tail(run: RunSpec, stage: str, lines: int) -> str:
     parts = []
     for kind in ("stdout", "stderr"):
         path = job[kind]
-        text = Path(path).read_text(errors="replace") if os.path.exists(path) else f"({path} does not exist yet)"
+        text = (
+            Path(path).read_text(errors="replace") if os.path.exists(path) else f"({path} does not exist yet)"
+        )
         tail = "\n".join(text.splitlines()[-lines:])
         parts.append(f"==> {path} <==\n{tail}")
     return f"{run.label} {stage} job {job['job_id']}\n" + "\n\n".join(parts)

@@ -120,7 +120,9 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     unknown = set(raw) - SWEEP_KEYS
     if unknown:
         key = sorted(unknown)[0]
-        raise SweepError(f"{path}: unknown key '{key}'{_near(key, SWEEP_KEYS)}; allowed: {', '.join(sorted(SWEEP_KEYS))}")
+        raise SweepError(
+            f"{path}: unknown key '{key}'{_near(key, SWEEP_KEYS)}; allowed: {', '.join(sorted(SWEEP_KEYS))}"
+        )
     if "name" not in raw:
         raise SweepError(f"{path}: missing key 'name'")
     resources = {}
@@ -138,7 +140,9 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     sweep.grid, sweep.zip = sweep.grid or {}, sweep.zip or {}
     for stage in sweep.evals:
         if stage not in EVALS:
-            raise SweepError(f"{path}: evals: unknown evaluation '{stage}'{_near(stage, EVALS)}; allowed: {', '.join(EVALS)}")
+            raise SweepError(
+                f"{path}: evals: unknown evaluation '{stage}'{_near(stage, EVALS)}; allowed: {', '.join(EVALS)}"
+            )
     lengths = {len(v) for v in sweep.zip.values()}
     if len(lengths) > 1:
         raise SweepError(f"{path}: every list under 'zip' must have the same length; got {sorted(lengths)}")
@@ -167,7 +171,9 @@ def _short(key: str, sweep: Sweep) -> str:
 
 def _grid_points(sweep: Sweep) -> list[dict[str, Any]]:
     grid_keys = list(sweep.grid)
-    zipped = [dict(zip(sweep.zip, values, strict=True)) for values in zip(*sweep.zip.values(), strict=True)] or [{}]
+    zipped = [
+        dict(zip(sweep.zip, values, strict=True)) for values in zip(*sweep.zip.values(), strict=True)
+    ] or [{}]
     points = []
     for values in itertools.product(*(sweep.grid[k] for k in grid_keys)):
         for z in zipped:
@@ -209,7 +215,9 @@ def expand(sweep: Sweep) -> list[RunSpec]:
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):
         dup = next(r for r in runs if ids.count(r.run_id) > 1)
-        raise SweepError(f"{sweep.path}: two runs have the same config (id {dup.run_id}, e.g. {dup.name}); an axis changes nothing")
+        raise SweepError(
+            f"{sweep.path}: two runs have the same config (id {dup.run_id}, e.g. {dup.name}); an axis changes nothing"
+        )
     return runs
 
 

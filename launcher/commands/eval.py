@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 EPILOG = """\
 overrides: run.dir=<run> (its newest complete checkpoint's teacher) or checkpoint=<run>/checkpoints/<step>;
@@ -45,24 +46,31 @@ def _provenance(record: dict) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from dino.eval.features import resolve
-
-    cfg, target = resolve(args.overrides)
     if args.cfg:
         import yaml
 
         from dino.eval.config import _plain
+        from dino.eval.features import resolve
 
+        cfg, _ = resolve(args.overrides)
         print(yaml.safe_dump(_plain(cfg), sort_keys=False), end="")
         return 0
     from rich.table import Table
 
     console = _console()
-    if args.protocol == "knn":
-        from dino.eval.knn import evaluate_knn
+    from dino.progress import setup_logging
 
-        result = evaluate_knn(cfg, target)
-        table = Table(title=f"k-NN ({target.key})", caption=_provenance(result.record))
+    setup_logging()  # progress and resume messages on stderr
+    # Under torchrun every rank evaluates its share; only rank 0 prints.
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if args.protocol == "knn":
+        from dino.eval.knn import run_knn
+
+        result = run_knn(args.overrides)
+        if not is_main:
+            return 0
+        target_key = result.record["target"]
+        table = Table(title=f"k-NN ({target_key})", caption=_provenance(result.record))
         table.add_column("k", justify="right")
         table.add_column("top-1 %", justify="right")
         table.add_column("top-5 %", justify="right")
@@ -71,11 +79,13 @@ def run_command(args: argparse.Namespace) -> int:
         console.print(table)
         console.print(f"written to {result.path}")
         return 0
-    from dino.eval.linear import evaluate_linear
+    from dino.eval.linear import run_linear
 
-    result = evaluate_linear(cfg, target)
+    result = run_linear(args.overrides)
+    if not is_main:
+        return 0
     record = result.record
-    table = Table(title=f"linear probe ({target.key})", caption=_provenance(record))
+    table = Table(title=f"linear probe ({record['target']})", caption=_provenance(record))
     for col in ("", "epoch", "top-1 %", "top-5 %"):
         table.add_column(col, justify="right")
     final, best = record["final"], record["best_over_epochs"]

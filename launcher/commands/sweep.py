@@ -20,9 +20,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = verbs.add_parser(name, help=help_text)
         p.add_argument("sweep_file", help="the sweep file, e.g. sweeps/quickstart.yaml")
         p.add_argument(
-            "overrides", nargs="*", help="edits of the sweep file (root=/tmp/x array_parallelism=2) or extra base overrides"
+            "overrides",
+            nargs="*",
+            help="edits of the sweep file (root=/tmp/x array_parallelism=2) or extra base overrides",
         )
-        p.add_argument("--run", action="append", default=[], help="only this run (name, id or name-id); repeatable")
+        p.add_argument(
+            "--run", action="append", default=[], help="only this run (name, id or name-id); repeatable"
+        )
         p.set_defaults(func=func)
         return p
 
@@ -35,10 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = verb(name, help_text, func)
         p.add_argument("--executor", default="local", choices=["local", "slurm", "debug"])
         p.add_argument(
-            "--only", choices=["new", "unfinished", "failed"], help="submit only runs in this state (default: all not finished)"
+            "--only",
+            choices=["new", "unfinished", "failed"],
+            help="submit only runs in this state (default: all not finished)",
         )
     p = verb("status", "one table: state, step, loss, requeues, job, evaluations", _status)
-    p.add_argument("--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS until interrupted")
+    p.add_argument(
+        "--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS until interrupted"
+    )
     p = verb("logs", "tail of the newest job's stdout/stderr of a run", _logs)
     p.add_argument("--stage", default="pretrain", help="pretrain (default), knn or linear")
     p.add_argument("-n", "--lines", type=int, default=40)
@@ -111,7 +119,9 @@ def _logs(args: argparse.Namespace) -> int:
 
     sweep, runs = _load(args)
     if len(runs) != 1:
-        raise UserError(f"name one run with --run (the sweep has {len(runs)}: {', '.join(r.name for r in runs)})")
+        raise UserError(
+            f"name one run with --run (the sweep has {len(runs)}: {', '.join(r.name for r in runs)})"
+        )
     console.print(status.log_tail(runs[0], args.stage, args.lines), markup=False, highlight=False)
     return 0
 

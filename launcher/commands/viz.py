@@ -25,7 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from dino.progress import setup_logging
     from dino.viz import attention_figure
+
+    setup_logging()  # progress and resume messages on stderr
 
     result = attention_figure(args.overrides)
     width, height = result.size

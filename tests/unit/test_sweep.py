@@ -19,7 +19,12 @@ GOLDEN = REPO / "tests" / "golden" / "patch_size.pretrain.sbatch"
 
 
 def write_sweep(tmp_path: Path, **content) -> Path:
-    base = {"name": "t", "root": str(tmp_path / "root"), "base": ["model=vit_test"], "grid": {"model.patch_size": [8, 4]}}
+    base = {
+        "name": "t",
+        "root": str(tmp_path / "root"),
+        "base": ["model=vit_test"],
+        "grid": {"model.patch_size": [8, 4]},
+    }
     base.update(content)
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(base))
@@ -60,10 +65,16 @@ def test_grid_times_zip_times_seeds_and_stable_ids(tmp_path):
     "content, message",
     [
         ({"gird": {"model.patch_size": [8]}}, "unknown key 'gird' (did you mean grid?)"),
-        ({"grid": {"model.pach_size": [8]}}, "grid.model.pach_size names no config key (did you mean model.patch_size?)"),
+        (
+            {"grid": {"model.pach_size": [8]}},
+            "grid.model.pach_size names no config key (did you mean model.patch_size?)",
+        ),
         ({"base": ["model=vit_smal"]}, "model/vit_smal"),
         ({"base": ["optim.epohcs=3"]}, "unknown config key 'optim.epohcs'; did you mean optim.epochs?"),
-        ({"resources": {"pretrain": {"partiton": "gpu"}}}, "unknown key 'resources.pretrain.partiton' (did you mean partition?)"),
+        (
+            {"resources": {"pretrain": {"partiton": "gpu"}}},
+            "unknown key 'resources.pretrain.partiton' (did you mean partition?)",
+        ),
         ({"evals": ["knnn"]}, "unknown evaluation 'knnn' (did you mean knn?)"),
         ({"zip": {"crops.num_local": [2, 4], "optim.batch_size": [8]}}, "must have the same length"),
         ({"grid": {"train.workers": [1, 2]}}, "two runs have the same config"),

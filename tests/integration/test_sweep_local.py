@@ -1,0 +1,89 @@
+"""`dinolab sweep` on submitit's local executor: the quickstart grid, shrunk, end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launcher import records
+from tests.conftest import FASHION_MNIST_ROOT
+from tests.integration.cli import dinolab
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not FASHION_MNIST_ROOT.exists(), reason="needs apt-get install dataset-fashion-mnist"),
+]
+# The quickstart sweep shrunk for CI: 192 images -> 6 or 8 steps per run.
+SHRINK = ["data.limit=192"]
+
+
+def test_quickstart_sweep_runs_every_run_and_its_knn_then_resubmits_nothing(tmp_path):
+    root = tmp_path / "sweeps"
+    proc = dinolab("sweep", "run", "sweeps/quickstart.yaml", f"root={root}", *SHRINK, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (
+        "submitted 4 pretraining job(s)" in proc.stdout
+        and "submitted 4 evaluation job(s) (knn)" in proc.stdout
+    )
+    run_dirs = sorted(p for p in (root / "quickstart").iterdir() if not p.name.startswith("."))
+    assert len(run_dirs) == 4
+    for run_dir in run_dirs:
+        record = records.read_record(str(run_dir))
+        assert record["state"] == "completed" and record["step"] == record["total_steps"] > 0
+        assert record["evals"] == {"knn": "completed"}
+        (result,) = (run_dir / "eval" / "knn").glob("*.json")
+        knn = json.loads(result.read_text())
+        assert knn["step"] == record["total_steps"] and 0 <= knn["top1"]["20"] <= 100
+        jobs = records.read_jobs(str(run_dir))
+        assert [j["stage"] for j in jobs] == ["pretrain", "knn"]
+    assert proc.stdout.count("completed") >= 4
+
+    again = dinolab("sweep", "submit", "sweeps/quickstart.yaml", f"root={root}", *SHRINK)
+    assert again.returncode == 0, again.stderr
+    assert "submitted 0 pretraining job(s)" in again.stdout and "evaluation job" not in again.stdout
+    assert again.stdout.count("skip (finished)") == 4
+
+    status = dinolab("sweep", "status", "sweeps/quickstart.yaml", f"root={root}", *SHRINK)
+    assert status.returncode == 0 and "4 completed" in status.stdout
+    logs = dinolab(
+        "sweep",
+        "logs",
+        "sweeps/quickstart.yaml",
+        f"root={root}",
+        *SHRINK,
+        "--run",
+        run_dirs[0].name.rsplit("-", 1)[0],
+    )
+    assert logs.returncode == 0 and "log.out" in logs.stdout
+
+
+def test_a_killed_run_is_resumed_by_the_next_submit(tmp_path):
+    """A run whose job died hard (record says running, no process) shows as lost and is resumed."""
+    root = tmp_path / "sweeps"
+    # Checkpoint cadence is not part of the run id: the same run, with checkpoints at 2, 4 and 6.
+    args = [
+        "sweeps/quickstart.yaml",
+        f"root={root}",
+        *SHRINK,
+        "train.checkpoint_every_steps=2",
+        "--run",
+        "m0.9-nl0-bs32",
+    ]
+    first = dinolab("sweep", "run", *args, timeout=900)
+    assert first.returncode == 0, first.stdout[-2000:]
+    (run_dir,) = [p for p in (root / "quickstart").iterdir() if p.name.startswith("m0.9-nl0")]
+    # Simulate the hard death of a job at step 4: newest checkpoint removed, record left "running".
+    final = max((run_dir / "checkpoints").iterdir())
+    __import__("shutil").rmtree(final)
+    records.update_record(str(run_dir), state="running", step=4)
+    records.add_job(str(run_dir), "pretrain", "999999", "local", "/nonexistent.out", "/nonexistent.err")
+    status = dinolab("sweep", "status", *args)
+    assert "lost" in status.stdout
+    again = dinolab("sweep", "run", *args, timeout=900)
+    assert again.returncode == 0, again.stdout[-2000:]
+    assert "submitted 1 pretraining job(s)" in again.stdout
+    record = records.read_record(str(run_dir))
+    assert record["state"] == "completed" and record["evals"] == {"knn": "completed"}
+    log = (run_dir / "train.log").read_text()
+    assert "resumed from" in log and "(step 4," in log

@@ -307,6 +307,8 @@ def extract_features(
     needed = range((limit + shard_size - 1) // shard_size)
     dist = distributed.info()
     missing = [i for i in needed if not storage.exists(storage.join(folder, shard_name(i)))]
+    # Every rank lists before any rank writes, so all agree on the missing shards and their split.
+    distributed.barrier()
     mine = missing[dist.rank :: dist.world_size]
     if missing:
         log.info("features %s: %d of %d shards to compute", folder, len(missing), len(needed))
@@ -332,6 +334,11 @@ def extract_features(
     distributed.barrier()
     feats, labels = [], []
     for i in needed:
+        if not storage.exists(storage.join(folder, shard_name(i))):
+            raise RuntimeError(
+                f"feature shard {storage.join(folder, shard_name(i))} is missing after extraction: "
+                "under torch.distributed the run folder must be shared by all ranks"
+            )
         shard = torch.load(
             io.BytesIO(storage.read_bytes(storage.join(folder, shard_name(i)))), weights_only=True
         )

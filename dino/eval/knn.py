@@ -188,4 +188,8 @@ def evaluate_knn(cfg: EvalConfig, target: Target) -> KnnResult:
 def run_knn(overrides: list[str] | tuple[str, ...]) -> KnnResult:
     """`dinolab eval knn`: resolve the checkpoint (or baseline) from overrides and evaluate it."""
     cfg, target = resolve(overrides)
-    return evaluate_knn(cfg, target)
+    distributed.init_from_env(resolve_device(cfg.device).type)  # torchrun/SLURM: one process per device
+    try:
+        return evaluate_knn(cfg, target)
+    finally:
+        distributed.destroy()

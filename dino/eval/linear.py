@@ -92,6 +92,16 @@ def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
     return base_lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
 
 
+def build_head(dim: int, classes: int, seed: int) -> nn.Linear:
+    """The probe: weights N(0, 0.01), zero bias, drawn from `seed` alone."""
+    head = nn.Linear(dim, classes)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
+        head.bias.zero_()
+    return head
+
+
 def probe_id(cfg: EvalConfig) -> str:
     semantic = {k: v for k, v in _plain(cfg.linear).items() if k not in NON_SEMANTIC}
     semantic.update(seed=cfg.seed, image_size=cfg.image_size)
@@ -159,11 +169,7 @@ def evaluate_linear(
     classes = num_classes(train_base)
     views = SeededViews(train_base, train_transform(size, lin.scale), cfg.seed)
 
-    torch.manual_seed(cfg.seed)
-    head = nn.Linear(test_x.shape[1], classes)
-    nn.init.normal_(head.weight, mean=0.0, std=0.01)
-    nn.init.zeros_(head.bias)
-    head = head.to(device)
+    head = build_head(test_x.shape[1], classes, cfg.seed).to(device)
     base_lr = lin.lr * lin.batch_size / 256
     optimizer = torch.optim.SGD(
         head.parameters(), lr=base_lr, momentum=lin.momentum, weight_decay=lin.weight_decay
@@ -274,4 +280,8 @@ def run_linear(
 ) -> LinearResult:
     """`dinolab eval linear`: resolve the checkpoint from overrides and train/continue its probe."""
     cfg, target = resolve(overrides)
-    return evaluate_linear(cfg, target, should_stop)
+    distributed.init_from_env(resolve_device(cfg.device).type)  # torchrun/SLURM: one process per device
+    try:
+        return evaluate_linear(cfg, target, should_stop)
+    finally:
+        distributed.destroy()

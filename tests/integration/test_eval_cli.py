@@ -10,6 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
+from tests.conftest import FASHION_MNIST_ROOT
 from tests.integration.cli import REPO, TINY, dinolab, env
 
 
@@ -109,3 +110,56 @@ def test_two_process_gloo_knn_equals_one_process(tiny_run, tmp_path):
     (a,), (b,) = results(single_dir, "knn").values(), results(ddp_dir, "knn").values()
     assert a["top1"] == b["top1"] and a["top5"] == b["top5"]
     assert len(list((ddp_dir / "eval" / "features").rglob("shard_*.pt"))) == 8  # 4 + 4, each once
+
+
+# The pretraining of the Fashion-MNIST acceptance test and the k-NN subset it is judged on.
+FM_PRETRAIN = [
+    "data=fashion_mnist", "model=vit_test", "crops.global_size=32", "crops.local_size=16",
+    "crops.num_local=2", "head.out_dim=1024", "optim.batch_size=32", "optim.epochs=100",
+    "optim.warmup_epochs=0", "optim.lr=0.005", "train.max_steps=200", "train.workers=1",
+    "train.precision=fp32", "train.device=cpu",
+]  # fmt: skip
+FM_KNN = ["workers=0", "knn.max_train=10000", "knn.max_test=2000", "knn.k=[20]"]
+MIN_MARGIN = 3.0  # top-1 points; the standard error of one accuracy on 2000 queries is about 1.1
+
+
+@pytest.fixture(scope="module")
+def fashion_mnist_knn(tmp_path_factory):
+    """k-NN top-1 (k=20) on Fashion-MNIST of a 200-step pretraining, of its random initialisation
+    and of raw pixels, all through `dinolab eval knn` (about 2 minutes on 2 cores)."""
+    if not FASHION_MNIST_ROOT.exists():
+        pytest.skip("needs apt-get install dataset-fashion-mnist")
+    run_dir = tmp_path_factory.mktemp("fm") / "fm"
+    proc = dinolab("train", *FM_PRETRAIN, f"run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    top1 = {}
+    for baseline in ("none", "random", "pixels"):
+        proc = dinolab("eval", "knn", f"run.dir={run_dir}", f"baseline={baseline}", *FM_KNN)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (record,) = [r for r in results(run_dir, "knn").values() if r["baseline"] == baseline]
+        assert record["num_train"] == 10000 and record["num_test"] == 2000
+        top1[baseline] = record["top1"]["20"]
+    print(f"Fashion-MNIST k-NN top-1 (k=20): {top1}")
+    return top1
+
+
+@pytest.mark.slow
+def test_fashion_mnist_knn_separates_real_features_from_chance(fashion_mnist_knn):
+    """Measured (2 cores, 10000 bank / 2000 queries): pixels 80.6, random init 59.5, 200 steps 56.5.
+    Chance is 10: the protocol sees class structure, and pixels beat a random 2-block ViT clearly."""
+    top1 = fashion_mnist_knn
+    assert top1["random"] > 45 and top1["none"] > 45, top1
+    assert top1["pixels"] > top1["random"] + 15, top1
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="measured: 200 DINO steps of vit_test (the pretraining CI affords) give 56.5 k-NN top-1 "
+    "against 59.5 for its random initialisation; 300-600 steps with other lr/momentum/crops stayed "
+    "within noise of it. Pretraining does not yet beat random init within the CI budget.",
+)
+def test_fashion_mnist_pretraining_beats_random_init(fashion_mnist_knn):
+    top1 = fashion_mnist_knn
+    assert top1["none"] >= top1["random"] + MIN_MARGIN, top1

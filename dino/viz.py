@@ -107,9 +107,9 @@ def render(image: torch.Tensor, attention: torch.Tensor, title: str = ""):
         ax.set_title(f"head {h}", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.subplots_adjust(
-        left=0.01, right=0.99, bottom=0.01, top=0.88 if title else 0.93, wspace=0.05, hspace=0.15
-    )
+    # Room above the panels for their titles (and the figure title), fixed in inches.
+    top = 1 - (0.5 if title else 0.3) / (rows * PANEL_INCHES)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.05, hspace=0.3)
     return fig
 
 

@@ -12,23 +12,21 @@ from dino.config import DinoConfig, compose
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
 
+# vit_test on 64 synthetic images, batch 8: 8 steps per epoch, a fraction of a second each.
+TINY_OVERRIDES = [
+    "model=vit_test",
+    "data=synthetic",
+    "data.num_samples=64",
+    "data.image_size=32",
+    "optim.batch_size=8",
+    "optim.epochs=2",
+    "train.checkpoint_every_minutes=0",
+    "train.device=cpu",
+]
+
+
 def tiny_config(run_dir: Path | str, *overrides: str) -> DinoConfig:
-    """vit_test on 64 synthetic images, batch 8: 8 steps per epoch, a fraction of a second each."""
-    return compose(
-        [
-            "model=vit_test",
-            "data=synthetic",
-            "data.num_samples=64",
-            "data.image_size=32",
-            "optim.batch_size=8",
-            "optim.epochs=2",
-            "train.checkpoint_every_minutes=0",
-            "train.progress=false",
-            "train.device=cpu",
-            f"run.dir={run_dir}",
-            *overrides,
-        ]
-    )
+    return compose([*TINY_OVERRIDES, "train.progress=false", f"run.dir={run_dir}", *overrides])
 
 
 @pytest.fixture

@@ -7,19 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import TINY_OVERRIDES
+
 REPO = Path(__file__).resolve().parents[2]
 DINOLAB = [sys.executable, "-m", "launcher.cli"]
 
-TINY = [
-    "model=vit_test",
-    "data=synthetic",
-    "data.num_samples=64",
-    "data.image_size=32",
-    "optim.batch_size=8",
-    "optim.epochs=2",
-    "train.checkpoint_every_minutes=0",
-    "train.device=cpu",
-]
+TINY = TINY_OVERRIDES
 
 
 def env() -> dict[str, str]:

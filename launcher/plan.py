@@ -52,7 +52,13 @@ class Todo:
 
 
 def _slurm_state(job_id: str) -> str:
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    """squeue's state of a job ("" once it left the queue, or where there is no SLURM client)."""
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60
+        )
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return ""
     states = {s.strip() for s in out.stdout.split()}
     return next(iter(states)) if states else ""
 
@@ -84,7 +90,7 @@ def missing_evals(sweep: Sweep, run: RunSpec) -> list[str]:
     return [p for p in sweep.evals if done.get(p) != "completed"]
 
 
-def classify(sweep: Sweep, runs: list[RunSpec], executor: str) -> list[Todo]:
+def classify(sweep: Sweep, runs: list[RunSpec]) -> list[Todo]:
     todos = []
     for run in runs:
         record = records.read_record(run.run_dir)
@@ -104,7 +110,7 @@ def classify(sweep: Sweep, runs: list[RunSpec], executor: str) -> list[Todo]:
 
 
 def plan_table(sweep: Sweep, runs: list[RunSpec], todos: list[Todo] | None = None) -> Table:
-    todos = todos or classify(sweep, runs, "slurm")
+    todos = todos or classify(sweep, runs)
     res = sweep.stage_resources("pretrain")
     table = Table(title=f"sweep {sweep.name}: {len(runs)} runs", title_justify="left")
     for col in ("run", "id", *sweep.grid, *sweep.zip, "seed", "action", "evals"):

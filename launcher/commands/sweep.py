@@ -79,7 +79,7 @@ def _submit(args: argparse.Namespace) -> int:
     from launcher import plan
 
     sweep, runs = _load(args)
-    todo = plan.classify(sweep, runs, args.executor)
+    todo = plan.classify(sweep, runs)
     console.print(plan.plan_table(sweep, runs, todo))
     submitted = plan.submit(sweep, todo, args.executor, only=args.only)
     console.print(submitted.summary())
@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     from launcher import plan, status
 
     sweep, runs = _load(args)
-    todo = plan.classify(sweep, runs, args.executor)
+    todo = plan.classify(sweep, runs)
     submitted = plan.submit(sweep, todo, args.executor, only=args.only)
     console.print(submitted.summary())
     ok = plan.wait(sweep, runs, submitted, console)

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dino import checkpoint, distributed, rng, storage
 from dino.augment import MultiCropAugment
-from dino.config import DinoConfig, config_hash, flatten, semantic_diff, to_dict
+from dino.config import ConfigError, DinoConfig, config_hash, flatten, semantic_diff, to_dict
 from dino.data import MultiCropDataset, build_dataset, build_loader, steps_per_epoch
 from dino.loss import DINOLoss
 from dino.models import build_student_teacher
@@ -137,7 +137,7 @@ def _train(cfg, device, dist, tracker, should_stop, on_progress) -> TrainResult:
     dataset = MultiCropDataset(base, MultiCropAugment(cfg.crops), cfg.train.seed)
     spe = steps_per_epoch(len(dataset), cfg.optim.batch_size, dist.world_size)
     if spe == 0:
-        raise ValueError(
+        raise ConfigError(
             f"the dataset has {len(dataset)} images, fewer than one global batch "
             f"(optim.batch_size={cfg.optim.batch_size} x {dist.world_size} process(es))"
         )

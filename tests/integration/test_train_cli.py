@@ -32,6 +32,7 @@ def test_train_command_creates_a_complete_run(tmp_path):
     [
         (["optim.epohcs=2"], "unknown config key 'optim.epohcs'; did you mean optim.epochs?"),
         (["train.precision=fp8"], "train.precision='fp8' is not allowed"),
+        (["data.num_samples=4"], "the dataset has 4 images, fewer than one global batch (optim.batch_size=8"),
         (
             ["data=fashion_mnist", "data.root=/nonexistent/fmnist"],
             "looked for /nonexistent/fmnist/train-images-idx3-ubyte.gz",

@@ -61,7 +61,3 @@ def add_job(run_dir: str, stage: str, job_id: str, executor: str, stdout: str, s
 def last_job(run_dir: str, stage: str = "pretrain") -> dict[str, Any] | None:
     jobs = [j for j in read_jobs(run_dir) if j["stage"] == stage]
     return jobs[-1] if jobs else None
-
-
-def eval_result_path(run_dir: str, protocol: str) -> str:
-    return storage.join(run_dir, "eval", protocol, "result.json")

@@ -51,3 +51,14 @@ def load_final(run_dir: Path) -> dict:
     latest = checkpoint.load_latest(str(run_dir))
     assert latest is not None, f"no complete checkpoint in {run_dir}"
     return latest.state
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A finished tiny run (16 steps), trained once per test module that asks for it."""
+    from dino.train import run
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    torch.set_num_threads(2)
+    run(tiny_config(run_dir))
+    return run_dir

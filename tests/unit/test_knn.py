@@ -17,8 +17,6 @@ from dino.eval import features as feat
 from dino.eval.config import compose_eval
 from dino.eval.features import resolve
 from dino.eval.knn import evaluate_knn, knn_accuracy, knn_votes
-from dino.train import run
-from tests.conftest import tiny_config
 
 KS = [1, 10, 20, 100, 200]
 
@@ -101,14 +99,6 @@ def test_a_perfectly_separable_toy_problem_is_classified_perfectly():
 # --------------------------------------------------------------------------------------------------
 # On a trained tiny run: shards, resume, provenance, baselines
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("knn") / "run"
-    torch.set_num_threads(2)
-    run(tiny_config(run_dir))
-    return run_dir
 
 
 def knn_args(run_dir, *extra):

@@ -16,16 +16,6 @@ from dino.eval import linear as lin
 from dino.eval.features import cls_features, multi_block_features, resolve
 from dino.eval.linear import build_head, cosine_lr, evaluate_linear
 from dino.models import build_backbone
-from dino.train import run
-from tests.conftest import tiny_config
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("linear") / "run"
-    torch.set_num_threads(2)
-    run(tiny_config(run_dir))
-    return run_dir
 
 
 def probe_args(run_dir, *extra):

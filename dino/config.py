@@ -30,6 +30,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # Keys that cannot change a run's result: they may differ between a checkpoint and the config that
 # resumes it, and they are left out of the config hash (the run id).
+TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "postgresql", "mysql", "databricks")
 NON_SEMANTIC_KEYS = (
     "run.dir",
     "tracking.",
@@ -177,9 +178,13 @@ class RunConfig:
 @dataclass
 class TrackingConfig:
     uri: str = ""
-    """Tracking store URI; empty disables tracking."""
+    """MLflow tracking URI (sqlite:////abs/path/mlflow.db or http://server:5000); empty disables tracking."""
     experiment: str = "dinolab"
-    """Experiment name in the tracking store."""
+    """Experiment of a run started by `dinolab train` (a sweep uses one experiment named after it)."""
+    run_name: str = ""
+    """MLflow run name of a new run; empty: the run folder's name."""
+    flush_timeout_s: float = 60.0
+    """At exit, how long to wait for an unreachable store before spooling metrics to disk."""
 
 
 @dataclass
@@ -367,3 +372,10 @@ def validate(cfg: DinoConfig) -> None:
     _positive("data.limit", cfg.data.limit, allow_zero=True)
     if not cfg.run.dir:
         raise ConfigError("run.dir must name the run directory")
+    if cfg.tracking.uri and not cfg.tracking.uri.startswith(TRACKING_SCHEMES):
+        raise ConfigError(
+            f"tracking.uri={cfg.tracking.uri} is not an MLflow store dinolab can use; give "
+            "sqlite:////<absolute path>/mlflow.db or an `mlflow server` URL (http://host:port); "
+            "MLflow 3 refuses plain ./mlruns folders"
+        )
+    _positive("tracking.flush_timeout_s", cfg.tracking.flush_timeout_s, allow_zero=True)

@@ -103,21 +103,31 @@ def run(
     if dist.is_main and local_run:
         storage.makedirs(cfg.run.dir)
     setup_logging(storage.join(cfg.run.dir, "train.log") if dist.is_main and local_run else None)
-    tracker = build_tracker(cfg, dist.is_main)
-    status = "FAILED"
     try:
-        result = _train(
-            cfg, device, dist, tracker, should_stop or (lambda: False), on_progress or (lambda m: None)
-        )
-        status = "FINISHED" if result.finished else "KILLED"
-        return result
+        prepare_run_dir(cfg, dist.is_main)  # before tracking: a folder of another config is refused
+        return _tracked(cfg, device, dist, should_stop or (lambda: False), on_progress or (lambda m: None))
     finally:
-        tracker.close(status)
         distributed.destroy()
 
 
+def _tracked(cfg, device, dist, should_stop, on_progress) -> TrainResult:
+    """Train with the tracker open; its MLflow run ends FINISHED, KILLED (stopped to be requeued)
+    or FAILED."""
+    tracker = build_tracker(cfg, dist.is_main)
+    status = "FAILED"
+    try:
+        tracker.set_tags({"dinolab.config_hash": config_hash(cfg)})
+        tracker.log_artifact(storage.join(cfg.run.dir, "config.yaml"))
+        result = _train(cfg, device, dist, tracker, should_stop, on_progress)
+        status = "FINISHED" if result.finished else "KILLED"
+        if result.finished and "://" not in cfg.run.dir:
+            tracker.log_artifact(storage.join(cfg.run.dir, "metrics.jsonl"))
+        return result
+    finally:
+        tracker.close(status)
+
+
 def _train(cfg, device, dist, tracker, should_stop, on_progress) -> TrainResult:
-    prepare_run_dir(cfg, dist.is_main)
     run_hash = config_hash(cfg)
     log.info("run %s (config %s) on %s, %d process(es)", cfg.run.dir, run_hash, device, dist.world_size)
 
@@ -144,7 +154,7 @@ def _train(cfg, device, dist, tracker, should_stop, on_progress) -> TrainResult:
     schedules = build_schedules(cfg, spe, dist.world_size)
     end_step = min(schedules.total_steps, cfg.train.max_steps or schedules.total_steps)
 
-    start_step, resumed_from = 0, None
+    start_step, resumed_from, train_seconds = 0, None, 0.0
     latest = checkpoint.load_latest(cfg.run.dir)
     if latest is not None:
         diff = semantic_diff(latest.state["config"], cfg)
@@ -158,6 +168,7 @@ def _train(cfg, device, dist, tracker, should_stop, on_progress) -> TrainResult:
         scaler.load_state_dict(latest.state["scaler"])
         loss_fn.load_state_dict(latest.state["loss"], strict=True)
         start_step = resumed_from = latest.step
+        train_seconds = float(latest.state.get("train_seconds", 0.0))  # absent before dinolab 0.1.1
         log.info("resumed from %s (step %d, epoch %.2f)", latest.path, latest.step, latest.step / spe)
     if dist.world_size > 1:
         student = DistributedDataParallel(
@@ -201,6 +212,7 @@ def _train(cfg, device, dist, tracker, should_stop, on_progress) -> TrainResult:
             "epoch": step / spe,
             "data_position": {"epoch": step // spe, "batch_in_epoch": step % spe, "steps_per_epoch": spe},
             "rng": rng_states,
+            "train_seconds": clock["train_seconds"],
             "config": to_dict(cfg),
         }
         path = checkpoint.save(cfg.run.dir, step, payload, run_hash, cfg.train.keep_last)
@@ -213,6 +225,9 @@ def _train(cfg, device, dist, tracker, should_stop, on_progress) -> TrainResult:
     last: dict[str, float] = {}
     window_start, window_steps = time.monotonic(), 0
     last_save_time, step, stopped = time.monotonic(), start_step, False
+    # Wall seconds of the kept steps (carried in checkpoints, for GPU-hours) and the timed windows of
+    # this process after its first (warm-up: compilation, loader start) for the average throughput.
+    clock = {"train_seconds": train_seconds, "timed_s": 0.0, "timed_images": 0.0, "windows": 0}
 
     def reduce_and_log(step: int) -> None:
         nonlocal sums, window_start, window_steps, last
@@ -220,6 +235,11 @@ def _train(cfg, device, dist, tracker, should_stop, on_progress) -> TrainResult:
         bad_ranks = distributed.all_reduce_sum_((first_bad >= 0).float())
         loss, entropy, kl = values.tolist()
         elapsed = time.monotonic() - window_start
+        clock["train_seconds"] += elapsed
+        clock["windows"] += 1
+        if clock["windows"] > 1 or step >= end_step:
+            clock["timed_s"] += elapsed
+            clock["timed_images"] += window_steps * cfg.optim.batch_size
         if bad_ranks.item() > 0 or not math.isfinite(loss):
             bad_step = int(first_bad.item()) if first_bad.item() >= 0 else step
             raise NonFiniteLossError(
@@ -240,7 +260,11 @@ def _train(cfg, device, dist, tracker, should_stop, on_progress) -> TrainResult:
             "momentum": float(schedules.momentum[s]),
             "teacher_temp": float(schedules.teacher_temp[s]),
             "img_per_s": window_steps * cfg.optim.batch_size / max(elapsed, 1e-9),
+            "avg_img_per_s": clock["timed_images"] / clock["timed_s"]
+            if clock["timed_s"] > 0
+            else window_steps * cfg.optim.batch_size / max(elapsed, 1e-9),
             "memory_gib": memory_gib(device),
+            "gpu_hours": clock["train_seconds"] * dist.world_size / 3600,
         }
         if dist.is_main:
             if "://" not in cfg.run.dir:

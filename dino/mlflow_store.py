@@ -1,0 +1,95 @@
+"""The MLflow store: clients, the SQLite write lock, experiments and runs.
+
+Used by the training tracker, the sweep launcher (which creates the experiment and every run before
+a job starts) and the reports. MLflow is imported lazily: it costs about a second.
+
+SQLite stores are shared by all the processes of a machine (a local sweep runs several jobs at
+once), and SQLite plus MLflow's schema migration are not safe to race: the first two processes to
+open a fresh database both try to create its tables ("table already exists"). Every call that may
+write to an SQLite store therefore holds an exclusive `flock` on `<db>.lock`. For many machines, use
+an `mlflow server`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from typing import Any
+
+# dinolab retries failed tracking calls itself, in the background; MLflow's own HTTP retries (7, with
+# exponential backoff: minutes) would only hold a batch back long after the server is up again.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+# Errors that retrying cannot fix (MLflow error codes); anything else counts as an outage.
+PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST"}
+
+
+def sqlite_path(uri: str) -> str | None:
+    """The database file of a `sqlite:///relative` or `sqlite:////absolute` URI (None otherwise)."""
+    return os.path.abspath(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def sqlite_uri(folder: str) -> str:
+    """The default store of a sweep root: `sqlite:///<absolute root>/mlflow.db`."""
+    return "sqlite:///" + os.path.join(os.path.abspath(folder), "mlflow.db")
+
+
+@contextlib.contextmanager
+def locked(uri: str) -> Iterator[None]:
+    """Exclusive access to an SQLite store across processes; nothing for other stores."""
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def client(uri: str) -> Any:
+    """An `MlflowClient` on `uri`; for SQLite the schema is created (once, under the lock)."""
+    from mlflow.tracking import MlflowClient
+
+    with locked(uri):
+        c = MlflowClient(tracking_uri=uri)
+        if sqlite_path(uri):
+            c.search_experiments(max_results=1)  # opens the store: creates or migrates the schema
+    return c
+
+
+def is_permanent(err: BaseException) -> bool:
+    return getattr(err, "error_code", None) in PERMANENT_ERRORS
+
+
+def ensure_experiment(c: Any, uri: str, name: str) -> str:
+    """The id of experiment `name`, created if missing. SQLite stores keep artifacts beside the
+    database (`<dir>/mlartifacts/`), not in the current directory; a server decides for itself."""
+    with locked(uri):
+        exp = c.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                c.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        location = None
+        if sqlite_path(uri):
+            location = "file://" + os.path.join(os.path.dirname(sqlite_path(uri)), "mlartifacts", name)
+        return c.create_experiment(name, artifact_location=location)
+
+
+def create_run(
+    c: Any, uri: str, experiment_id: str, name: str, tags: dict[str, str], status: str = "RUNNING"
+) -> str:
+    """A new run (SCHEDULED when the launcher creates it for a job that has not started)."""
+    with locked(uri):
+        run = c.create_run(experiment_id, run_name=name, tags=tags)
+        if status != "RUNNING":
+            c.update_run(run.info.run_id, status=status)
+    return run.info.run_id

@@ -62,3 +62,13 @@ def trained_run(tmp_path_factory):
     torch.set_num_threads(2)
     run(tiny_config(run_dir))
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real `mlflow server` (SQLite backend, local artifacts) shared by the tests of a session."""
+    from tests.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server
+    server.stop()

@@ -11,12 +11,10 @@ import argparse
 import importlib
 import sys
 
+from launcher.errors import UserError
+
 # Subcommand modules, in the order `dinolab --help` lists them.
-COMMANDS = ("train", "eval", "viz", "sweep")
-
-
-class UserError(Exception):
-    """Something the user can fix; printed as one line, exit code 2."""
+COMMANDS = ("train", "eval", "viz", "sweep", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +30,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from dino.config import ConfigError
     from dino.data import DatasetNotFoundError
     from dino.train import ConfigMismatchError, NonFiniteLossError
+    from launcher.sweep import SweepError
+    from launcher.tracking_runs import TrackingUnavailable
 
     return (
         UserError,
+        SweepError,
+        TrackingUnavailable,
         ConfigError,
         DatasetNotFoundError,
         ConfigMismatchError,

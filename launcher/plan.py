@@ -18,7 +18,7 @@ from typing import Any
 from rich.table import Table
 
 from dino import checkpoint, storage
-from launcher import records
+from launcher import records, tracking_runs
 from launcher.executors import build_executor
 from launcher.jobs import EvalJob, TrainJob
 from launcher.sweep import RunSpec, Sweep
@@ -166,6 +166,8 @@ def submit(sweep: Sweep, todos: list[Todo], executor: str, only: str | None = No
     folder = submitit_folder(sweep)
     local_slots = sweep.array_parallelism if executor == "local" else 0
 
+    # Experiment, parent and child MLflow runs exist before any job starts (no races between jobs).
+    tracking_runs.prepare(sweep, [t.run for t in [*train, *eval_only]])
     for todo in train:  # fresh record state for the runs about to be (re)submitted
         # Evaluations chained to an earlier attempt wait on a pretraining that will never succeed.
         for job in records.read_jobs(todo.run.run_dir):

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from dino import storage
-from dino.config import ConfigError, DinoConfig, compose, config_hash, flatten, to_dict
+from dino import mlflow_store, storage
+from dino.config import TRACKING_SCHEMES, ConfigError, DinoConfig, compose, config_hash, flatten, to_dict
 
 EVALS = ("knn", "linear")
 
@@ -62,7 +62,8 @@ class Sweep:
     max_timeouts: int = 3
     evals: list[str] = field(default_factory=list)
     eval_overrides: dict[str, list[str]] = field(default_factory=dict)
-    tracking_uri: str = ""
+    tracking_uri: str = "default"
+    """MLflow store: "default" = sqlite:///<root>/mlflow.db, "none" = off, or a server URL."""
 
     @property
     def folder(self) -> str:
@@ -136,6 +137,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         resources[stage] = Resources(**(res or {}))
     sweep = Sweep(path=path, resources=resources, **raw)
     sweep.root = os.path.expandvars(str(sweep.root))  # root: /checkpoint/${USER}/dinolab
+    sweep.tracking_uri = _tracking_uri(sweep)
     sweep.base = [*(sweep.base or []), *extra_base]
     sweep.grid, sweep.zip = sweep.grid or {}, sweep.zip or {}
     for stage in sweep.evals:
@@ -153,6 +155,23 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if not sweep.seeds:
         raise SweepError(f"{path}: seeds must list at least one seed")
     return sweep
+
+
+def _tracking_uri(sweep: Sweep) -> str:
+    """The sweep's MLflow store: SQLite beside the runs unless the file names a server or "none"."""
+    uri = str(sweep.tracking_uri or "none").strip()
+    if uri.lower() == "none":
+        return ""
+    if uri == "default":
+        if "://" in sweep.root:
+            return ""  # no SQLite on object storage; name an `mlflow server` for such a root
+        return mlflow_store.sqlite_uri(sweep.root)
+    if not uri.startswith(TRACKING_SCHEMES):
+        raise SweepError(
+            f"{sweep.path}: tracking_uri: '{uri}' is no MLflow store; use default (SQLite under root), "
+            "none, sqlite:////abs/path/mlflow.db or http://host:port"
+        )
+    return uri
 
 
 def _value(v: Any) -> str:
@@ -202,8 +221,9 @@ def expand(sweep: Sweep) -> list[RunSpec]:
                 parts.append(f"s{seed}")
             name = "-".join(parts) or "run"
             overrides = [*sweep.base, *(f"{k}={_value(v)}" for k, v in point.items()), f"train.seed={seed}"]
-            if sweep.tracking_uri:
-                overrides.append(f"tracking.uri={sweep.tracking_uri}")
+            if sweep.tracking_uri:  # the launcher creates the MLflow run; these name it for `train` alone
+                overrides += [f"tracking.uri={sweep.tracking_uri}", f"tracking.experiment={sweep.name}",
+                              f"tracking.run_name='{name}'"]  # fmt: skip
             try:
                 cfg = compose([*overrides, "run.dir=PLACEHOLDER"])
             except ConfigError as err:

@@ -78,6 +78,10 @@ def run_command(args: argparse.Namespace) -> int:
             table.add_row(str(k), f"{result.top1[k]:.2f}", f"{result.top5[k]:.2f}")
         console.print(table)
         console.print(f"written to {result.path}")
+        metrics = {
+            f"knn_top{n}_k{k}": v for n, acc in ((1, result.top1), (5, result.top5)) for k, v in acc.items()
+        }
+        _track(result.record, metrics, result.path, "knn")
         return 0
     from dino.eval.linear import run_linear
 
@@ -96,4 +100,24 @@ def run_command(args: argparse.Namespace) -> int:
     console.print(table)
     state = "finished" if result.finished else f"stopped at epoch {result.epoch} (run again to continue)"
     console.print(f"{state}; written to {result.path}")
+    if result.finished:
+        metrics = {
+            "linear_top1": final["top1"],
+            "linear_top5": final["top5"],
+            "linear_best_top1": best["top1"],
+        }
+        _track(record, metrics, result.path, "linear")
     return 0
+
+
+def _track(record: dict, metrics: dict[str, float], path: str, protocol: str) -> None:
+    """Log an evaluation into its run's MLflow run (when the run is tracked) at the checkpoint's step;
+    baselines under `baseline_<kind>/` so they never pass for the run's own result."""
+    from dino.tracking import open_run_tracker
+
+    baseline = record.get("baseline", "none")
+    prefix = "" if baseline == "none" else f"baseline_{baseline}/"
+    tracker = open_run_tracker(record["run_dir"])
+    tracker.log_metrics({prefix + k: v for k, v in metrics.items()}, int(record.get("step") or 0))
+    tracker.log_artifact(path, f"eval/{protocol}")
+    tracker.close()

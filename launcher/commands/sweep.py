@@ -115,7 +115,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _logs(args: argparse.Namespace) -> int:
     from launcher import status
-    from launcher.cli import UserError
+    from launcher.errors import UserError
 
     sweep, runs = _load(args)
     if len(runs) != 1:

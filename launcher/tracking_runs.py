@@ -1,0 +1,85 @@
+"""The sweep's MLflow layout, created by the launcher before any job starts.
+
+One experiment per sweep (named after it), one parent run for the sweep and one child run per run
+id, created here, in one process, so parallel jobs never race to create the schema, the experiment
+or their run. Each run folder gets its `tracking.json` link; the jobs (and every requeue and
+evaluation of them) log into that run. A child starts SCHEDULED; the job sets RUNNING, then
+FINISHED, KILLED (preempted, to be requeued) or FAILED.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dino import mlflow_store
+from dino.tracking import read_link, write_link
+from launcher.sweep import RunSpec, Sweep
+
+
+class TrackingUnavailable(RuntimeError):
+    """The sweep's tracking store cannot be reached or written at submit time."""
+
+
+def run_tags(sweep: Sweep, run: RunSpec, parent_id: str) -> dict[str, str]:
+    tags = {
+        "mlflow.parentRunId": parent_id,
+        "dinolab.kind": "run",
+        "dinolab.sweep": sweep.name,
+        "dinolab.run_id": run.run_id,
+        "dinolab.run_dir": run.run_dir,
+        "dinolab.config_hash": run.run_id,
+        "dinolab.seed": str(run.seed),
+    }
+    tags.update({f"axis.{k}": str(v) for k, v in run.axes.items()})
+    return tags
+
+
+def prepare(sweep: Sweep, runs: list[RunSpec]) -> dict[str, str]:
+    """Experiment, parent run and a child run for each of `runs` that has none yet; returns
+    {run_id: MLflow run id}. Nothing to do when the sweep has no tracking store."""
+    uri = sweep.tracking_uri
+    if not uri:
+        return {}
+    try:
+        return _prepare(sweep, runs, uri)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise TrackingUnavailable(
+            f"tracking store {uri} of sweep {sweep.path}: {first}. Start the server (or fix "
+            "tracking_uri), or submit with tracking_uri=none to run without tracking"
+        ) from None
+
+
+def _prepare(sweep: Sweep, runs: list[RunSpec], uri: str) -> dict[str, str]:
+    client = mlflow_store.client(uri)
+    experiment_id = mlflow_store.ensure_experiment(client, uri, sweep.name)
+    parent = _linked_run(client, sweep.folder, uri)
+    if parent is None:
+        tags = {"dinolab.kind": "sweep", "dinolab.sweep": sweep.name, "dinolab.sweep_file": sweep.path,
+                "dinolab.axes": ",".join([*sweep.grid, *sweep.zip])}  # fmt: skip
+        parent = mlflow_store.create_run(client, uri, experiment_id, sweep.name, tags)
+        write_link(sweep.folder, uri, experiment_id, parent)
+    ids = {}
+    for run in runs:
+        child = _linked_run(client, run.run_dir, uri)
+        if child is None:
+            child = mlflow_store.create_run(
+                client, uri, experiment_id, run.name, run_tags(sweep, run, parent), status="SCHEDULED"
+            )
+            write_link(run.run_dir, uri, experiment_id, child)
+        ids[run.run_id] = child
+    return ids
+
+
+def _linked_run(client: Any, folder: str, uri: str) -> str | None:
+    """The MLflow run that `folder`'s tracking.json names in this store, if it still exists."""
+    link = read_link(folder)
+    if link is None or link["uri"] != uri:
+        return None
+    try:
+        client.get_run(link["run_id"])
+    except Exception as err:
+        if mlflow_store.is_permanent(err):
+            return None
+        raise
+    return link["run_id"]

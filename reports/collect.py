@@ -1,0 +1,109 @@
+"""MLflow -> one tidy DataFrame: a row per run of a sweep, with its axes, seed, state and metrics.
+
+Reads only the tracking store (`mlflow.search_runs`), so a report can be made on a laptop pointed at
+the cluster's `mlflow server`. Metric values are the latest logged ones: the final training step,
+the evaluation of the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pandas as pd
+
+# MLflow run status -> the state a report shows.
+STATES = {"SCHEDULED": "pending", "RUNNING": "running", "KILLED": "preempted", "FAILED": "failed",
+          "FINISHED": "finished"}  # fmt: skip
+
+# Report column -> the metric it reads (latest value).
+METRICS = {
+    "knn_top1@20": "knn_top1_k20",  # MLflow keys allow no "@"
+    "linear_top1": "linear_top1",
+    "linear_best_top1": "linear_best_top1",
+    "img_per_s": "avg_img_per_s",
+    "memory_gib": "memory_gib",
+    "gpu_hours": "gpu_hours",
+    "epoch": "epoch",
+    "loss": "loss",
+    "teacher_entropy": "teacher_entropy",
+    "kl": "kl",
+}
+
+
+class ReportError(ValueError):
+    """Nothing to report: no such store, experiment or runs."""
+
+
+def search(uri: str, experiment: str) -> pd.DataFrame:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        raise ReportError(f"no experiment '{experiment}' in {uri} (has the sweep been submitted?)")
+    runs = mlflow.search_runs(
+        experiment_names=[experiment], filter_string="tags.`dinolab.kind` = 'run'", max_results=100_000
+    )
+    if runs.empty:
+        raise ReportError(f"experiment '{experiment}' in {uri} has no dinolab runs yet")
+    return runs
+
+
+def flag(row: pd.Series, out_dim: float) -> str:
+    """Collapse or divergence, from the final training metrics (empty when healthy or unknown).
+
+    DINO collapses two ways: to one dimension (teacher entropy -> 0) or to the uniform distribution
+    (entropy -> ln K with the student matching it, KL -> 0). A NaN loss is divergence."""
+    loss, entropy, kl = row.get("loss"), row.get("teacher_entropy"), row.get("kl")
+    if loss is not None and isinstance(loss, float) and math.isnan(loss):
+        return "diverged (NaN loss)"
+    if entropy is None or pd.isna(entropy) or not out_dim or pd.isna(out_dim):
+        return ""
+    log_k = math.log(out_dim)
+    if entropy < 0.05 * log_k:
+        return "collapsed (one dimension)"
+    if entropy > 0.98 * log_k and (kl is None or pd.isna(kl) or kl < 0.01):
+        return "collapsed (uniform)"
+    return ""
+
+
+def collect(uri: str, experiment: str) -> pd.DataFrame:
+    """One row per run: name, id, axes (`axis.*` tags), seed, state, flag and the METRICS columns."""
+    runs = search(uri, experiment)
+    axes = sorted(c[len("tags.axis.") :] for c in runs.columns if c.startswith("tags.axis."))
+    df = pd.DataFrame(
+        {
+            "run": runs.get("tags.mlflow.runName"),
+            "run_id": runs.get("tags.dinolab.run_id", runs["run_id"]),
+            "mlflow_run_id": runs["run_id"],
+            "seed": pd.to_numeric(
+                runs.get("params.train.seed", runs.get("tags.dinolab.seed")), errors="coerce"
+            ),
+            "state": runs["status"].map(STATES).fillna(runs["status"].str.lower()),
+        }
+    )
+    for axis in axes:
+        df[axis] = runs[f"tags.axis.{axis}"].map(_number)
+    for column, metric in METRICS.items():
+        key = f"metrics.{metric}"
+        df[column] = pd.to_numeric(runs[key], errors="coerce") if key in runs else float("nan")
+    for key in runs.columns:  # every other metric too, for --metric (knn_top5_k10 -> knn_top5@10)
+        if key.startswith("metrics.") and key[len("metrics.") :] not in METRICS.values():
+            df[re.sub(r"^(.*knn_top\d)_k(\d+)$", r"\1@\2", key[len("metrics.") :])] = pd.to_numeric(
+                runs[key], errors="coerce"
+            )
+    out_dim = pd.to_numeric(runs.get("params.head.out_dim"), errors="coerce")
+    df["flag"] = [flag(row, k) for (_, row), k in zip(df.iterrows(), out_dim, strict=True)]
+    df.attrs["axes"] = axes
+    return df.sort_values([*axes, "seed", "run"], ignore_index=True)
+
+
+def _number(value: str):
+    """Axis tags are strings; numbers sort and plot as numbers."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return value

@@ -1,0 +1,54 @@
+"""Report figures (matplotlib, PNG bytes): a metric against an axis with error bars over seeds, and
+per-run training curves (loss, teacher entropy) that show collapse or divergence at a glance."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on cluster nodes and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def metric_vs_axis(summary: pd.DataFrame, by: list[str], metric: str, label: str) -> bytes:
+    """Mean ± std of `metric` against the first axis, one line per value of the second."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    groups = summary.groupby(by[1]) if len(by) > 1 else [(None, summary)]
+    for value, g in groups:
+        g = g[g[f"{metric}_n"] > 0]
+        if g.empty:
+            continue
+        x = [str(v) for v in g[by[0]]]
+        ax.errorbar(x, g[metric], yerr=g[f"{metric}_std"].fillna(0), marker="o", capsize=4,
+                    label=f"{by[1]}={value}" if value is not None else None)  # fmt: skip
+    ax.set_xlabel(by[0])
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    if len(by) > 1:
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def curves(histories: dict[str, list[tuple[int, float]]], ylabel: str, hline: float | None = None) -> bytes:
+    """One line per run (step, value); `hline` marks a reference level (ln K for the entropy)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, points in sorted(histories.items()):
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, label=name, linewidth=1.2)
+    if hline is not None:
+        ax.axhline(hline, color="grey", linestyle="--", linewidth=0.8, label="ln K (uniform)")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _png(fig)

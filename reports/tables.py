@@ -1,0 +1,146 @@
+"""Ablation tables: one row per axis value, mean ± std over seeds, n; Markdown, LaTeX, HTML or CSV.
+
+Only finished runs enter the means; the state column says how many runs a row has and what the
+others are doing (pending, running, preempted, failed), and flags collapse or divergence, so an
+unfinished run shows as unfinished, never as a zero.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import pandas as pd
+
+from reports import paper
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    header: str
+    better: str  # "max", "min" or "" (no best marked)
+    digits: int
+
+
+COLUMNS = (
+    Column("knn_top1@20", "k-NN top-1 (k=20)", "max", 1),
+    Column("linear_top1", "linear top-1", "max", 1),
+    Column("img_per_s", "img/s per GPU", "max", 0),
+    Column("memory_gib", "peak mem (GiB)", "min", 2),
+    Column("gpu_hours", "GPU-hours", "min", 3),
+    Column("epoch", "epochs", "", 2),
+)
+FORMATS = ("markdown", "latex", "html", "csv")
+
+
+def columns_for(df: pd.DataFrame, metric: str) -> list[Column]:
+    """The default columns, `metric` first; metric columns no run has are left out."""
+    if metric not in df:
+        known = ", ".join(c for c in df.columns if c not in ("run", "run_id", "mlflow_run_id", "flag"))
+        raise KeyError(f"no metric '{metric}' in these runs; columns: {known}")
+    main = next((c for c in COLUMNS if c.key == metric), Column(metric, metric, "max", 2))
+    return [main, *(c for c in COLUMNS if c.key != metric and c.key in df and df[c.key].notna().any())]
+
+
+def state_summary(group: pd.DataFrame) -> str:
+    counts = Counter(group["state"])
+    text = ", ".join(
+        f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: (kv[0] != "finished", kv[0]))
+    )
+    flags = Counter(f for f in group["flag"] if f)
+    if flags:
+        text += "; " + ", ".join(f"{n} {f}" for f, n in sorted(flags.items()))
+    return text
+
+
+def summarize(df: pd.DataFrame, by: list[str], columns: list[Column]) -> pd.DataFrame:
+    """Numbers per group: `<key>` mean, `<key>_std`, `<key>_n` over finished runs, and `state`."""
+    rows = []
+    for values, group in df.groupby(by, sort=True, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        row = dict(zip(by, values, strict=True))
+        done = group[group["state"] == "finished"]
+        for col in columns:
+            series = done[col.key].dropna()
+            row[col.key] = series.mean() if len(series) else float("nan")
+            row[f"{col.key}_std"] = series.std(ddof=1) if len(series) > 1 else float("nan")
+            row[f"{col.key}_n"] = len(series)
+        row["runs"] = len(group)
+        row["state"] = state_summary(group)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _cell(mean: float, std: float, n: int, digits: int, fmt: str, best: bool) -> str:
+    if n == 0 or pd.isna(mean):
+        return "—" if fmt != "latex" else "--"
+    pm = " $\\pm$ " if fmt == "latex" else " ± "
+    text = f"{mean:.{digits}f}"
+    if n > 1 and not pd.isna(std):
+        text += f"{pm}{std:.{digits}f}"
+    if best:
+        text = {"markdown": f"**{text}**", "latex": f"\\textbf{{{text}}}", "html": f"<b>{text}</b>"}.get(
+            fmt, text
+        )
+    return f"{text} (n={n})" if n > 1 else text
+
+
+def _best_index(summary: pd.DataFrame, col: Column):
+    values = summary[col.key].where(summary[f"{col.key}_n"] > 0)
+    if not col.better or values.notna().sum() < 2:
+        return None
+    return values.idxmax() if col.better == "max" else values.idxmin()
+
+
+def render(
+    summary: pd.DataFrame, by: list[str], columns: list[Column], fmt: str, with_paper: bool = False
+) -> str:
+    """The table as text in `fmt`; the best value of each column marked (bold) when 2+ rows have one."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    if fmt == "csv":
+        return summary.to_csv(index=False)
+    out = pd.DataFrame({axis: summary[axis].map(str) for axis in by})
+    for col in columns:
+        best = _best_index(summary, col)
+        out[col.header] = [
+            _cell(r[col.key], r[f"{col.key}_std"], int(r[f"{col.key}_n"]), col.digits, fmt, i == best)
+            for i, r in summary.iterrows()
+        ]
+    if with_paper:
+        found = [paper.lookup(by[0], v) for v in summary[by[0]]]
+        dash = "—" if fmt != "latex" else "--"
+        out["paper k-NN"] = [f"{p[0]:.1f}" if p and p[0] is not None else dash for p in found]
+        out["paper linear"] = [f"{p[1]:.1f}" if p and p[1] is not None else dash for p in found]
+        out["paper setting"] = [p[2] if p else dash for p in found]
+    out["state"] = summary["state"]
+    if fmt == "markdown":
+        return out.to_markdown(index=False, disable_numparse=True)
+    if fmt == "html":
+        return out.to_html(index=False, escape=False, border=0, classes="ablation")
+    latex = out.rename(columns=lambda c: c.replace("_", "\\_").replace("%", "\\%"))
+    latex = latex.map(lambda v: v.replace("_", "\\_") if isinstance(v, str) and "$" not in v else v)
+    return latex.to_latex(
+        index=False, escape=False, column_format="l" * len(by) + "r" * (len(out.columns) - len(by))
+    )
+
+
+def pivot(summary: pd.DataFrame, by: list[str], col: Column, fmt: str) -> str:
+    """Two axes: the mean of one metric with the first axis down and the second across."""
+    cells = summary.assign(
+        cell=[
+            _cell(r[col.key], r[f"{col.key}_std"], int(r[f"{col.key}_n"]), col.digits, fmt, False)
+            for _, r in summary.iterrows()
+        ]  # fmt: skip
+    )
+    table = cells.pivot(index=by[0], columns=by[1], values="cell").fillna("—")
+    table.columns = [f"{by[1]}={c}" for c in table.columns]
+    table = table.reset_index()
+    if fmt == "latex":
+        return table.to_latex(index=False, escape=False)
+    if fmt == "html":
+        return table.to_html(index=False, escape=False, border=0)
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    return table.to_markdown(index=False, disable_numparse=True)

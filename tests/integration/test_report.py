@@ -1,0 +1,99 @@
+"""`dinolab report` on runs logged through the real MLflow API into a real SQLite store.
+
+A 3-value multi-crop ablation × 3 seeds, with one run still running and one collapsed run, must give
+the golden Markdown and LaTeX tables (tests/golden/report.*; regenerate with DINOLAB_UPDATE_GOLDEN=1),
+and the HTML page must hold the plots.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from tests.integration.cli import dinolab
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+K = 1024
+
+
+def log_run(client, exp_id, parent, num_local, seed, status="FINISHED", collapsed=False):
+    name = f"nl{num_local}-s{seed}"
+    run = client.create_run(exp_id, run_name=name, tags={
+        "mlflow.parentRunId": parent, "dinolab.kind": "run", "dinolab.run_id": f"id{num_local}{seed}",
+        "axis.crops.num_local": str(num_local), "dinolab.seed": str(seed)})  # fmt: skip
+    rid = run.info.run_id
+    steps = 10 if status == "FINISHED" else 4
+    metrics = []
+    for step in range(1, steps + 1):
+        entropy = math.log(K) - 0.005 if collapsed else 5.0 - 0.2 * step
+        values = {"loss": 6.0 - 0.3 * step, "teacher_entropy": entropy, "kl": 1e-4 if collapsed else 0.5,
+                  "epoch": step / 5, "avg_img_per_s": 1000 - 50 * num_local + seed,
+                  "memory_gib": 9.0 + 0.5 * num_local, "gpu_hours": 0.1 * step * (1 + num_local / 10)}  # fmt: skip
+        metrics += [Metric(k, v, 1_000 * step, step) for k, v in values.items()]
+    if status == "FINISHED":
+        top1 = 60 + 2 * num_local + seed - (30 if collapsed else 0)
+        metrics += [
+            Metric("knn_top1_k20", top1, 20_000, steps),
+            Metric("linear_top1", top1 + 5, 20_000, steps),
+        ]
+    client.log_batch(rid, metrics=metrics, params=[Param("head.out_dim", str(K)), Param("train.seed", str(seed))],
+                     tags=[RunTag("dinolab.config_hash", f"h{num_local}{seed}")])  # fmt: skip
+    if status == "FINISHED":
+        client.set_terminated(rid, "FINISHED")
+
+
+@pytest.fixture(scope="module")
+def fake_sweep(tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('report') / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("multicrop-fake")
+    parent = client.create_run(exp_id, run_name="multicrop-fake", tags={"dinolab.kind": "sweep"}).info.run_id
+    for num_local in (0, 2, 6):
+        for seed in (0, 1, 2):
+            running = (num_local, seed) == (6, 2)
+            log_run(client, exp_id, parent, num_local, seed, "RUNNING" if running else "FINISHED",
+                    collapsed=(num_local, seed) == (0, 1))  # fmt: skip
+    return uri
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("DINOLAB_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), (
+        f"{name} differs from the golden file (DINOLAB_UPDATE_GOLDEN=1 to accept)"
+    )
+
+
+def report(uri: str, *args: str):
+    proc = dinolab("report", "--experiment", "multicrop-fake", "--tracking-uri", uri, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_markdown_table_matches_golden(fake_sweep):
+    out = report(fake_sweep, "--paper").stdout
+    check_golden("report.md", out)
+    assert "1 collapsed (uniform)" in out and "2 finished, 1 running" in out
+
+
+def test_latex_table_matches_golden(fake_sweep, tmp_path):
+    report(fake_sweep, "--format", "latex", "-o", str(tmp_path / "table.tex"))
+    check_golden("report.tex", (tmp_path / "table.tex").read_text())
+
+
+def test_html_page_holds_tables_and_plots(fake_sweep, tmp_path):
+    report(fake_sweep, "--html", str(tmp_path / "report.html"))
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3  # metric vs axis, loss, teacher entropy
+    assert page.count("<table") == 2 and "nl6-s2" in page and "collapsed (uniform)" in page
+
+
+def test_unknown_experiment_is_one_clear_error(fake_sweep):
+    proc = dinolab("report", "--experiment", "nope", "--tracking-uri", fake_sweep)
+    assert proc.returncode == 2 and "no experiment 'nope'" in proc.stderr and "Traceback" not in proc.stderr

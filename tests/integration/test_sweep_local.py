@@ -38,6 +38,7 @@ def test_quickstart_sweep_runs_every_run_and_its_knn_then_resubmits_nothing(tmp_
         jobs = records.read_jobs(str(run_dir))
         assert [j["stage"] for j in jobs] == ["pretrain", "knn"]
     assert proc.stdout.count("completed") >= 4
+    check_mlflow(root, run_dirs)
 
     again = dinolab("sweep", "submit", "sweeps/quickstart.yaml", f"root={root}", *SHRINK)
     assert again.returncode == 0, again.stderr
@@ -56,6 +57,31 @@ def test_quickstart_sweep_runs_every_run_and_its_knn_then_resubmits_nothing(tmp_
         run_dirs[0].name.rsplit("-", 1)[0],
     )
     assert logs.returncode == 0 and "log.out" in logs.stdout
+
+
+def check_mlflow(root, run_dirs) -> None:
+    """The sweep's SQLite store: one experiment, a parent run, one finished child per run with its
+    axes, full loss history and k-NN metric; `dinolab report` tabulates them."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("quickstart")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("dinolab.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("dinolab.kind") == "run"]
+    assert len(children) == 4 and {r.data.tags["mlflow.parentRunId"] for r in children} == {
+        parent.info.run_id
+    }
+    for child in children:
+        run_dir = next(d for d in run_dirs if d.name.endswith(child.data.tags["dinolab.run_id"]))
+        logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        loss_steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
+        assert child.info.status == "FINISHED" and loss_steps == logged
+        assert 0 <= child.data.metrics["knn_top1_k20"] <= 100
+        assert child.data.tags["axis.teacher.momentum"] in ("0.996", "0.9")
+    report = dinolab("report", "sweeps/quickstart.yaml", f"root={root}", *SHRINK)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert report.stdout.count("| 1 finished") == 4 and "k-NN top-1 (k=20)" in report.stdout
 
 
 def test_a_killed_run_is_resumed_by_the_next_submit(tmp_path):

@@ -59,7 +59,9 @@ def main() -> None:
     if proc.returncode:
         sys.exit(proc.stderr)
     print(proc.stdout)
-    print(f"logged {args.runs} runs x {args.steps} steps in {logged:.1f} s; `dinolab report` took {took:.1f} s")
+    print(
+        f"logged {args.runs} runs x {args.steps} steps in {logged:.1f} s; `dinolab report` took {took:.1f} s"
+    )
 
 
 if __name__ == "__main__":

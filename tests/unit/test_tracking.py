@@ -45,7 +45,8 @@ def test_a_file_store_uri_is_refused_with_the_fix(tiny_cfg):
         (float("nan"), 4.0, 0.5, "diverged (NaN loss)"),
         (6.9, 0.01, 0.5, "collapsed (one dimension)"),
         (6.9, math.log(1024) - 0.01, 0.001, "collapsed (uniform)"),
-        (6.9, math.log(1024) - 0.01, 0.8, ""),  # high entropy, but the student still learns
+        (8.1, math.log(1024) - 0.05, 1.2, "collapsed (uniform)"),  # the quickstart's m0.9 runs
+        (6.9, 0.9 * math.log(1024), 0.8, ""),
     ],
 )
 def test_collapse_and_divergence_flags(loss, entropy, kl, expected):

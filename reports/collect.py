@@ -93,10 +93,18 @@ def collect(uri: str, experiment: str) -> pd.DataFrame:
             df[re.sub(r"^(.*knn_top\d)_k(\d+)$", r"\1@\2", key[len("metrics.") :])] = pd.to_numeric(
                 runs[key], errors="coerce"
             )
-    out_dim = pd.to_numeric(runs.get("params.head.out_dim"), errors="coerce")
-    df["flag"] = [flag(row, k) for (_, row), k in zip(df.iterrows(), out_dim, strict=True)]
+    df["out_dim"] = pd.to_numeric(_column(runs, "params.head.out_dim"), errors="coerce")  # K, for ln K
+    df["flag"] = [flag(row, k) for (_, row), k in zip(df.iterrows(), df["out_dim"], strict=True)]
     df.attrs["axes"] = axes
     return df.sort_values([*axes, "seed", "run"], ignore_index=True)
+
+
+def _column(runs: pd.DataFrame, *names: str) -> pd.Series:
+    """The first of `names` that the runs have (NaN when none)."""
+    for name in names:
+        if name in runs:
+            return runs[name]
+    return pd.Series(float("nan"), index=runs.index)
 
 
 def _number(value: str):

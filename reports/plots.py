@@ -44,7 +44,7 @@ def curves(histories: dict[str, list[tuple[int, float]]], ylabel: str, hline: fl
     for name, points in sorted(histories.items()):
         if points:
             steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, label=name, linewidth=1.2)
+            ax.plot(steps, values, label=name, linewidth=1.2, marker="o" if len(steps) < 5 else None)
     if hline is not None:
         ax.axhline(hline, color="grey", linestyle="--", linewidth=0.8, label="ln K (uniform)")
     ax.set_xlabel("step")

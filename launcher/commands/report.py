@@ -127,18 +127,17 @@ def write_html(path, uri, experiment, df, summary, by, columns, with_paper) -> N
         figures.append((f"{main.header} against {by[0]} (mean ± std over seeds)",
                         plots.metric_vs_axis(summary, by, main.key, main.header)))  # fmt: skip
     shown = df.head(40)  # curves of more runs are unreadable; the table has them all
-    for key, label in (("loss", "training loss"), ("teacher_entropy", "teacher entropy")):
+    curves = [("loss", "training loss"), ("teacher_entropy", "teacher entropy")]
+    if df["knn_top1@20"].notna().any():  # one point per evaluated checkpoint
+        curves.insert(0, ("knn_top1_k20", "k-NN top-1 (k=20)"))
+    for key, label in curves:
         histories = {
             r.run: [(m.step, m.value) for m in client.get_metric_history(r.mlflow_run_id, key)]
             for r in shown.itertuples()
         }
-        out_dims = {
-            client.get_run(r.mlflow_run_id).data.params.get("head.out_dim")
-            for r in shown.head(1).itertuples()
-        }
         log_k = (
-            math.log(float(next(iter(out_dims))))
-            if key == "teacher_entropy" and None not in out_dims
+            math.log(df["out_dim"].dropna().iloc[0])
+            if key == "teacher_entropy" and df["out_dim"].notna().any()
             else None
         )
         figures.append((f"{label} per run", plots.curves(histories, label, hline=log_k)))

@@ -90,7 +90,7 @@ def test_latex_table_matches_golden(fake_sweep, tmp_path):
 def test_html_page_holds_tables_and_plots(fake_sweep, tmp_path):
     report(fake_sweep, "--html", str(tmp_path / "report.html"))
     page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3  # metric vs axis, loss, teacher entropy
+    assert page.count("data:image/png;base64,") == 4  # metric vs axis; k-NN, loss, entropy per run
     assert page.count("<table") == 2 and "nl6-s2" in page and "collapsed (uniform)" in page
 
 

@@ -153,6 +153,12 @@ def _train(cfg, device, dist, tracker, should_stop, on_progress) -> TrainResult:
         )
     schedules = build_schedules(cfg, spe, dist.world_size)
     end_step = min(schedules.total_steps, cfg.train.max_steps or schedules.total_steps)
+    if schedules.freeze_last_layer_steps >= end_step:
+        log.warning(
+            "optim.freeze_last_layer=%s epoch(s) spans the whole run (%d steps): the head's last layer "
+            "never trains; use optim.freeze_last_layer=0 for runs this short",
+            cfg.optim.freeze_last_layer, end_step,
+        )  # fmt: skip
 
     start_step, resumed_from, train_seconds = 0, None, 0.0
     latest = checkpoint.load_latest(cfg.run.dir)

@@ -81,7 +81,13 @@ def ensure_experiment(c: Any, uri: str, name: str) -> str:
         location = None
         if sqlite_path(uri):
             location = "file://" + os.path.join(os.path.dirname(sqlite_path(uri)), "mlartifacts", name)
-        return c.create_experiment(name, artifact_location=location)
+        try:
+            return c.create_experiment(name, artifact_location=location)
+        except Exception as err:
+            # A server has no file lock: another process may have created it in between.
+            if getattr(err, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return c.get_experiment_by_name(name).experiment_id
 
 
 def create_run(

@@ -55,7 +55,9 @@ def write_sweep(tmp_path: Path, name: str, **extra) -> Path:
 
 def run_dirs(tmp_path: Path, name: str) -> dict[str, Path]:
     folder = tmp_path / "sweeps" / name
-    return {p.name.rsplit("-", 1)[0]: p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    return {
+        p.name.rsplit("-", 1)[0]: p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+    }
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):

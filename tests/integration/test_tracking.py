@@ -59,15 +59,14 @@ def test_killed_and_resumed_run_is_one_mlflow_run_with_a_gapless_history(store_u
             f"run.dir={run_dir}", f"tracking.uri={store_uri}", f"tracking.experiment={experiment}"]  # fmt: skip
     proc = subprocess.Popen([*DINOLAB, "train", *args], env=env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    wait_for_lines(run_dir / "metrics.jsonl", 12, proc)
     while not (run_dir / "tracking.json").exists():  # the first process has its MLflow run
-        assert proc.poll() is None
+        assert proc.poll() is None, "training ended before its MLflow run existed"
         time.sleep(0.05)
-    time.sleep(0.5)  # its sender thread has sent some steps
+    metrics = run_dir / "metrics.jsonl"
+    wait_for_lines(metrics, len(metrics.read_text().splitlines()) + 3 if metrics.exists() else 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    logged = len((run_dir / "metrics.jsonl").read_text().splitlines())
-    assert logged < 64 and logged % 8, "killed between two checkpoints"
+    assert len(metrics.read_text().splitlines()) < 64, "the process should have died mid-run"
 
     again = dinolab("train", *args)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -6,6 +6,7 @@ many processes must share one store; a server outage in the middle of training l
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -59,11 +60,20 @@ def test_killed_and_resumed_run_is_one_mlflow_run_with_a_gapless_history(store_u
             f"run.dir={run_dir}", f"tracking.uri={store_uri}", f"tracking.experiment={experiment}"]  # fmt: skip
     proc = subprocess.Popen([*DINOLAB, "train", *args], env=env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    while not (run_dir / "tracking.json").exists():  # the first process has its MLflow run
+    client = MlflowClient(store_uri)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # the first process has its MLflow run and has counted its start
         assert proc.poll() is None, "training ended before its MLflow run existed"
-        time.sleep(0.05)
+        link = run_dir / "tracking.json"
+        if (
+            link.exists()
+            and "dinolab.starts" in client.get_run(json.loads(link.read_text())["run_id"]).data.tags
+        ):
+            break
+        time.sleep(0.1)
     metrics = run_dir / "metrics.jsonl"
-    wait_for_lines(metrics, len(metrics.read_text().splitlines()) + 3 if metrics.exists() else 3, proc)
+    done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    wait_for_lines(metrics, max(10, done + 3), proc)  # past the step-8 checkpoint
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(metrics.read_text().splitlines()) < 64, "the process should have died mid-run"
@@ -72,7 +82,6 @@ def test_killed_and_resumed_run_is_one_mlflow_run_with_a_gapless_history(store_u
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr
 
-    client = MlflowClient(store_uri)
     run = the_run(client, experiment)
     assert run.info.status == "FINISHED"
     assert steps(client, run.info.run_id) == list(range(1, 65))

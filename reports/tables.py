@@ -137,10 +137,23 @@ def pivot(summary: pd.DataFrame, by: list[str], col: Column, fmt: str) -> str:
     table = cells.pivot(index=by[0], columns=by[1], values="cell").fillna("—")
     table.columns = [f"{by[1]}={c}" for c in table.columns]
     table = table.reset_index()
+    return export(table, fmt)
+
+
+def runs_table(df: pd.DataFrame, by: list[str], columns: list[Column], fmt: str) -> str:
+    """One row per run: name, axes, seed, state, flag and the report's metric columns."""
+    view = df[["run", *by, "seed", "state", "flag", *(c.key for c in columns)]]
+    return export(view, fmt, floats=".3g")
+
+
+def export(frame: pd.DataFrame, fmt: str, floats: str | None = None) -> str:
+    """A plain table (cells already formatted unless `floats` is given) in one of FORMATS."""
     if fmt == "latex":
-        return table.to_latex(index=False, escape=False)
+        return frame.to_latex(index=False, escape=False, float_format=floats and f"%{floats}")
     if fmt == "html":
-        return table.to_html(index=False, escape=False, border=0)
+        return frame.to_html(
+            index=False, escape=False, border=0, na_rep="—", float_format=floats and f"%{floats}"
+        )
     if fmt == "csv":
-        return table.to_csv(index=False)
-    return table.to_markdown(index=False, disable_numparse=True)
+        return frame.to_csv(index=False)
+    return frame.to_markdown(index=False, disable_numparse=floats is None, floatfmt=floats or "g")

@@ -82,7 +82,7 @@ def run_command(args: argparse.Namespace) -> int:
     if len(by) == 2 and args.format != "csv":
         text += "\n\n" + tables.pivot(summary, by, columns[0], args.format)
     if args.runs:
-        text += "\n\n" + runs_table(df, by, columns, args.format)
+        text += "\n\n" + tables.runs_table(df, by, columns, args.format)
     if args.output:
         with open(args.output, "w") as f:
             f.write(text + "\n")
@@ -95,17 +95,6 @@ def run_command(args: argparse.Namespace) -> int:
     for path in filter(None, (args.output, args.html)):
         _attach(folder, path)
     return 0
-
-
-def runs_table(df, by: list[str], columns, fmt: str) -> str:
-    view = df[["run", *by, "seed", "state", "flag", *(c.key for c in columns)]]
-    if fmt == "latex":
-        return view.to_latex(index=False, float_format="%.3g")
-    if fmt == "html":
-        return view.to_html(index=False, border=0, float_format="%.3g", na_rep="—")
-    if fmt == "csv":
-        return view.to_csv(index=False)
-    return view.to_markdown(index=False, floatfmt=".3g")
 
 
 def write_html(path, uri, experiment, df, summary, by, columns, with_paper) -> None:
@@ -121,7 +110,7 @@ def write_html(path, uri, experiment, df, summary, by, columns, with_paper) -> N
     sections = [("Ablation", tables.render(summary, by, columns, "html", with_paper=with_paper))]
     if len(by) == 2:
         sections.append((f"{main.header}: {by[0]} × {by[1]}", tables.pivot(summary, by, main, "html")))
-    sections.append(("Runs", runs_table(df, by, columns, "html")))
+    sections.append(("Runs", tables.runs_table(df, by, columns, "html")))
     figures = []
     if summary[f"{main.key}_n"].sum():
         figures.append((f"{main.header} against {by[0]} (mean ± std over seeds)",

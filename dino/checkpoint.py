@@ -57,15 +57,23 @@ def complete_steps(run_dir: str) -> list[int]:
     return [s for s in list_steps(run_dir) if is_complete(checkpoint_path(run_dir, s))]
 
 
-def save(run_dir: str, step: int, state: dict[str, Any], config_hash: str, keep_last: int) -> str:
-    """Write the checkpoint of `step` unless a complete one exists already; prune old ones after."""
-    path = checkpoint_path(run_dir, step)
-    if is_complete(path):
-        return path  # never overwrite something complete
-    storage.remove(path)  # a partial leftover of an interrupted save at this step
+def serialize(state: dict[str, Any]) -> bytes:
+    """The checkpoint's bytes in host memory (a snapshot: training may go on changing the tensors)."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    data = buffer.getvalue()
+    return buffer.getvalue()
+
+
+def publish(run_dir: str, step: int, data: bytes, config_hash: str, keep_last: int) -> str:
+    """Write serialized state as the checkpoint of `step`: state file, then marker, then prune.
+
+    A complete checkpoint of that step is never overwritten; a partial leftover of an interrupted
+    save is replaced. Older checkpoints are pruned only after this one is complete.
+    """
+    path = checkpoint_path(run_dir, step)
+    if is_complete(path):
+        return path
+    storage.remove(path)
     storage.atomic_write_bytes(storage.join(path, STATE_FILE), data)
     marker = {
         "step": step,
@@ -78,6 +86,11 @@ def save(run_dir: str, step: int, state: dict[str, Any], config_hash: str, keep_
     storage.atomic_write_text(storage.join(path, MARKER_FILE), json.dumps(marker, indent=1))
     prune(run_dir, keep_last)
     return path
+
+
+def save(run_dir: str, step: int, state: dict[str, Any], config_hash: str, keep_last: int) -> str:
+    """Serialize and publish in the calling thread (see `CheckpointWriter` for the background one)."""
+    return publish(run_dir, step, serialize(state), config_hash, keep_last)
 
 
 def prune(run_dir: str, keep_last: int) -> None:

@@ -34,6 +34,7 @@ TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "postgresql", "mysql", 
 NON_SEMANTIC_KEYS = (
     "run.dir",
     "tracking.",
+    "storage.",
     "train.workers",
     "train.log_every",
     "train.max_steps",
@@ -188,6 +189,15 @@ class TrackingConfig:
 
 
 @dataclass
+class StorageConfig:
+    endpoint_url: str = ""
+    """S3-compatible endpoint (empty: AWS_ENDPOINT_URL or AWS). Credentials come only from the
+    environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE), never from configs."""
+    region: str = ""
+    """Object-store region (empty: AWS_DEFAULT_REGION or the endpoint's default)."""
+
+
+@dataclass
 class DinoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -198,6 +208,7 @@ class DinoConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 def register_configs() -> None:

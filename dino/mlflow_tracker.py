@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections import deque
@@ -99,6 +101,14 @@ class MLflowTracker:
         self._put("tags", {k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: str, artifact_path: str = "") -> None:
+        # A remote file (run folder on s3://) is read now, in the caller's thread, into a local copy:
+        # MLflow uploads from local files, and the copy is what the file was when it was logged.
+        if storage.is_remote(path):
+            folder = tempfile.mkdtemp(prefix="dinolab-artifact-")
+            local = os.path.join(folder, posixpath.basename(path))
+            with open(local, "wb") as f:
+                f.write(storage.read_bytes(path))
+            path = local
         self._put("artifact", [os.path.abspath(path), artifact_path])
 
     def close(self, status: str = "FINISHED") -> None:
@@ -118,7 +128,8 @@ class MLflowTracker:
         if left:
             path = storage.join(self.run_dir, PENDING)
             lines = "".join(json.dumps({"kind": kind, "value": value}) + "\n" for kind, value in left)
-            storage.append_text(path, lines)
+            old = storage.read_text(path) if storage.exists(path) else ""
+            storage.atomic_write_text(path, old + lines)  # whole-file write: object stores cannot append
             log.warning(
                 "tracking store %s unreachable for %.0f s: %d pending update(s) written to %s; "
                 "the next job or evaluation of this run sends them",
@@ -244,7 +255,7 @@ class MLflowTracker:
     def _backfill(self) -> list[tuple[str, Any]]:
         """Training steps in metrics.jsonl the store does not have (a killed process never sent them)."""
         path = storage.join(self.run_dir, "metrics.jsonl")
-        if "://" in self.run_dir or not storage.exists(path):
+        if not storage.exists(path):
             return []
         rows: dict[int, dict[str, float]] = {}
         for line in storage.read_text(path).splitlines():

@@ -1,23 +1,137 @@
 """The one module that touches files: local paths and fsspec URLs (s3://...) behind one small API.
 
-Writes that must never be seen half-done go through `atomic_write_bytes`: a temporary name in the
-same folder, then a rename. Everything else is a thin layer over fsspec so `s3://` can follow.
+Publishing: `atomic_write_bytes` makes readers see the old content or the complete new one — locally
+a temporary name in the same folder, then a rename; on an object store a single PUT, which the store
+makes visible only once complete. Multi-file objects (checkpoints) write their parts first and a
+marker object last (see `dino.checkpoint`).
+
+Object stores: credentials and the endpoint come from the environment (`AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`, `AWS_PROFILE`) and are never written anywhere by dinolab;
+`configure()` adds non-secret fsspec options (endpoint, region) from the config. Missing credentials, a
+missing bucket and an unreachable endpoint raise `StorageError` with a message that says which;
+connection failures are retried a few times first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
+import tempfile
+import time
 import uuid
-from typing import IO
+from collections.abc import Callable
+from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
+log = logging.getLogger("dino.storage")
+T = TypeVar("T")
+
+RETRIES = 3  # attempts for an operation that failed to connect (each attempt has botocore's own retries)
+RETRY_WAIT_S = 1.0
+# Object-store options dinolab always sets: listings are read fresh (another process may have written
+# a checkpoint since), and the endpoint of `AWS_ENDPOINT_URL` is honoured by botocore itself.
+_DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"s3": {"use_listings_cache": False}}
+_options: dict[str, dict[str, Any]] = {}
+_checked_buckets: set[str] = set()
+
+
+class StorageError(RuntimeError):
+    """A path that cannot be reached or used (credentials, bucket, endpoint); the message says which."""
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def configure(endpoint_url: str = "", region: str = "") -> None:
+    """Non-secret object-store options from the config (`storage.endpoint_url`, `storage.region`)."""
+    client_kwargs: dict[str, Any] = {}
+    if endpoint_url:
+        client_kwargs["endpoint_url"] = endpoint_url
+    if region:
+        client_kwargs["region_name"] = region
+    _options["s3"] = {"client_kwargs": client_kwargs} if client_kwargs else {}
+
 
 def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    return url_to_fs(path)
+    protocol = path.split("://", 1)[0] if is_remote(path) else ""
+    options = {**_DEFAULT_OPTIONS.get(protocol, {}), **_options.get(protocol, {})}
+    return url_to_fs(path, **options)
+
+
+def _endpoint() -> str:
+    configured = _options.get("s3", {}).get("client_kwargs", {}).get("endpoint_url")
+    return configured or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
+
+
+def _error_kind(err: BaseException) -> str:
+    """'credentials', 'bucket', 'connection' or '' for errors that are the caller's to handle."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+        return "credentials"
+    if isinstance(err, FileNotFoundError) and "bucket does not exist" in str(err):
+        return "bucket"
+    if isinstance(err, PermissionError) or names & {"ClientError"} and "AccessDenied" in str(err):
+        return "denied"
+    if names & {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
+                "ConnectTimeoutError", "ClientConnectorError", "ServerDisconnectedError",
+                "ClientOSError", "ConnectionError", "TimeoutError"}:  # fmt: skip
+        return "connection"
+    return ""
+
+
+def _call(what: str, path: str, fn: Callable[[], T]) -> T:
+    """Run one storage operation; retry connection failures, turn known failures into StorageError."""
+    if not is_remote(path):
+        return fn()
+    for attempt in range(1, RETRIES + 1):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - classified below, everything else re-raised as is
+            kind = _error_kind(err)
+            bucket = path.split("://", 1)[1].split("/", 1)[0]
+            if kind == "credentials":
+                raise StorageError(
+                    f"cannot {what} {path}: no credentials for the object store. Set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment; configs never hold them."
+                ) from None
+            if kind == "bucket":
+                raise StorageError(
+                    f"cannot {what} {path}: bucket '{bucket}' does not exist at {_endpoint()}. "
+                    "Create it first or fix the path."
+                ) from None
+            if kind == "denied":
+                raise StorageError(f"cannot {what} {path}: access denied ({err})") from None
+            if kind != "connection":
+                raise
+            if attempt == RETRIES:
+                raise StorageError(
+                    f"cannot {what} {path}: the object store at {_endpoint()} is unreachable "
+                    f"({type(err).__name__}: {err}; {RETRIES} attempts). Check AWS_ENDPOINT_URL and the network."
+                ) from None
+            log.warning("%s %s failed (%s); retrying (%d/%d)", what, path, err, attempt, RETRIES)
+            time.sleep(RETRY_WAIT_S * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def _check_bucket(path: str) -> None:
+    """Writes to a missing bucket fail with a clear error (s3fs would otherwise create the bucket)."""
+    if not is_remote(path):
+        return
+    fs, p = _fs(path)
+    bucket = p.split("/", 1)[0]
+    if bucket in _checked_buckets:
+        return
+    if not _call("check the bucket of", path, lambda: fs.exists(bucket)):
+        raise StorageError(
+            f"cannot write {path}: bucket '{bucket}' does not exist at {_endpoint()}. "
+            "Create it first or fix the path."
+        )
+    _checked_buckets.add(bucket)
 
 
 def join(base: str, *parts: str) -> str:
@@ -26,17 +140,25 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def parent(path: str) -> str:
+    return posixpath.dirname(path.rstrip("/")) if "://" in path else os.path.dirname(path)
+
+
 def exists(path: str) -> bool:
     fs, p = _fs(path)
-    return fs.exists(p)
+    return _call("look up", path, lambda: fs.exists(p))
 
 
 def isdir(path: str) -> bool:
     fs, p = _fs(path)
-    return fs.isdir(p)
+    return _call("look up", path, lambda: fs.isdir(p))
 
 
 def makedirs(path: str) -> None:
+    """Create a local folder; on object stores (no folders) check that the bucket exists."""
+    if is_remote(path):
+        _check_bucket(path)
+        return
     fs, p = _fs(path)
     fs.makedirs(p, exist_ok=True)
 
@@ -44,19 +166,25 @@ def makedirs(path: str) -> None:
 def listdir(path: str) -> list[str]:
     """Base names of the entries directly under `path` (empty when it does not exist)."""
     fs, p = _fs(path)
-    if not fs.exists(p):
-        return []
-    return sorted(posixpath.basename(e.rstrip("/")) for e in fs.ls(p, detail=False))
+
+    def names() -> list[str]:
+        if not fs.exists(p):
+            return []
+        return sorted(posixpath.basename(e.rstrip("/")) for e in fs.ls(p, detail=False))
+
+    return _call("list", path, names)
 
 
 def open_file(path: str, mode: str = "rb") -> IO:
     fs, p = _fs(path)
-    return fs.open(p, mode)
+    if "r" not in mode:
+        _check_bucket(path)
+    return _call("open", path, lambda: fs.open(p, mode))
 
 
 def read_bytes(path: str) -> bytes:
     fs, p = _fs(path)
-    return fs.cat_file(p)
+    return _call("read", path, lambda: fs.cat_file(p))
 
 
 def read_text(path: str) -> str:
@@ -64,20 +192,22 @@ def read_text(path: str) -> str:
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` so that readers see either the old file or the complete new one."""
+    """Write `data` so that readers see either the old content or the complete new one."""
     fs, p = _fs(path)
-    parent = posixpath.dirname(p) if "://" in path else os.path.dirname(p)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
+    if is_remote(path):
+        _check_bucket(path)
+        _call("write", path, lambda: fs.pipe_file(p, data))  # one PUT: visible only once complete
+        return
+    folder = os.path.dirname(p)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
     tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
+    with open(tmp, "wb") as f:
         f.write(data)
-        if hasattr(f, "flush"):
-            f.flush()
-        if hasattr(f, "fileno"):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                os.fsync(f.fileno())
-    fs.mv(tmp, p)
+        f.flush()
+        with contextlib.suppress(OSError):
+            os.fsync(f.fileno())
+    os.replace(tmp, p)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -85,14 +215,72 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def append_text(path: str, text: str) -> None:
-    """Append to a log file (local paths only: object stores have no append)."""
-    fs, p = _fs(path)
-    with fs.open(p, "a") as f:
+    """Append to a local log file (object stores have no append: use `AppendLog`)."""
+    if is_remote(path):
+        raise StorageError(f"cannot append to {path}: object stores have no append (use storage.AppendLog)")
+    with open(_fs(path)[1], "a") as f:
         f.write(text)
 
 
 def remove(path: str) -> None:
     """Remove a file or a whole folder; missing paths are fine."""
     fs, p = _fs(path)
-    if fs.exists(p):
-        fs.rm(p, recursive=True)
+
+    def rm() -> None:
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+
+    _call("remove", path, rm)
+
+
+def upload_file(local_path: str, path: str) -> None:
+    """Copy a local file to `path` atomically (local or remote)."""
+    with open(local_path, "rb") as f:
+        atomic_write_bytes(path, f.read())
+
+
+class AppendLog:
+    """An append-only text file (metrics.jsonl, train.log) at a local or remote path.
+
+    Local paths are appended to directly. A remote file is kept in a local staging copy (seeded with
+    the remote content, so a resumed run continues the same file) and published whole by `sync()`:
+    at every checkpoint and at exit. What a killed process appended after its last sync is lost from
+    the remote copy, which is fine for a run log: the resumed run repeats those steps.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.remote = is_remote(path)
+        if not self.remote:
+            self.local_path = path
+            return
+        handle, self.local_path = tempfile.mkstemp(prefix="dinolab-", suffix="-" + posixpath.basename(path))
+        with os.fdopen(handle, "wb") as f:
+            if exists(path):
+                f.write(read_bytes(path))
+        self._synced_size = os.path.getsize(self.local_path)
+
+    def append(self, text: str) -> None:
+        with open(self.local_path, "a") as f:
+            f.write(text)
+
+    def snapshot(self) -> bytes:
+        """The staged content as it is now."""
+        with open(self.local_path, "rb") as f:
+            return f.read()
+
+    def sync(self) -> None:
+        """Publish the staged copy (remote only; a no-op when nothing was appended since)."""
+        if not self.remote or os.path.getsize(self.local_path) == self._synced_size:
+            return
+        size = os.path.getsize(self.local_path)
+        upload_file(self.local_path, self.path)
+        self._synced_size = size
+
+    def close(self) -> None:
+        if self.remote:
+            try:
+                self.sync()
+            finally:
+                with contextlib.suppress(OSError):
+                    os.remove(self.local_path)

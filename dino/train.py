@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dino import checkpoint, distributed, rng, storage
 from dino.augment import MultiCropAugment
+from dino.checkpoint_writer import CheckpointWriter
 from dino.config import ConfigError, DinoConfig, config_hash, flatten, semantic_diff, to_dict
 from dino.data import MultiCropDataset, build_dataset, build_loader, steps_per_epoch
 from dino.loss import DINOLoss
@@ -99,18 +100,28 @@ def run(
     device_type = "cuda" if resolve_device(cfg).type == "cuda" else "cpu"
     dist = distributed.init_from_env(device_type)
     device = resolve_device(cfg)
-    local_run = "://" not in cfg.run.dir
-    if dist.is_main and local_run:
-        storage.makedirs(cfg.run.dir)
-    setup_logging(storage.join(cfg.run.dir, "train.log") if dist.is_main and local_run else None)
+    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    logs: dict[str, storage.AppendLog] = {}
+    if dist.is_main:
+        storage.makedirs(cfg.run.dir)  # an object store: checks the bucket exists
+        logs = {name: storage.AppendLog(storage.join(cfg.run.dir, name)) for name in ("train.log", "metrics.jsonl")}
+    setup_logging(logs["train.log"].local_path if logs else None)
     try:
         prepare_run_dir(cfg, dist.is_main)  # before tracking: a folder of another config is refused
-        return _tracked(cfg, device, dist, should_stop or (lambda: False), on_progress or (lambda m: None))
+        return _tracked(
+            cfg, device, dist, logs, should_stop or (lambda: False), on_progress or (lambda m: None)
+        )
     finally:
         distributed.destroy()
+        setup_logging(None)  # release the log file before it is published
+        for run_log in logs.values():
+            try:
+                run_log.close()
+            except storage.StorageError as err:
+                log.error("%s", err)
 
 
-def _tracked(cfg, device, dist, should_stop, on_progress) -> TrainResult:
+def _tracked(cfg, device, dist, logs, should_stop, on_progress) -> TrainResult:
     """Train with the tracker open; its MLflow run ends FINISHED, KILLED (stopped to be requeued)
     or FAILED."""
     tracker = build_tracker(cfg, dist.is_main)
@@ -118,16 +129,16 @@ def _tracked(cfg, device, dist, should_stop, on_progress) -> TrainResult:
     try:
         tracker.set_tags({"dinolab.config_hash": config_hash(cfg)})
         tracker.log_artifact(storage.join(cfg.run.dir, "config.yaml"))
-        result = _train(cfg, device, dist, tracker, should_stop, on_progress)
+        result = _train(cfg, device, dist, tracker, logs, should_stop, on_progress)
         status = "FINISHED" if result.finished else "KILLED"
-        if result.finished and "://" not in cfg.run.dir:
-            tracker.log_artifact(storage.join(cfg.run.dir, "metrics.jsonl"))
+        if result.finished and logs:
+            tracker.log_artifact(logs["metrics.jsonl"].local_path, "")
         return result
     finally:
         tracker.close(status)
 
 
-def _train(cfg, device, dist, tracker, should_stop, on_progress) -> TrainResult:
+def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainResult:
     run_hash = config_hash(cfg)
     log.info("run %s (config %s) on %s, %d process(es)", cfg.run.dir, run_hash, device, dist.world_size)
 
@@ -196,9 +207,10 @@ def _train(cfg, device, dist, tracker, should_stop, on_progress) -> TrainResult:
         cfg, dataset, start_step, end_step, dist.rank, dist.world_size, device.type == "cuda"
     )
     progress = TrainProgress(start_step, end_step, spe, cfg.train.progress and dist.is_main)
-    metrics_path = storage.join(cfg.run.dir, "metrics.jsonl")
-
     save_step = [start_step]  # newest complete checkpoint, for progress reports
+    writer = CheckpointWriter(
+        cfg.run.dir, run_hash, cfg.train.keep_last, lambda step, path: save_step.__setitem__(0, step)
+    )
 
     def save(step: int) -> None:
         rng_states = [rng.capture()]
@@ -221,9 +233,10 @@ def _train(cfg, device, dist, tracker, should_stop, on_progress) -> TrainResult:
             "train_seconds": clock["train_seconds"],
             "config": to_dict(cfg),
         }
-        path = checkpoint.save(cfg.run.dir, step, payload, run_hash, cfg.train.keep_last)
-        save_step[0] = step
-        log.info("checkpoint %s", path)
+        # A remote run folder gets its logs published with each checkpoint (object stores cannot
+        # append); the snapshot is taken here so the background upload never reads a growing file.
+        files = {run_log.path: run_log.snapshot() for run_log in logs.values() if run_log.remote}
+        writer.save(step, payload, files)
 
     # Device-side accumulators: read only every log_every steps (the loop's one host sync).
     sums = torch.zeros(3, device=device)  # loss, teacher entropy, kl
@@ -273,8 +286,7 @@ def _train(cfg, device, dist, tracker, should_stop, on_progress) -> TrainResult:
             "gpu_hours": clock["train_seconds"] * dist.world_size / 3600,
         }
         if dist.is_main:
-            if "://" not in cfg.run.dir:
-                storage.append_text(metrics_path, json.dumps(last) + "\n")
+            logs["metrics.jsonl"].append(json.dumps(last) + "\n")
             tracker.log_metrics({k: v for k, v in last.items() if k != "step"}, step)
         progress.update(step, last)
         sums.zero_()
@@ -313,6 +325,8 @@ def _train(cfg, device, dist, tracker, should_stop, on_progress) -> TrainResult:
                 break
     finally:
         progress.close()
+        writer.wait()  # whatever happened, the save in flight ends before the process may exit
+    writer.close()  # raises if the newest checkpoint could not be written
     if step >= schedules.total_steps and start_step == step:
         log.info("run already finished at step %d", step)
     return TrainResult(cfg.run.dir, step, schedules.total_steps, stopped, resumed_from, last)

@@ -30,7 +30,9 @@ from fsspec.core import url_to_fs
 log = logging.getLogger("dino.storage")
 T = TypeVar("T")
 
-RETRIES = 3  # attempts for an operation that failed to connect (each attempt has botocore's own retries)
+# Attempts for an operation that failed to connect (each attempt has botocore's own retries, tuned
+# with AWS_MAX_ATTEMPTS / AWS_RETRY_MODE); DINOLAB_STORAGE_RETRIES overrides it.
+RETRIES = max(1, int(os.environ.get("DINOLAB_STORAGE_RETRIES", "3")))
 RETRY_WAIT_S = 1.0
 # Object-store options dinolab always sets: listings are read fresh (another process may have written
 # a checkpoint since), and the endpoint of `AWS_ENDPOINT_URL` is honoured by botocore itself.
@@ -84,6 +86,21 @@ def _error_kind(err: BaseException) -> str:
     return ""
 
 
+def _no_credentials() -> bool:
+    """True when botocore finds no credentials (env, profile, instance role): s3fs then reads and lists
+    anonymously, so a private bucket looks missing instead of failing on credentials."""
+    import botocore.session
+
+    return botocore.session.get_session().get_credentials() is None
+
+
+def _credentials_error(what: str, path: str) -> StorageError:
+    return StorageError(
+        f"cannot {what} {path}: no credentials for the object store. Set AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment; configs never hold them."
+    )
+
+
 def _call(what: str, path: str, fn: Callable[[], T]) -> T:
     """Run one storage operation; retry connection failures, turn known failures into StorageError."""
     if not is_remote(path):
@@ -94,11 +111,8 @@ def _call(what: str, path: str, fn: Callable[[], T]) -> T:
         except Exception as err:  # noqa: BLE001 - classified below, everything else re-raised as is
             kind = _error_kind(err)
             bucket = path.split("://", 1)[1].split("/", 1)[0]
-            if kind == "credentials":
-                raise StorageError(
-                    f"cannot {what} {path}: no credentials for the object store. Set AWS_ACCESS_KEY_ID and "
-                    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment; configs never hold them."
-                ) from None
+            if kind == "credentials" or kind == "bucket" and _no_credentials():
+                raise _credentials_error(what, path) from None
             if kind == "bucket":
                 raise StorageError(
                     f"cannot {what} {path}: bucket '{bucket}' does not exist at {_endpoint()}. "
@@ -127,6 +141,8 @@ def _check_bucket(path: str) -> None:
     if bucket in _checked_buckets:
         return
     if not _call("check the bucket of", path, lambda: fs.exists(bucket)):
+        if _no_credentials():
+            raise _credentials_error("write", path)
         raise StorageError(
             f"cannot write {path}: bucket '{bucket}' does not exist at {_endpoint()}. "
             "Create it first or fix the path."
@@ -252,7 +268,8 @@ class AppendLog:
         self.path = path
         self.remote = is_remote(path)
         if not self.remote:
-            self.local_path = path
+            self.local_path = _fs(path)[1]
+            makedirs(parent(self.local_path) or ".")
             return
         handle, self.local_path = tempfile.mkstemp(prefix="dinolab-", suffix="-" + posixpath.basename(path))
         with os.fdopen(handle, "wb") as f:

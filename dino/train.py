@@ -104,7 +104,10 @@ def run(
     logs: dict[str, storage.AppendLog] = {}
     if dist.is_main:
         storage.makedirs(cfg.run.dir)  # an object store: checks the bucket exists
-        logs = {name: storage.AppendLog(storage.join(cfg.run.dir, name)) for name in ("train.log", "metrics.jsonl")}
+        logs = {
+            name: storage.AppendLog(storage.join(cfg.run.dir, name))
+            for name in ("train.log", "metrics.jsonl")
+        }
     setup_logging(logs["train.log"].local_path if logs else None)
     try:
         prepare_run_dir(cfg, dist.is_main)  # before tracking: a folder of another config is refused

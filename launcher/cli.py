@@ -27,8 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from dino.checkpoint import CheckpointError
+    from dino.checkpoint_writer import CheckpointWriteError
     from dino.config import ConfigError
     from dino.data import DatasetNotFoundError
+    from dino.storage import StorageError
     from dino.train import ConfigMismatchError, NonFiniteLossError
     from launcher.sweep import SweepError
     from launcher.tracking_runs import TrackingUnavailable
@@ -42,6 +44,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ConfigMismatchError,
         NonFiniteLossError,
         CheckpointError,
+        CheckpointWriteError,
+        StorageError,
     )
 
 

@@ -72,3 +72,37 @@ def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real S3-compatible server (moto_server behind a killable proxy) with the bucket `dinolab-test`."""
+    from tests.s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3-server")).start()
+    server.make_bucket(S3_BUCKET)
+    yield server
+    server.stop()
+
+
+S3_BUCKET = "dinolab-test"
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """This process (and the `dinolab` processes it starts) talks to the test S3 server."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return s3_server
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_root(request, tmp_path):
+    """The same test on a local folder and under s3:// on the real S3-compatible server."""
+    import uuid
+
+    if request.param == "local":
+        return str(tmp_path / "store")
+    request.getfixturevalue("s3_env")
+    return f"s3://{S3_BUCKET}/{request.node.name.split('[')[0]}-{uuid.uuid4().hex[:8]}"

@@ -9,6 +9,7 @@ enough to be cut in the middle. Run the proxy alone with `python -m tests.s3_ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -42,10 +43,8 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float, what: str) ->
 def _kill(proc: subprocess.Popen | None) -> None:
     if proc is None or proc.poll() is not None:
         return
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 
@@ -101,11 +100,25 @@ class S3Server:
         _kill(self.moto)
         self.moto = None
 
-    def client(self):
+    def client(self, direct: bool = False):
+        """A boto3 client through the proxy, or `direct` to moto (it sees the objects during an outage)."""
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
+        endpoint = f"http://127.0.0.1:{self.moto_port}" if direct else self.endpoint
+        return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY,
                             aws_secret_access_key=SECRET_KEY, region_name="us-east-1")  # fmt: skip
+
+    def keys(self, url: str) -> list[str]:
+        """Every object key under s3://bucket/prefix, read directly from moto."""
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        pages = (
+            self.client(direct=True).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        )
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def read(self, url: str, key: str) -> bytes:
+        bucket = url.removeprefix("s3://").partition("/")[0]
+        return self.client(direct=True).get_object(Bucket=bucket, Key=key)["Body"].read()
 
     def make_bucket(self, name: str) -> str:
         client = self.client()

@@ -25,7 +25,7 @@ ARCHS: dict[str, tuple[str, dict[str, int]]] = {
     "vit_base": ("vit_base_patch16_224", {}),
 }
 PRECISIONS = ("bf16", "fp16", "fp32")
-DATASETS = ("synthetic", "fashion_mnist", "imagefolder")
+DATASETS = ("synthetic", "fashion_mnist", "imagefolder", "webdataset")
 DEVICES = ("auto", "cpu", "cuda")
 
 # Keys that cannot change a run's result: they may differ between a checkpoint and the config that
@@ -129,9 +129,10 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     name: str = "synthetic"
-    """Dataset: synthetic (no files), fashion_mnist (Debian package) or imagefolder."""
+    """Dataset: synthetic (no files), fashion_mnist (Debian package), imagefolder or webdataset."""
     root: str = ""
-    """Root of the dataset files (imagefolder: class folders; fashion_mnist: the idx .gz files)."""
+    """Root of the dataset files (imagefolder: class folders; fashion_mnist: the idx .gz files;
+    webdataset: the shards and index.json of `dinolab data pack`). Local path or s3:// URL."""
     split: str = "train"
     """Split used for pretraining."""
     num_samples: int = 512
@@ -376,6 +377,10 @@ def validate(cfg: DinoConfig) -> None:
     _positive("train.keep_last", cfg.train.keep_last)
     if cfg.data.name == "imagefolder" and not cfg.data.root:
         raise ConfigError("data=imagefolder needs data.root=<folder with one sub-folder per class>")
+    if cfg.data.name == "webdataset" and not cfg.data.root:
+        raise ConfigError(
+            "data=webdataset needs data.root=<folder or s3:// prefix written by `dinolab data pack`>"
+        )
     if cfg.data.name == "synthetic":
         _positive("data.num_samples", cfg.data.num_samples)
         _positive("data.image_size", cfg.data.image_size)

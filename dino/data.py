@@ -145,6 +145,10 @@ def build_dataset(data: DataConfig, seed: int = 0, split: str | None = None) -> 
         dataset = FashionMNIST(data.root, split)
     elif data.name == "imagefolder":
         dataset = ImageFolder(data.root, data.max_decode_size)
+    elif data.name == "webdataset":
+        from dino.shards import ShardedDataset
+
+        dataset = ShardedDataset(data.root, data.max_decode_size)
     else:
         raise ValueError(f"data.name={data.name!r} is unknown")
     if data.limit and split == data.split and data.limit < len(dataset):

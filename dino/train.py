@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from dino import checkpoint, distributed, rng, storage
+from dino import checkpoint, distributed, rng, shards, storage
 from dino.augment import MultiCropAugment
 from dino.checkpoint_writer import CheckpointWriter
 from dino.config import ConfigError, DinoConfig, config_hash, flatten, semantic_diff, to_dict
@@ -159,7 +159,10 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
 
     base = build_dataset(cfg.data, cfg.train.seed)
     dataset = MultiCropDataset(base, MultiCropAugment(cfg.crops), cfg.train.seed)
-    spe = steps_per_epoch(len(dataset), cfg.optim.batch_size, dist.world_size)
+    sharded = isinstance(base, shards.ShardedDataset)
+    spe = (shards.steps_per_epoch if sharded else steps_per_epoch)(
+        len(dataset), cfg.optim.batch_size, dist.world_size
+    )
     if spe == 0:
         raise ConfigError(
             f"the dataset has {len(dataset)} images, fewer than one global batch "
@@ -206,9 +209,16 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
         student, student_module, teacher, loss_fn, optimizer, scaler, schedules,
         device.type, cfg.train.precision, cfg.optim.clip_grad,
     )  # fmt: skip
-    loader = build_loader(
-        cfg, dataset, start_step, end_step, dist.rank, dist.world_size, device.type == "cuda"
-    )
+    if sharded:
+        stream = shards.ShardStream(
+            base, dataset.augment, cfg.train.seed, cfg.optim.batch_size, start_step, end_step,
+            dist.rank, dist.world_size,
+        )  # fmt: skip
+        loader = shards.build_loader(stream, cfg.train.workers, device.type == "cuda")
+    else:
+        loader = build_loader(
+            cfg, dataset, start_step, end_step, dist.rank, dist.world_size, device.type == "cuda"
+        )
     progress = TrainProgress(start_step, end_step, spe, cfg.train.progress and dist.is_main)
     save_step = [start_step]  # newest complete checkpoint, for progress reports
     writer = CheckpointWriter(

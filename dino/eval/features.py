@@ -143,9 +143,9 @@ def build_target(
 
 
 def validate_data(cfg: EvalConfig) -> None:
-    if cfg.data.name == "imagefolder" and not cfg.data.val_root:
+    if cfg.data.name in ("imagefolder", "webdataset") and not cfg.data.val_root:
         raise ConfigError(
-            "data=imagefolder needs data.val_root=<folder with one sub-folder per class> for the test split"
+            f"data={cfg.data.name} needs data.val_root=<{'folder with one sub-folder per class' if cfg.data.name == 'imagefolder' else 'packed validation images'}> for the test split"
         )
 
 
@@ -161,6 +161,12 @@ def eval_dataset(cfg: EvalConfig, run_cfg: DinoConfig, split: str) -> Dataset:
         return build_dataset(cfg.data, seed + offset)
     if cfg.data.name == "imagefolder":
         return ImageFolder(cfg.data.root if split == "train" else cfg.data.val_root, cfg.data.max_decode_size)
+    if cfg.data.name == "webdataset":
+        from dino.shards import ShardedDataset
+
+        return ShardedDataset(
+            cfg.data.root if split == "train" else cfg.data.val_root, cfg.data.max_decode_size
+        )
     return build_dataset(cfg.data, seed, split=split)
 
 
@@ -169,7 +175,7 @@ def num_classes(dataset: Dataset) -> int:
         return dataset.num_classes
     if isinstance(dataset, FashionMNIST):
         return int(dataset.labels.max()) + 1
-    if isinstance(dataset, ImageFolder):
+    if isinstance(dataset, ImageFolder) or getattr(dataset, "classes", None):
         return len(dataset.classes)
     return max(int(dataset[i][1]) for i in range(len(dataset))) + 1
 

@@ -1,0 +1,296 @@
+"""Datasets as webdataset shards: tar files of `<key>.<ext>` image + `<key>.cls` label, plus `index.json`.
+
+Object stores are slow at millions of small GETs, fast at large sequential ones. `pack()` writes a
+dataset as shards of `shard_size` images in a seeded random order (so a shard mixes classes) and the
+index last (the dataset exists once its index does). Reading uses the webdataset library's tar
+iterator; a shard is fetched whole with one GET.
+
+Training order, designed for exact resume and disjoint, sequential reads:
+- epoch e: the shards in a permutation drawn from (seed, e), each shard's images in a permutation drawn
+  from (seed, e, shard); concatenated, that is the epoch's sequence;
+- rank r owns the r-th contiguous part of the sequence, split into `STREAMS` contiguous streams; the
+  rank's batch i is the next batch of stream i mod STREAMS. Steps per epoch are a multiple of
+  STREAMS, so every part and stream holds whole batches (the few images left over change every epoch);
+- DataLoader worker w of k produces batches w, w+k, ... (the order DataLoader hands them back in), so
+  with k dividing STREAMS each worker reads only its own streams, each shard once or at a boundary twice.
+Batch i depends only on (seed, epoch, i), so a run resumed at any step sees the batches an
+uninterrupted run sees, whatever the number of workers. Crops are seeded by the image's original
+index, exactly as for the folder it was packed from.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data._utils.collate import default_collate
+
+from dino import storage
+
+log = logging.getLogger("dino.shards")
+INDEX = "index.json"
+STREAMS = 8
+FORMAT = "dinolab-webdataset-1"
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str  # the image's index in the packed dataset (9 digits)
+    ext: str
+    data: bytes
+    label: int
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------------
+
+
+def _encoded(dataset: Dataset, index: int) -> tuple[str, bytes, int]:
+    """(extension, encoded image, label): a folder's files as they are, tensors as PNG."""
+    from PIL import Image
+
+    from dino.data import ImageFolder
+
+    base, offset = dataset, index
+    if isinstance(base, torch.utils.data.Subset):
+        base, offset = base.dataset, base.indices[index]
+    if isinstance(base, ImageFolder):
+        path, label = base.samples[offset]
+        ext = path.rsplit(".", 1)[-1].lower().replace("jpeg", "jpg")
+        return ext, storage.read_bytes(path), label
+    image, label = dataset[index]
+    array = image.permute(1, 2, 0).numpy()
+    if (array == array[..., :1]).all():
+        array = array[..., 0]  # grey stored as grey (Fashion-MNIST)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return "png", buffer.getvalue(), int(label)
+
+
+def pack(
+    dataset: Dataset,
+    out: str,
+    shard_size: int = 1000,
+    seed: int = 0,
+    classes: list[str] | None = None,
+    source: str = "",
+    on_shard: Callable[[int, int], None] = lambda done, total: None,
+) -> dict:
+    """Write `dataset` as shards under `out`; refuses a folder that already holds a packed dataset."""
+    import webdataset as wds
+
+    if storage.exists(storage.join(out, INDEX)):
+        raise FileExistsError(f"{out} already holds a packed dataset ({INDEX} exists); nothing was written")
+    storage.makedirs(out)
+    n = len(dataset)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    num_shards = math.ceil(n / shard_size)
+    shards, max_label = [], -1
+    for s in range(num_shards):
+        members = order[s * shard_size : (s + 1) * shard_size]
+        buffer = io.BytesIO()
+        with wds.TarWriter(buffer, encoder=False, mtime=0) as writer:
+            for index in members:
+                ext, data, label = _encoded(dataset, index)
+                max_label = max(max_label, label)
+                writer.write({"__key__": f"{index:09d}", ext: data, "cls": str(label).encode()})
+        storage.atomic_write_bytes(storage.join(out, shard_name(s)), buffer.getvalue())
+        shards.append({"name": shard_name(s), "count": len(members), "bytes": buffer.tell()})
+        on_shard(s + 1, num_shards)
+    index = {"format": FORMAT, "num_samples": n, "seed": seed, "source": source, "classes": classes or [str(c) for c in range(max_label + 1)],
+             "shards": shards}  # fmt: skip
+    storage.atomic_write_text(storage.join(out, INDEX), json.dumps(index, indent=1))
+    return index
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+def read_index(root: str) -> dict:
+    from dino.data import DatasetNotFoundError
+
+    path = storage.join(root, INDEX)
+    if not storage.exists(path):
+        raise DatasetNotFoundError(
+            f"no packed dataset at data.root={root}: looked for {path}. Pack an image folder with "
+            f"`dinolab data pack <folder> {root}` (an interrupted pack has shards but no index)."
+        )
+    index = json.loads(storage.read_text(path))
+    if index.get("format") != FORMAT:
+        raise DatasetNotFoundError(f"{path} is not a dinolab shard index (format {index.get('format')!r})")
+    return index
+
+
+def read_shard(root: str, name: str) -> list[Sample]:
+    """All samples of one shard, in tar order (one GET, then the webdataset tar iterator)."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    url = storage.join(root, name)
+    files = ({**f, "__url__": url} for f in tar_file_iterator(io.BytesIO(storage.read_bytes(url))))
+    samples = []
+    for group in group_by_keys(files):
+        ext = next(k for k in group if not k.startswith("__") and k != "cls")
+        samples.append(Sample(group["__key__"], ext, group[ext], int(group["cls"])))
+    return samples
+
+
+def decode(data: bytes, max_decode_size: int = 0) -> torch.Tensor:
+    """Encoded image -> uint8 RGB [3, H, W]; shorter side capped at `max_decode_size` (0: as is)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        if max_decode_size:
+            img.draft("RGB", (max_decode_size, max_decode_size))
+            scale = max_decode_size / min(img.size)
+            if scale < 1:
+                size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+                img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+        array = np.asarray(img.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+class ShardedDataset(Dataset):
+    """Packed images by position in pack order (evaluation reads them in that order, shard by shard).
+
+    Keeps the last `cache_shards` shards in memory, so sequential access reads each shard once.
+    """
+
+    def __init__(self, root: str, max_decode_size: int = 0, cache_shards: int = 2) -> None:
+        self.root, self.max_decode_size, self.cache_shards = root, max_decode_size, cache_shards
+        self.index = read_index(root)
+        self.classes = self.index["classes"]
+        counts = [s["count"] for s in self.index["shards"]]
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._cache: OrderedDict[int, list[Sample]] = OrderedDict()
+        self.shard_reads = 0  # how many shards were fetched (tests and the benchmark read it)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.index["shards"])
+
+    def shard(self, i: int) -> list[Sample]:
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        samples = read_shard(self.root, self.index["shards"][i]["name"])
+        self.shard_reads += 1
+        self._cache[i] = samples
+        while len(self._cache) > self.cache_shards:
+            self._cache.popitem(last=False)
+        return samples
+
+    def sample(self, position: int) -> Sample:
+        s = int(np.searchsorted(self.starts, position, side="right")) - 1
+        return self.shard(s)[position - int(self.starts[s])]
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        sample = self.sample(position)
+        return decode(sample.data, self.max_decode_size), sample.label
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
+    """Whole batches per rank and epoch, a multiple of STREAMS."""
+    return num_samples // (batch_size * world_size * STREAMS) * STREAMS
+
+
+class ShardStream(IterableDataset):
+    """One rank's batches (collated crops, labels) from global step `start_step` to `end_step`."""
+
+    def __init__(
+        self,
+        shards: ShardedDataset,
+        augment: Callable[[torch.Tensor], list[torch.Tensor]],
+        seed: int,
+        batch_size: int,
+        start_step: int,
+        end_step: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.shards, self.augment, self.seed, self.batch_size = shards, augment, seed, batch_size
+        self.start_step, self.end_step, self.rank, self.world_size = start_step, end_step, rank, world_size
+        self.steps_per_epoch = steps_per_epoch(len(shards), batch_size, world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(shards)} packed images are fewer than {STREAMS} global batches "
+                f"(optim.batch_size={batch_size} x {world_size} devices x {STREAMS} streams)"
+            )
+        self._sequence: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return max(self.end_step - self.start_step, 0)
+
+    def epoch_sequence(self, epoch: int) -> torch.Tensor:
+        """Pack positions of the whole epoch in reading order (shards permuted, images within)."""
+        if self._sequence is None or self._sequence[0] != epoch:
+            base = self.seed * 100_003 + epoch
+            shard_order = torch.randperm(
+                self.shards.num_shards, generator=torch.Generator().manual_seed(base)
+            )
+            parts = []
+            for s in shard_order.tolist():
+                start, stop = int(self.shards.starts[s]), int(self.shards.starts[s + 1])
+                gen = torch.Generator().manual_seed(base * 1_000_003 + s)
+                parts.append(start + torch.randperm(stop - start, generator=gen))
+            self._sequence = (epoch, torch.cat(parts))
+        return self._sequence[1]
+
+    def batch_positions(self, step: int) -> list[int]:
+        """Pack positions of this rank's batch at global step `step`."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        per_stream = self.steps_per_epoch // STREAMS * self.batch_size
+        stream, t = i % STREAMS, i // STREAMS
+        start = self.rank * self.steps_per_epoch * self.batch_size + stream * per_stream + t * self.batch_size
+        return self.epoch_sequence(epoch)[start : start + self.batch_size].tolist()
+
+    def __iter__(self) -> Iterator:
+        from dino.augment import sample_seed
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # Each of this worker's streams holds one shard in use and may be crossing into the next.
+        self.shards.cache_shards = 2 * max(1, math.ceil(STREAMS / workers))
+        for step in range(self.start_step + worker, self.end_step, workers):
+            epoch = step // self.steps_per_epoch
+            batch = []
+            for position in self.batch_positions(step):
+                sample = self.shards.sample(position)
+                image = decode(sample.data, self.shards.max_decode_size)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(sample_seed(self.seed, epoch, int(sample.key)))
+                    crops = self.augment(image)
+                batch.append((crops, sample.label))
+            yield default_collate(batch)
+
+
+def build_loader(stream: ShardStream, workers: int, pin_memory: bool) -> DataLoader:
+    if workers and STREAMS % workers:
+        log.warning(
+            "train.workers=%d does not divide the %d shard streams: workers share streams and read "
+            "some shards more than once (same batches, more traffic); use 1, 2, 4 or 8", workers, STREAMS,
+        )  # fmt: skip
+    return DataLoader(
+        stream,
+        batch_size=None,  # the stream yields whole batches
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+    )

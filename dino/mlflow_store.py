@@ -69,17 +69,18 @@ def is_permanent(err: BaseException) -> bool:
     return getattr(err, "error_code", None) in PERMANENT_ERRORS
 
 
-def ensure_experiment(c: Any, uri: str, name: str) -> str:
-    """The id of experiment `name`, created if missing. SQLite stores keep artifacts beside the
-    database (`<dir>/mlartifacts/`), not in the current directory; a server decides for itself."""
+def ensure_experiment(c: Any, uri: str, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name`, created if missing. Artifacts go to `artifact_location` (e.g. an
+    s3:// prefix) or, for SQLite stores, beside the database (`<dir>/mlartifacts/`), not in the
+    current directory; a server decides for itself."""
     with locked(uri):
         exp = c.get_experiment_by_name(name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 c.restore_experiment(exp.experiment_id)
             return exp.experiment_id
-        location = None
-        if sqlite_path(uri):
+        location = artifact_location
+        if location is None and sqlite_path(uri):
             location = "file://" + os.path.join(os.path.dirname(sqlite_path(uri)), "mlartifacts", name)
         try:
             return c.create_experiment(name, artifact_location=location)

@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.table import Table
 
-from dino import checkpoint, storage
+from dino import checkpoint
 from launcher import records, tracking_runs
 from launcher.executors import build_executor
 from launcher.jobs import EvalJob, TrainJob
@@ -37,11 +37,11 @@ LIVE_SLURM_STATES = {
 
 
 def submitit_folder(sweep: Sweep) -> str:
-    return storage.join(sweep.folder, ".submitit", "%j")
+    return os.path.join(sweep.local_folder, ".submitit", "%j")
 
 
 def slots_folder(sweep: Sweep) -> str:
-    return storage.join(sweep.folder, ".slots")
+    return os.path.join(sweep.local_folder, ".slots")
 
 
 @dataclass

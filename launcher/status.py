@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import time
@@ -44,11 +43,11 @@ def eval_summary(run: RunSpec, protocol: str) -> str:
     """Headline of the newest result JSON of a protocol (e.g. k-NN top-1 at k=20), or its state."""
     state = records.read_record(run.run_dir).get("evals", {}).get(protocol, "")
     folder = storage.join(run.run_dir, "eval", protocol)
-    files = (
-        sorted(glob.glob(os.path.join(folder, "*.json")), key=os.path.getmtime) if "://" not in folder else []
-    )
-    if state == "completed" and files:
-        result = json.loads(Path(files[-1]).read_text())
+    files = [n for n in storage.listdir(folder) if n.endswith(".json")] if state == "completed" else []
+    if files:
+        # the newest result: results carry their finish time
+        results = [json.loads(storage.read_text(storage.join(folder, n))) for n in files]
+        result = max(results, key=lambda r: r.get("time", 0))
         headline = _headline(result)
         if headline:
             return headline

@@ -64,10 +64,24 @@ class Sweep:
     eval_overrides: dict[str, list[str]] = field(default_factory=dict)
     tracking_uri: str = "default"
     """MLflow store: "default" = sqlite:///<root>/mlflow.db, "none" = off, or a server URL."""
+    logs_root: str = ""
+    """Shared-filesystem folder for what the scheduler needs as files (submitit logs and scripts,
+    local slot locks, the default SQLite store): empty = root for a local root, ~/dinolab for s3://."""
 
     @property
     def folder(self) -> str:
         return storage.join(self.root, self.name)
+
+    @property
+    def local_root(self) -> str:
+        """Where scheduler files go: a POSIX path even when the runs live in an object store."""
+        if self.logs_root:
+            return self.logs_root
+        return os.path.expanduser("~/dinolab") if storage.is_remote(self.root) else self.root
+
+    @property
+    def local_folder(self) -> str:
+        return os.path.join(self.local_root, self.name)
 
     def stage_resources(self, stage: str) -> Resources:
         return self.resources.get(stage) or self.resources.get("pretrain") or Resources()
@@ -137,6 +151,11 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         resources[stage] = Resources(**(res or {}))
     sweep = Sweep(path=path, resources=resources, **raw)
     sweep.root = os.path.expandvars(str(sweep.root))  # root: /checkpoint/${USER}/dinolab
+    sweep.logs_root = os.path.expanduser(os.path.expandvars(str(sweep.logs_root or "")))
+    if storage.is_remote(sweep.logs_root):
+        raise SweepError(
+            f"{path}: logs_root: '{sweep.logs_root}' must be a shared filesystem path, not a URL"
+        )
     sweep.tracking_uri = _tracking_uri(sweep)
     sweep.base = [*(sweep.base or []), *extra_base]
     sweep.grid, sweep.zip = sweep.grid or {}, sweep.zip or {}
@@ -163,9 +182,9 @@ def _tracking_uri(sweep: Sweep) -> str:
     if uri.lower() == "none":
         return ""
     if uri == "default":
-        if "://" in sweep.root:
-            return ""  # no SQLite on object storage; name an `mlflow server` for such a root
-        return mlflow_store.sqlite_uri(sweep.root)
+        # SQLite needs a POSIX filesystem: under an s3:// root the database stays in local_root
+        # (artifacts still go to the root, see tracking_runs.artifact_location).
+        return mlflow_store.sqlite_uri(sweep.local_root)
     if not uri.startswith(TRACKING_SCHEMES):
         raise SweepError(
             f"{sweep.path}: tracking_uri: '{uri}' is no MLflow store; use default (SQLite under root), "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dino import mlflow_store
+from dino import mlflow_store, storage
 from dino.tracking import read_link, write_link
 from launcher.sweep import RunSpec, Sweep
 
@@ -52,7 +52,8 @@ def prepare(sweep: Sweep, runs: list[RunSpec]) -> dict[str, str]:
 
 def _prepare(sweep: Sweep, runs: list[RunSpec], uri: str) -> dict[str, str]:
     client = mlflow_store.client(uri)
-    experiment_id = mlflow_store.ensure_experiment(client, uri, sweep.name)
+    artifacts = storage.join(sweep.root, "mlartifacts", sweep.name) if storage.is_remote(sweep.root) else None
+    experiment_id = mlflow_store.ensure_experiment(client, uri, sweep.name, artifacts)
     parent = _linked_run(client, sweep.folder, uri)
     if parent is None:
         tags = {"dinolab.kind": "sweep", "dinolab.sweep": sweep.name, "dinolab.sweep_file": sweep.path,

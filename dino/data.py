@@ -104,12 +104,15 @@ class ImageFolder(Dataset):
             raise DatasetNotFoundError(
                 f"data.root={root} is not a folder: data=imagefolder expects <root>/<class>/<image>"
             )
-        self.classes = [c for c in storage.listdir(root) if storage.isdir(storage.join(root, c))]
-        self.samples: list[tuple[str, int]] = []
-        for label, cls in enumerate(self.classes):
-            for name in storage.listdir(storage.join(root, cls)):
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    self.samples.append((storage.join(root, cls, name), label))
+        # One listing of the whole tree, made once when the dataset is built; loader workers inherit it.
+        files = [f.split("/", 1) for f in storage.find(root) if f.count("/") == 1]
+        self.classes = sorted({cls for cls, _ in files})
+        labels = {cls: i for i, cls in enumerate(self.classes)}
+        self.samples: list[tuple[str, int]] = [
+            (storage.join(root, cls, name), labels[cls])
+            for cls, name in files
+            if name.lower().endswith(IMAGE_EXTENSIONS)
+        ]
         if not self.samples:
             raise DatasetNotFoundError(
                 f"no images under data.root={root}: expected <root>/<class>/<image> with extensions "

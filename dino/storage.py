@@ -191,6 +191,14 @@ def listdir(path: str) -> list[str]:
     return _call("list", path, names)
 
 
+def find(path: str) -> list[str]:
+    """Paths of every file under `path`, relative to it, sorted: one recursive listing (on an object
+    store a few paginated LIST requests instead of one per folder)."""
+    fs, p = _fs(path)
+    prefix = p.rstrip("/") + "/"
+    return sorted(f[len(prefix) :] for f in _call("list", path, lambda: fs.find(p)) if f.startswith(prefix))
+
+
 def open_file(path: str, mode: str = "rb") -> IO:
     fs, p = _fs(path)
     if "r" not in mode:

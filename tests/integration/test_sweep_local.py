@@ -121,7 +121,14 @@ def test_a_sweep_with_its_runs_on_s3(s3_env, tmp_path):
     import mlflow
 
     root, logs_root = "s3://dinolab-test/sweeps", tmp_path / "logs"
-    args = ["sweeps/quickstart.yaml", f"root={root}", f"logs_root={logs_root}", *SHRINK, "--run", "m0.9-nl0-bs32"]
+    args = [
+        "sweeps/quickstart.yaml",
+        f"root={root}",
+        f"logs_root={logs_root}",
+        *SHRINK,
+        "--run",
+        "m0.9-nl0-bs32",
+    ]
     proc = dinolab("sweep", "run", *args, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     keys = s3_env.keys(root)
@@ -129,7 +136,9 @@ def test_a_sweep_with_its_runs_on_s3(s3_env, tmp_path):
     run_dir = f"{root}/quickstart/{run}"
     record = records.read_record(run_dir)
     assert record["state"] == "completed" and record["evals"] == {"knn": "completed"}
-    assert any(k.startswith(f"sweeps/quickstart/{run}/checkpoints/") and k.endswith("COMPLETE.json") for k in keys)
+    assert any(
+        k.startswith(f"sweeps/quickstart/{run}/checkpoints/") and k.endswith("COMPLETE.json") for k in keys
+    )
     assert any(k.startswith(f"sweeps/quickstart/{run}/eval/knn/") for k in keys)
     assert any(k.startswith("sweeps/mlartifacts/quickstart/") and k.endswith("config.yaml") for k in keys)
     assert list((logs_root / "quickstart" / ".submitit").iterdir())  # scheduler files stay local
@@ -137,4 +146,8 @@ def test_a_sweep_with_its_runs_on_s3(s3_env, tmp_path):
     assert status.returncode == 0 and "1 completed" in status.stdout
     mlflow.set_tracking_uri(f"sqlite:///{logs_root / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["quickstart"], filter_string="tags.`dinolab.kind` = 'run'")
-    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED" and runs.iloc[0]["artifact_uri"].startswith("s3://")
+    assert (
+        len(runs) == 1
+        and runs.iloc[0]["status"] == "FINISHED"
+        and runs.iloc[0]["artifact_uri"].startswith("s3://")
+    )

@@ -43,6 +43,7 @@ NON_SEMANTIC_KEYS = (
     "train.keep_last",
     "train.progress",
     "train.device",
+    "train.compile",
 )
 
 
@@ -157,6 +158,8 @@ class TrainConfig:
     """auto (cuda when available), cpu or cuda."""
     workers: int = 4
     """Data loader worker processes per device."""
+    compile: bool = False
+    """torch.compile the student's and teacher's backbones (the first steps pay the compile time)."""
     max_steps: int = 0
     """Stop after this global step (0: run all epochs); schedules still span all epochs."""
     log_every: int = 10

@@ -141,21 +141,27 @@ def _tracked(cfg, device, dist, logs, should_stop, on_progress) -> TrainResult:
         tracker.close(status)
 
 
-def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainResult:
-    run_hash = config_hash(cfg)
-    log.info("run %s (config %s) on %s, %d process(es)", cfg.run.dir, run_hash, device, dist.world_size)
-
-    # Models are initialised from the seed alone (identical on every rank); randomness after that
-    # (drop path) gets a per-rank stream.
+def build_models(cfg: DinoConfig, device: torch.device):
+    """(student, teacher, loss, optimizer, scaler) of a fresh run, initialised from train.seed alone
+    (identical on every rank). `train.compile` compiles the backbones in place (state dict keys stay)."""
     torch.manual_seed(cfg.train.seed)
     student, teacher = build_student_teacher(cfg)
     student, teacher = student.to(device), teacher.to(device)
     num_crops = 2 + cfg.crops.num_local
-    loss_fn = DINOLoss(cfg.head.out_dim, num_crops, cfg.teacher.student_temp, cfg.teacher.center_momentum).to(
-        device
-    )
+    loss_fn = DINOLoss(cfg.head.out_dim, num_crops, cfg.teacher.student_temp, cfg.teacher.center_momentum)
     optimizer = build_optimizer(student, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    if cfg.train.compile:
+        student.backbone.compile()
+        teacher.backbone.compile()
+    return student, teacher, loss_fn.to(device), optimizer, scaler
+
+
+def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainResult:
+    run_hash = config_hash(cfg)
+    log.info("run %s (config %s) on %s, %d process(es)", cfg.run.dir, run_hash, device, dist.world_size)
+    # Randomness after initialisation (drop path) gets a per-rank stream, set below.
+    student, teacher, loss_fn, optimizer, scaler = build_models(cfg, device)
 
     base = build_dataset(cfg.data, cfg.train.seed)
     dataset = MultiCropDataset(base, MultiCropAugment(cfg.crops), cfg.train.seed)

@@ -106,3 +106,17 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert steps and steps[-1] <= bad_step
     good = checkpoint.load_latest(str(tmp_path / "run"))
     assert all(torch.isfinite(v).all() for v in good.state["student"].values())
+
+
+def test_compiled_models_keep_the_checkpoint_keys(tiny_cfg):
+    """train.compile compiles the backbones in place: state dict keys (and so checkpoints) are unchanged."""
+    from dino.train import build_models
+
+    plain = build_models(tiny_cfg(), torch.device("cpu"))
+    compiled = build_models(tiny_cfg("train.compile=true"), torch.device("cpu"))
+    for a, b in zip(plain[:2], compiled[:2], strict=True):
+        assert list(a.state_dict()) == list(b.state_dict())
+        assert all(
+            torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+        )
+    assert compiled[0].backbone._compiled_call_impl is not None

@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from dino.augment import MultiCropAugment
+from dino.batch_augment import BatchMultiCrop
 from dino.config import DinoConfig
-from dino.data import MultiCropDataset, build_dataset, build_loader, steps_per_epoch
+from dino.data import DecodedDataset, MultiCropDataset, build_dataset, build_loader, steps_per_epoch
 from dino.schedules import build_schedules
 from dino.step import StepState, train_step
-from dino.train import build_models, resolve_device
+from dino.train import augment_on_device, build_models, resolve_device
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) by a substring of the device name.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -125,8 +126,16 @@ def run(cfg: DinoConfig, warmup: int = 5, steps: int = 20, inputs: str = "both")
             result.notes.append(f"no bf16 peak known for {name}: MFU not computed")
 
     if inputs in ("loader", "both"):
-        dataset = MultiCropDataset(build_dataset(cfg.data, cfg.train.seed), MultiCropAugment(cfg.crops),
-                                   cfg.train.seed)  # fmt: skip
+        base = build_dataset(cfg.data, cfg.train.seed)
+        batched = augment_on_device(cfg, device)
+        dataset = (
+            DecodedDataset(base)
+            if batched
+            else MultiCropDataset(base, MultiCropAugment(cfg.crops), cfg.train.seed)
+        )
+        batch_augment = BatchMultiCrop(cfg.crops) if batched else None
+        result.notes.append("augmentation " + ("batched on the device; the loader only decodes" if batched
+                                               else "per image in the loader workers"))  # fmt: skip
         spe = steps_per_epoch(len(dataset), batch, 1)
         if spe == 0:
             raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch of {batch}")
@@ -148,8 +157,13 @@ def run(cfg: DinoConfig, warmup: int = 5, steps: int = 20, inputs: str = "both")
         it = iter(loader())
 
         def real_step(i: int) -> None:
-            crops, _ = next(it)
-            train_step(state, [c.to(device, non_blocking=True) for c in crops], i % total)
+            item = next(it)
+            if batch_augment is not None:
+                gen = torch.Generator().manual_seed(i)
+                crops = batch_augment(item[0].to(device, non_blocking=True), item[1], gen)
+            else:
+                crops = [c.to(device, non_blocking=True) for c in item[0]]
+            train_step(state, crops, i % total)
 
         _, per_step = _timed(real_step, warmup, steps, device)
         result.end_to_end_img_per_s = batch / per_step

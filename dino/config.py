@@ -47,6 +47,12 @@ NON_SEMANTIC_KEYS = (
 )
 
 
+# Keys added after runs existed, with the value that reproduces the old behaviour: left out of the
+# run id (and of resume comparisons) at that value, so existing runs keep their ids and folders.
+LATER_KEYS = {"data.augment_device": "auto"}
+AUGMENT_DEVICES = ("auto", "cpu", "gpu")
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key and what is allowed."""
 
@@ -146,6 +152,9 @@ class DataConfig:
     """imagefolder: shorter side is resized down to this before augmentation; 0 keeps the original."""
     limit: int = 0
     """Use only the first N images of the split (0: all): quick experiments on a fixed subset."""
+    augment_device: str = "auto"
+    """Where the multi-crop augmentation runs: cpu (per image in the loader workers), gpu (workers only
+    decode; batched on the training device, dino/batch_augment.py) or auto (gpu when CUDA is used)."""
 
 
 @dataclass
@@ -297,7 +306,7 @@ def is_semantic(key: str) -> bool:
 
 def semantic_items(cfg: DinoConfig | dict[str, Any]) -> dict[str, Any]:
     flat = flatten(to_dict(cfg) if isinstance(cfg, DinoConfig) else cfg)
-    return {k: v for k, v in flat.items() if is_semantic(k)}
+    return {k: v for k, v in flat.items() if is_semantic(k) and LATER_KEYS.get(k, object()) != v}
 
 
 def config_hash(cfg: DinoConfig) -> str:
@@ -345,6 +354,7 @@ def validate(cfg: DinoConfig) -> None:
     _choice("train.precision", cfg.train.precision, PRECISIONS)
     _choice("train.device", cfg.train.device, DEVICES)
     _choice("data.name", cfg.data.name, DATASETS)
+    _choice("data.augment_device", cfg.data.augment_device, AUGMENT_DEVICES)
     _positive("model.patch_size", cfg.model.patch_size)
     for key in ("crops.global_size", "crops.local_size"):
         size = getattr(cfg.crops, key.split(".")[1])

@@ -177,6 +177,28 @@ class MultiCropDataset(Dataset):
         return crops, label
 
 
+class DecodedDataset(Dataset):
+    """(epoch, index) -> (uint8 image, label): the loader only decodes, augmentation runs batched on the
+    training device (`data.augment_device=gpu`)."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        return self.base[key[1]]
+
+
+def pad_collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decoded images of different sizes -> (uint8 [B, 3, Hmax, Wmax] zero-padded, sizes [B, 2], labels)."""
+    from dino.batch_augment import pad_batch
+
+    batch, sizes = pad_batch([image for image, _ in samples])
+    return batch, sizes, torch.tensor([label for _, label in samples])
+
+
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(num_samples, generator=gen)
@@ -231,7 +253,7 @@ class RunBatchSampler(Sampler[list[tuple[int, int]]]):
 
 def build_loader(
     cfg: DinoConfig,
-    dataset: MultiCropDataset,
+    dataset: MultiCropDataset | DecodedDataset,
     start_step: int,
     end_step: int,
     rank: int,
@@ -245,6 +267,7 @@ def build_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=cfg.train.workers,
+        collate_fn=pad_collate if isinstance(dataset, DecodedDataset) else None,
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if cfg.train.workers > 0 else None,

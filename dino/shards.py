@@ -212,12 +212,13 @@ def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
 
 
 class ShardStream(IterableDataset):
-    """One rank's batches (collated crops, labels) from global step `start_step` to `end_step`."""
+    """One rank's batches from global step `start_step` to `end_step`: (collated crops, labels), or with
+    `augment=None` the decoded images for batched augmentation (padded batch, sizes, labels)."""
 
     def __init__(
         self,
         shards: ShardedDataset,
-        augment: Callable[[torch.Tensor], list[torch.Tensor]],
+        augment: Callable[[torch.Tensor], list[torch.Tensor]] | None,
         seed: int,
         batch_size: int,
         start_step: int,
@@ -274,11 +275,19 @@ class ShardStream(IterableDataset):
             for position in self.batch_positions(step):
                 sample = self.shards.sample(position)
                 image = decode(sample.data, self.shards.max_decode_size)
+                if self.augment is None:  # augmentation happens batched on the device
+                    batch.append((image, sample.label))
+                    continue
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(sample_seed(self.seed, epoch, int(sample.key)))
                     crops = self.augment(image)
                 batch.append((crops, sample.label))
-            yield default_collate(batch)
+            if self.augment is None:
+                from dino.data import pad_collate
+
+                yield pad_collate(batch)
+            else:
+                yield default_collate(batch)
 
 
 def build_loader(stream: ShardStream, workers: int, pin_memory: bool) -> DataLoader:

@@ -21,10 +21,11 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from dino import checkpoint, distributed, rng, shards, storage
-from dino.augment import MultiCropAugment
+from dino.augment import MultiCropAugment, sample_seed
+from dino.batch_augment import BatchMultiCrop
 from dino.checkpoint_writer import CheckpointWriter
 from dino.config import ConfigError, DinoConfig, config_hash, flatten, semantic_diff, to_dict
-from dino.data import MultiCropDataset, build_dataset, build_loader, steps_per_epoch
+from dino.data import DecodedDataset, MultiCropDataset, build_dataset, build_loader, steps_per_epoch
 from dino.loss import DINOLoss
 from dino.models import build_student_teacher
 from dino.progress import TrainProgress, setup_logging
@@ -141,6 +142,11 @@ def _tracked(cfg, device, dist, logs, should_stop, on_progress) -> TrainResult:
         tracker.close(status)
 
 
+def augment_on_device(cfg: DinoConfig, device: torch.device) -> bool:
+    """data.augment_device: gpu = batched on the training device; auto = that when it is a GPU."""
+    return cfg.data.augment_device == "gpu" or (cfg.data.augment_device == "auto" and device.type == "cuda")
+
+
 def build_models(cfg: DinoConfig, device: torch.device):
     """(student, teacher, loss, optimizer, scaler) of a fresh run, initialised from train.seed alone
     (identical on every rank). `train.compile` compiles the backbones in place (state dict keys stay)."""
@@ -164,7 +170,19 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
     student, teacher, loss_fn, optimizer, scaler = build_models(cfg, device)
 
     base = build_dataset(cfg.data, cfg.train.seed)
-    dataset = MultiCropDataset(base, MultiCropAugment(cfg.crops), cfg.train.seed)
+    batched = augment_on_device(cfg, device)
+    dataset = (
+        DecodedDataset(base)
+        if batched
+        else MultiCropDataset(base, MultiCropAugment(cfg.crops), cfg.train.seed)
+    )
+    batch_augment = BatchMultiCrop(cfg.crops) if batched else None
+    log.info(
+        "augmentation: %s",
+        f"batched on {device.type} (loader workers only decode)"
+        if batched
+        else "per image in the loader workers",
+    )
     sharded = isinstance(base, shards.ShardedDataset)
     spe = (shards.steps_per_epoch if sharded else steps_per_epoch)(
         len(dataset), cfg.optim.batch_size, dist.world_size
@@ -217,7 +235,7 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
     )  # fmt: skip
     if sharded:
         stream = shards.ShardStream(
-            base, dataset.augment, cfg.train.seed, cfg.optim.batch_size, start_step, end_step,
+            base, None if batched else dataset.augment, cfg.train.seed, cfg.optim.batch_size, start_step, end_step,
             dist.rank, dist.world_size,
         )  # fmt: skip
         loader = shards.build_loader(stream, cfg.train.workers, device.type == "cuda")
@@ -312,8 +330,14 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
         window_start, window_steps = time.monotonic(), 0
 
     try:
-        for crops, _ in loader:
-            crops = [c.to(device, non_blocking=True) for c in crops]
+        for item in loader:
+            if batch_augment is not None:
+                # Crop parameters from (seed, step, rank) alone: exact resume, any number of workers.
+                gen = torch.Generator().manual_seed(sample_seed(cfg.train.seed, step, dist.rank))
+                images, sizes = item[0].to(device, non_blocking=True), item[1]
+                crops = batch_augment(images, sizes, gen)
+            else:
+                crops = [c.to(device, non_blocking=True) for c in item[0]]
             out = train_step(state, crops, step)
             sums += torch.stack((out["loss"], out["teacher_entropy"], out["kl"])).float()
             bad_now = ~torch.isfinite(out["loss"])

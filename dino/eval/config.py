@@ -169,6 +169,12 @@ def _plain(obj: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(obj)))
 
 
+def data_identity(data: EvalDataConfig) -> dict[str, Any]:
+    """The data config as it identifies cached features and results: without the pretraining-only
+    `augment_device` (added later; including it would orphan every existing cache)."""
+    return {k: v for k, v in _plain(data).items() if k != "augment_device"}
+
+
 def compose_eval(
     overrides: list[str] | tuple[str, ...], run_data: dict[str, Any] | None = None
 ) -> EvalConfig:

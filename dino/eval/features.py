@@ -35,7 +35,7 @@ from dino.checkpoint import CheckpointError
 from dino.config import ConfigError, DinoConfig, from_dict
 from dino.config import config_hash as run_config_hash
 from dino.data import FashionMNIST, ImageFolder, SyntheticDataset, build_dataset
-from dino.eval.config import EvalConfig, _plain, compose_eval, run_dir_of_checkpoint
+from dino.eval.config import EvalConfig, _plain, compose_eval, data_identity, run_dir_of_checkpoint
 from dino.models import build_backbone
 
 log = logging.getLogger("dino.eval")
@@ -278,7 +278,7 @@ def features_folder(cfg: EvalConfig, target: Target, split: str, kind: str, size
     identity = {
         # Not the paths: a run folder that moved keeps its cache.
         "target": {k: v for k, v in target.provenance.items() if k not in ("run_dir", "checkpoint")},
-        "data": _plain(cfg.data),
+        "data": data_identity(cfg.data),
         "split": split,
         "kind": kind,
         "image_size": size,

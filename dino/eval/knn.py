@@ -135,9 +135,9 @@ def data_id(cfg: EvalConfig) -> str:
     import hashlib
     import json
 
-    from dino.eval.config import _plain
+    from dino.eval.config import data_identity
 
-    digest = hashlib.sha256(json.dumps(_plain(cfg.data), sort_keys=True).encode()).hexdigest()[:6]
+    digest = hashlib.sha256(json.dumps(data_identity(cfg.data), sort_keys=True).encode()).hexdigest()[:6]
     return f"{cfg.data.name}-{digest}"
 
 

@@ -52,6 +52,19 @@ def test_wrong_type_names_the_key():
         compose(["optim.epochs=many"])
 
 
+def test_a_key_added_later_keeps_old_run_ids_at_its_old_behaviour():
+    """data.augment_device came after runs existed: at its default the id and the resume comparison
+    are those of a config without the key; another value is another run."""
+    from dino.config import semantic_diff, to_dict
+
+    cfg = compose(["model=vit_test"])
+    old = to_dict(cfg)
+    del old["data"]["augment_device"]  # a config.yaml written before the key existed
+    assert semantic_diff(old, cfg) == []
+    assert config_hash(compose(["model=vit_test", "data.augment_device=gpu"])) != config_hash(cfg)
+    assert semantic_diff(old, compose(["model=vit_test", "data.augment_device=gpu"]))
+
+
 def test_hash_ignores_non_semantic_keys():
     a = compose(["run.dir=/a", "train.workers=2", "train.max_steps=5"])
     b = compose(["run.dir=/b", "train.workers=8", "train.log_every=1"])

@@ -13,14 +13,17 @@ from tests.conftest import load_final
 
 
 @pytest.mark.slow
-def test_exact_resume_gives_identical_weights(tmp_path, tiny_cfg):
-    # 16 steps with drop path on (the RNG must be restored too), 2 epochs of 8 steps.
-    full = run(tiny_cfg(run_dir=tmp_path / "full"))
+@pytest.mark.parametrize("augment", ["cpu", "gpu"])
+def test_exact_resume_gives_identical_weights(tmp_path, tiny_cfg, augment):
+    """Per-image augmentation in the workers (cpu) or batched on the training device (gpu: here the
+    CPU runs the same batched code): 16 steps with drop path on (the RNG must be restored too)."""
+    extra = f"data.augment_device={augment}"
+    full = run(tiny_cfg(extra, "train.workers=2", run_dir=tmp_path / "full"))
     assert full.finished and full.step == 16
 
-    half = run(tiny_cfg("train.max_steps=8", run_dir=tmp_path / "split"))
+    half = run(tiny_cfg(extra, "train.max_steps=8", run_dir=tmp_path / "split"))
     assert half.step == 8 and not half.finished
-    resumed = run(tiny_cfg(run_dir=tmp_path / "split"))
+    resumed = run(tiny_cfg(extra, run_dir=tmp_path / "split"))
     assert resumed.resumed_from == 8 and resumed.finished
 
     a, b = load_final(tmp_path / "full"), load_final(tmp_path / "split")

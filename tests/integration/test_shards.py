@@ -22,12 +22,20 @@ pytestmark = pytest.mark.skipif(not FASHION_MNIST_ROOT.exists(), reason="needs d
 N = 512
 
 
-@pytest.fixture
-def packed(store_root):
-    out = storage.join(store_root, "fm-shards")
+def _pack_cli(out: str) -> str:
     result = dinolab("data", "pack", "fashion_mnist:train", out, "--limit", str(N), "--shard-size", "48")
     assert result.returncode == 0, result.stderr
     assert f"packed {N} images of 10 classes into 11 shards" in result.stdout
+    return out
+
+
+@pytest.fixture
+def packed(store_root):
+    """512 Fashion-MNIST images in 11 shards of 48 (the last one 32), packed in this process."""
+    out = storage.join(store_root, "fm-shards")
+    dataset = torch.utils.data.Subset(FashionMNIST(str(FASHION_MNIST_ROOT), "train"), range(N))
+    index = shards.pack(dataset, out, shard_size=48)
+    assert [s["count"] for s in index["shards"]] == [48] * 10 + [32]
     return out
 
 
@@ -83,7 +91,10 @@ def test_a_stream_resumed_mid_epoch_yields_the_same_batches(packed):
 
 
 @pytest.mark.slow
-def test_pack_train_and_evaluate_on_shards(packed, store_root):
+def test_pack_train_and_evaluate_on_shards(store_root):
+    packed = _pack_cli(storage.join(store_root, "cli-shards"))
+    again = dinolab("data", "pack", "fashion_mnist:train", packed, "--limit", "8")
+    assert again.returncode == 2 and "already holds a packed dataset" in again.stderr  # nothing overwritten
     run_dir = storage.join(store_root, "run")
     train = dinolab("train", *TINY, "data=webdataset", f"data.root={packed}", "optim.batch_size=16",
                     "optim.epochs=1", "train.workers=2", f"run.dir={run_dir}")  # fmt: skip

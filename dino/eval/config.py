@@ -93,7 +93,9 @@ class EvalConfig:
     image_size: int = 0
     """Side of the center crop fed to the backbone; 0: the run's crops.global_size."""
     seed: int = 0
-    """Seed of the random baseline, the probe's initialisation, data order and augmentation."""
+    """Seed of the probe's initialisation, data order and augmentation."""
+    baseline_seed: int = -1
+    """Seed of baseline=random; -1: the run's train.seed, i.e. exactly the run's initial backbone."""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
     batch_size: int = 256

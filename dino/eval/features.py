@@ -126,13 +126,15 @@ def build_target(
     if cfg.baseline == "pixels":
         return Target("pixels", run_dir, run_cfg, None, provenance)
     if cfg.baseline == "random":
+        # Built as training builds it (seed, then the student's backbone first): the run's own init.
+        seed = run_cfg.train.seed if cfg.baseline_seed < 0 else cfg.baseline_seed
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(seed)
             backbone = build_backbone(
                 run_cfg.model.name, run_cfg.model.patch_size, run_cfg.crops.global_size, 0.0
             )
-        provenance["seed"] = cfg.seed
-        return Target(f"random-seed{cfg.seed}", run_dir, run_cfg, backbone.eval(), provenance)
+        provenance["seed"] = seed
+        return Target(f"random-seed{seed}", run_dir, run_cfg, backbone.eval(), provenance)
     assert ckpt is not None
     return Target(f"{ckpt.step:09d}", run_dir, run_cfg, teacher_backbone(ckpt.state, run_cfg), provenance)
 

@@ -173,7 +173,7 @@ def test_result_records_checkpoint_step_and_config_hash(trained_run):
 
 def test_baselines_use_the_same_code_and_their_own_cache(trained_run):
     trained = evaluate_knn(*resolve(knn_args(trained_run)))
-    random_cfg, random_target = resolve(knn_args(trained_run, "baseline=random", "seed=3"))
+    random_cfg, random_target = resolve(knn_args(trained_run, "baseline=random", "baseline_seed=3"))
     assert random_target.key == "random-seed3" and random_target.provenance["step"] is None
     random_result = evaluate_knn(random_cfg, random_target)
     pixels = evaluate_knn(*resolve(knn_args(trained_run, "baseline=pixels")))
@@ -184,6 +184,20 @@ def test_baselines_use_the_same_code_and_their_own_cache(trained_run):
     # Pixel features are the flattened eval images: 3 x 32 x 32 values.
     shard = torch.load(sorted((trained_run / "eval" / "features" / "pixels").rglob("shard_*"))[0])
     assert shard["features"].shape == (16, 3 * 32 * 32)
+
+
+def test_the_random_baseline_is_the_runs_own_initial_backbone(tiny_cfg, tmp_path):
+    """Without baseline_seed the random baseline uses the run's train.seed: the very backbone the run
+    started from, so "pretraining vs random init" compares a run with its own starting point."""
+    from dino.train import build_models, run
+
+    run(tiny_cfg("train.seed=2", "train.max_steps=1", run_dir=tmp_path / "seed2"))
+    _, target = resolve(knn_args(tmp_path / "seed2", "baseline=random"))
+    run_cfg = target.run_cfg
+    assert run_cfg.train.seed == 2 and target.key == "random-seed2"
+    initial = build_models(run_cfg, torch.device("cpu"))[0].backbone.state_dict()
+    for key, value in target.backbone.state_dict().items():
+        assert torch.equal(value, initial[key]), key
 
 
 def test_an_incomplete_checkpoint_is_refused(trained_run, tmp_path):

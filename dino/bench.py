@@ -15,13 +15,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from dino.augment import MultiCropAugment
-from dino.batch_augment import BatchMultiCrop
 from dino.config import DinoConfig
-from dino.data import DecodedDataset, MultiCropDataset, build_dataset, build_loader, steps_per_epoch
+from dino.data import build_loader, steps_per_epoch
 from dino.schedules import build_schedules
 from dino.step import StepState, train_step
-from dino.train import augment_on_device, build_models, resolve_device
+from dino.train import build_models, build_pipeline, resolve_device
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) by a substring of the device name.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -126,15 +124,8 @@ def run(cfg: DinoConfig, warmup: int = 5, steps: int = 20, inputs: str = "both")
             result.notes.append(f"no bf16 peak known for {name}: MFU not computed")
 
     if inputs in ("loader", "both"):
-        base = build_dataset(cfg.data, cfg.train.seed)
-        batched = augment_on_device(cfg, device)
-        dataset = (
-            DecodedDataset(base)
-            if batched
-            else MultiCropDataset(base, MultiCropAugment(cfg.crops), cfg.train.seed)
-        )
-        batch_augment = BatchMultiCrop(cfg.crops) if batched else None
-        result.notes.append("augmentation " + ("batched on the device; the loader only decodes" if batched
+        _, dataset, batch_augment = build_pipeline(cfg, device)
+        result.notes.append("augmentation " + ("batched on the device; the loader only decodes" if batch_augment
                                                else "per image in the loader workers"))  # fmt: skip
         spe = steps_per_epoch(len(dataset), batch, 1)
         if spe == 0:

@@ -124,19 +124,24 @@ class ImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
         path, label = self.samples[index]
-        with Image.open(io.BytesIO(storage.read_bytes(path))) as img:
-            if self.max_decode_size:
-                # JPEG draft mode decodes at a reduced scale directly: much cheaper than resizing after.
-                img.draft("RGB", (self.max_decode_size, self.max_decode_size))
-                scale = self.max_decode_size / min(img.size)
-                if scale < 1:
-                    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-                    img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
-            array = np.asarray(img.convert("RGB"))
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), label
+        return decode_image(storage.read_bytes(path), self.max_decode_size), label
+
+
+def decode_image(data: bytes, max_decode_size: int = 0) -> torch.Tensor:
+    """Encoded image -> uint8 RGB [3, H, W]; shorter side capped at `max_decode_size` (0: as is)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        if max_decode_size:
+            # JPEG draft mode decodes at a reduced scale directly: much cheaper than resizing after.
+            img.draft("RGB", (max_decode_size, max_decode_size))
+            scale = max_decode_size / min(img.size)
+            if scale < 1:
+                size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+                img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+        array = np.asarray(img.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 def build_dataset(data: DataConfig, seed: int = 0, split: str | None = None) -> Dataset:

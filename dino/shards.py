@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from torch.utils.data._utils.collate import default_collate
 
 from dino import storage
+from dino.data import decode_image
 
 log = logging.getLogger("dino.shards")
 INDEX = "index.json"
@@ -149,21 +150,6 @@ def read_shard(root: str, name: str) -> list[Sample]:
     return samples
 
 
-def decode(data: bytes, max_decode_size: int = 0) -> torch.Tensor:
-    """Encoded image -> uint8 RGB [3, H, W]; shorter side capped at `max_decode_size` (0: as is)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        if max_decode_size:
-            img.draft("RGB", (max_decode_size, max_decode_size))
-            scale = max_decode_size / min(img.size)
-            if scale < 1:
-                size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-                img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
-        array = np.asarray(img.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-
 class ShardedDataset(Dataset):
     """Packed images by position in pack order (evaluation reads them in that order, shard by shard).
 
@@ -203,7 +189,7 @@ class ShardedDataset(Dataset):
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
         sample = self.sample(position)
-        return decode(sample.data, self.max_decode_size), sample.label
+        return decode_image(sample.data, self.max_decode_size), sample.label
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
@@ -274,7 +260,7 @@ class ShardStream(IterableDataset):
             batch = []
             for position in self.batch_positions(step):
                 sample = self.shards.sample(position)
-                image = decode(sample.data, self.shards.max_decode_size)
+                image = decode_image(sample.data, self.shards.max_decode_size)
                 if self.augment is None:  # augmentation happens batched on the device
                     batch.append((image, sample.label))
                     continue

@@ -147,6 +147,15 @@ def augment_on_device(cfg: DinoConfig, device: torch.device) -> bool:
     return cfg.data.augment_device == "gpu" or (cfg.data.augment_device == "auto" and device.type == "cuda")
 
 
+def build_pipeline(cfg: DinoConfig, device: torch.device):
+    """(base dataset, loader dataset, batch augmentation or None) for `data.augment_device`: per-image
+    crops in the loader workers, or decoded images augmented batched on `device`."""
+    base = build_dataset(cfg.data, cfg.train.seed)
+    if augment_on_device(cfg, device):
+        return base, DecodedDataset(base), BatchMultiCrop(cfg.crops)
+    return base, MultiCropDataset(base, MultiCropAugment(cfg.crops), cfg.train.seed), None
+
+
 def build_models(cfg: DinoConfig, device: torch.device):
     """(student, teacher, loss, optimizer, scaler) of a fresh run, initialised from train.seed alone
     (identical on every rank). `train.compile` compiles the backbones in place (state dict keys stay)."""
@@ -169,14 +178,8 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
     # Randomness after initialisation (drop path) gets a per-rank stream, set below.
     student, teacher, loss_fn, optimizer, scaler = build_models(cfg, device)
 
-    base = build_dataset(cfg.data, cfg.train.seed)
-    batched = augment_on_device(cfg, device)
-    dataset = (
-        DecodedDataset(base)
-        if batched
-        else MultiCropDataset(base, MultiCropAugment(cfg.crops), cfg.train.seed)
-    )
-    batch_augment = BatchMultiCrop(cfg.crops) if batched else None
+    base, dataset, batch_augment = build_pipeline(cfg, device)
+    batched = batch_augment is not None
     log.info(
         "augmentation: %s",
         f"batched on {device.type} (loader workers only decode)"

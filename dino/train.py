@@ -152,6 +152,11 @@ def build_pipeline(cfg: DinoConfig, device: torch.device):
     crops in the loader workers, or decoded images augmented batched on `device`."""
     base = build_dataset(cfg.data, cfg.train.seed)
     if augment_on_device(cfg, device):
+        if cfg.data.name in ("imagefolder", "webdataset") and not cfg.data.max_decode_size:
+            log.warning(
+                "data.augment_device=gpu decodes images at full size and pads each batch to its largest "
+                "image; set data.max_decode_size (e.g. 512, the shorter side) to bound memory and transfer"
+            )
         return base, DecodedDataset(base), BatchMultiCrop(cfg.crops)
     return base, MultiCropDataset(base, MultiCropAugment(cfg.crops), cfg.train.seed), None
 

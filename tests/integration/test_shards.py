@@ -110,3 +110,18 @@ def test_pack_train_and_evaluate_on_shards(store_root):
     result = json.loads(storage.read_text(storage.join(run_dir, "eval", "knn", name)))
     assert result["num_train"] == N and result["data"]["name"] == "webdataset"
     assert result["top1"]["5"] > 30  # the query set is the bank itself: far above chance (10 %)
+
+
+def test_a_decode_only_stream_feeds_the_batched_augmentation(packed):
+    """data.augment_device=gpu: the stream yields decoded uint8 images (padded batch, sizes, labels),
+    the same images and labels the per-image path augments."""
+    decoded = shards.ShardStream(shards.ShardedDataset(packed), None, 0, 16, 5, 8)
+    identity = shards.ShardStream(shards.ShardedDataset(packed), lambda image: [image], 0, 16, 5, 8)
+    for (batch, sizes, labels), (crops, labels_ref) in zip(
+        DataLoader(decoded, batch_size=None, num_workers=2),
+        DataLoader(identity, batch_size=None),
+        strict=True,
+    ):
+        assert batch.dtype == torch.uint8 and batch.shape == (16, 3, 28, 28)
+        assert sizes.tolist() == [[28, 28]] * 16
+        assert torch.equal(batch, crops[0]) and torch.equal(labels, labels_ref)

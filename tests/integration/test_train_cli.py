@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import subprocess
 import sys
 
@@ -11,7 +9,7 @@ import pytest
 import torch
 
 from dino import checkpoint
-from tests.conftest import FASHION_MNIST_ROOT, load_final
+from tests.conftest import load_final
 from tests.integration.cli import REPO, TINY, dinolab, env
 
 
@@ -61,31 +59,3 @@ def test_two_process_gloo_ddp_matches_one_process_on_the_same_global_batch(tmp_p
         for key, value in a[part].items():
             assert torch.allclose(value, b[part][key], rtol=1e-4, atol=1e-5), f"{part}.{key}"
     assert torch.allclose(a["loss"]["center"], b["loss"]["center"], rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not FASHION_MNIST_ROOT.exists(), reason="needs apt-get install dataset-fashion-mnist")
-def test_fashion_mnist_loss_decreases_without_collapse(tmp_path):
-    """200 steps of vit_test on real Fashion-MNIST images (about 1.5 minutes on 2 cores).
-
-    DINO's loss first rises while the center catches up with the teacher's logits (at step 0 the
-    center is 0 and the teacher is very sharp), then falls: we check the fall from that peak, and
-    that the teacher's entropy stays strictly between 0 (collapse to one prototype) and log K
-    (collapse to uniform).
-    """
-    out_dim = 1024
-    proc = dinolab(
-        "train", "data=fashion_mnist", "model=vit_test", "crops.global_size=32", "crops.local_size=16",
-        "crops.num_local=2", f"head.out_dim={out_dim}", "optim.batch_size=32", "optim.epochs=100",
-        "optim.warmup_epochs=0", "optim.lr=0.005", "train.max_steps=200", "train.log_every=10",
-        "train.workers=1", "train.precision=fp32", "train.device=cpu", f"run.dir={tmp_path / 'fm'}",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = [json.loads(line) for line in (tmp_path / "fm" / "metrics.jsonl").read_text().splitlines()]
-    losses = [m["loss"] for m in metrics]
-    assert metrics[-1]["step"] == 200 and len(losses) == 20
-    peak = max(losses[:8])
-    assert sum(losses[-3:]) / 3 < peak - 0.8, losses
-    assert sum(losses[-5:]) / 5 < sum(losses[8:13]) / 5, losses
-    for m in metrics:
-        assert 0.05 < m["teacher_entropy"] < math.log(out_dim) - 0.05, m

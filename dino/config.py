@@ -44,6 +44,7 @@ NON_SEMANTIC_KEYS = (
     "train.progress",
     "train.device",
     "train.compile",
+    "monitor.",
 )
 
 
@@ -211,6 +212,25 @@ class StorageConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Periodic k-NN of the teacher during pretraining: a learning curve without separate jobs.
+    It never changes the training (random state saved and restored around it)."""
+
+    knn_every_epochs: float = 0.0
+    """Run the k-NN monitor every N epochs (fractions allowed); 0 with knn_every_steps=0: off."""
+    knn_every_steps: int = 0
+    """Run the k-NN monitor every N steps instead (takes precedence over knn_every_epochs)."""
+    knn_train: int = 5000
+    """Bank images: evenly spaced over the train split (so class-sorted folders give every class)."""
+    knn_test: int = 1000
+    """Query images: evenly spaced over the test split."""
+    knn_k: int = 20
+    """Neighbours of the weighted vote (temperature 0.07, as `dinolab eval knn`)."""
+    val_root: str = ""
+    """imagefolder/webdataset: the labelled test images (fashion_mnist and synthetic have their own)."""
+
+
+@dataclass
 class DinoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -222,6 +242,7 @@ class DinoConfig:
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 def register_configs() -> None:
@@ -408,3 +429,18 @@ def validate(cfg: DinoConfig) -> None:
             "MLflow 3 refuses plain ./mlruns folders"
         )
     _positive("tracking.flush_timeout_s", cfg.tracking.flush_timeout_s, allow_zero=True)
+    _validate_monitor(cfg)
+
+
+def _validate_monitor(cfg: DinoConfig) -> None:
+    m = cfg.monitor
+    _positive("monitor.knn_every_epochs", m.knn_every_epochs, allow_zero=True)
+    _positive("monitor.knn_every_steps", m.knn_every_steps, allow_zero=True)
+    for key in ("monitor.knn_train", "monitor.knn_test", "monitor.knn_k"):
+        _positive(key, getattr(m, key.split(".")[1]))
+    on = bool(m.knn_every_epochs or m.knn_every_steps)
+    if on and cfg.data.name in ("imagefolder", "webdataset") and not m.val_root:
+        raise ConfigError(
+            f"monitor.knn_every_* with data={cfg.data.name} needs monitor.val_root=<the labelled "
+            "validation images, as data.val_root of `dinolab eval knn`>"
+        )

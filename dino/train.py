@@ -26,6 +26,7 @@ from dino.batch_augment import BatchMultiCrop
 from dino.checkpoint_writer import CheckpointWriter
 from dino.config import ConfigError, DinoConfig, config_hash, flatten, semantic_diff, to_dict
 from dino.data import DecodedDataset, MultiCropDataset, build_dataset, build_loader, steps_per_epoch
+from dino.eval.monitor import KnnMonitor
 from dino.loss import DINOLoss
 from dino.models import build_student_teacher
 from dino.progress import TrainProgress, setup_logging
@@ -292,8 +293,9 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
     # Wall seconds of the kept steps (carried in checkpoints, for GPU-hours) and the timed windows of
     # this process after its first (warm-up: compilation, loader start) for the average throughput.
     clock = {"train_seconds": train_seconds, "timed_s": 0.0, "timed_images": 0.0, "windows": 0}
+    monitor = KnnMonitor(cfg, spe, device)
 
-    def reduce_and_log(step: int) -> None:
+    def reduce_and_log(step: int, extra: dict[str, float]) -> None:
         nonlocal sums, window_start, window_steps, last
         values = distributed.all_reduce_mean_(sums / max(window_steps, 1))
         bad_ranks = distributed.all_reduce_sum_((first_bad >= 0).float())
@@ -329,6 +331,7 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
             else window_steps * cfg.optim.batch_size / max(elapsed, 1e-9),
             "memory_gib": memory_gib(device),
             "gpu_hours": clock["train_seconds"] * dist.world_size / 3600,
+            **extra,
         }
         if dist.is_main:
             logs["metrics.jsonl"].append(json.dumps(last) + "\n")
@@ -356,7 +359,8 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
             due_steps = (
                 bool(cfg.train.checkpoint_every_steps) and step % cfg.train.checkpoint_every_steps == 0
             )
-            if not (step % cfg.train.log_every == 0 or due_steps or final):
+            due_knn = monitor.due(step, final)
+            if not (step % cfg.train.log_every == 0 or due_steps or final or due_knn):
                 continue
             # Stop requests and the checkpoint clock are read only here, and agreed on by all ranks,
             # so every rank takes the same branch (checkpointing gathers RNG states collectively).
@@ -364,7 +368,14 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
             stop_now, due_time = distributed.any_true(
                 should_stop(), bool(minutes) and time.monotonic() - last_save_time >= 60 * minutes
             )
-            reduce_and_log(step)  # raises on a non-finite loss, before anything is saved
+            extra: dict[str, float] = {}
+            if due_knn:
+                result = monitor(teacher.backbone, step)
+                extra = result.metrics()
+                # Monitor time is compute (GPU-hours) but not training throughput (img/s windows).
+                window_start += result.seconds
+                clock["train_seconds"] += result.seconds
+            reduce_and_log(step, extra)  # raises on a non-finite loss, before anything is saved
             if due_steps or due_time or final or stop_now:
                 save(step)
                 last_save_time = time.monotonic()

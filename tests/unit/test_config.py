@@ -33,6 +33,11 @@ def test_presets_compose_and_round_trip(tmp_path):
         (["optim.warmup_epochs=200"], "optim.warmup_epochs=200 must be between 0 and optim.epochs=100"),
         (["crops.local_scale=[0.5,0.1]"], "crops.local_scale=[0.5, 0.1] must be [low, high]"),
         (["teacher.momentum=1.5"], "teacher.momentum=1.5 must be in [0, 1]"),
+        (["monitor.knn_every_steps=-1"], "monitor.knn_every_steps=-1 must be >= 0"),
+        (
+            ["data=imagefolder", "data.root=/x", "monitor.knn_every_epochs=1"],
+            "monitor.knn_every_* with data=imagefolder needs monitor.val_root",
+        ),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(overrides, message):
@@ -63,6 +68,15 @@ def test_a_key_added_later_keeps_old_run_ids_at_its_old_behaviour():
     assert semantic_diff(old, cfg) == []
     assert config_hash(compose(["model=vit_test", "data.augment_device=gpu"])) != config_hash(cfg)
     assert semantic_diff(old, compose(["model=vit_test", "data.augment_device=gpu"]))
+
+
+def test_run_ids_of_existing_runs_stay_what_they_were():
+    """The id of the Fashion-MNIST run of the issue-3 measurements, computed before the `monitor`
+    group existed: a new group or key must leave it (and every sweep's run folders) unchanged."""
+    cfg = compose(["data=fashion_mnist", "model=vit_test", "crops.num_local=2", "head.out_dim=1024",
+                   "optim.batch_size=32", "optim.warmup_epochs=0", "optim.lr=0.005", "train.precision=fp32",
+                   "monitor.knn_every_steps=50"])  # fmt: skip
+    assert config_hash(cfg) == "7462253f"
 
 
 def test_hash_ignores_non_semantic_keys():

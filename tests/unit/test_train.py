@@ -123,3 +123,31 @@ def test_compiled_models_keep_the_checkpoint_keys(tiny_cfg):
             torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
         )
     assert compiled[0].backbone._compiled_call_impl is not None
+
+
+@pytest.mark.slow
+def test_the_knn_monitor_logs_a_curve_without_changing_training(tmp_path, tiny_cfg):
+    """k-NN of the live teacher every 6 steps and at the end of each process, on the whole synthetic
+    train (bank) and test (query) splits: the final value is what `dinolab eval knn` measures on the
+    final checkpoint, and the weights are those of a run without the monitor, interrupted or not
+    (the monitor's data loader workers must not move training's random stream)."""
+    from dino.eval.knn import run_knn
+
+    plain = run(tiny_cfg("train.workers=2", run_dir=tmp_path / "plain"))
+    monitor = ["monitor.knn_every_steps=6", "monitor.knn_train=64", "monitor.knn_test=64", "monitor.knn_k=5"]
+    run(tiny_cfg(*monitor, "train.workers=2", "train.max_steps=8", run_dir=tmp_path / "mon"))
+    resumed = run(tiny_cfg(*monitor, "train.workers=2", run_dir=tmp_path / "mon"))
+    assert plain.finished and resumed.finished and resumed.resumed_from == 8
+
+    a, b = load_final(tmp_path / "plain"), load_final(tmp_path / "mon")
+    for part in ("student", "teacher", "loss"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key}"
+    lines = [json.loads(line) for line in (tmp_path / "mon" / "metrics.jsonl").read_text().splitlines()]
+    curve = {m["step"]: m["monitor_knn_top1"] for m in lines if "monitor_knn_top1" in m}
+    assert sorted(curve) == [6, 8, 12, 16], lines
+    # Each monitor step is also a full training-metrics line (one line per step for MLflow's backfill).
+    assert all("loss" in m for m in lines if "monitor_knn_top1" in m)
+    assert "monitor_knn_top1" not in (tmp_path / "plain" / "metrics.jsonl").read_text()
+    evaluated = run_knn([f"run.dir={tmp_path / 'mon'}", "knn.k=[5]", "workers=0", "device=cpu"])
+    assert curve[16] == pytest.approx(evaluated.top1[5], abs=1e-9)

@@ -128,7 +128,18 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     extra_base = []
     for ov in overrides:
         key, _, value = ov.partition("=")
-        if key in SWEEP_KEYS and key not in ("base", "grid", "zip", "resources", "evals", "eval_overrides"):
+        if key.startswith("eval_overrides."):
+            # eval_overrides.knn=[knn.max_train=5000]: appended to that stage's overrides.
+            try:
+                values = yaml.safe_load(value) if value.startswith("[") else [value]
+            except yaml.YAMLError:
+                raise SweepError(
+                    f"{ov}: not a list of overrides; quote items that hold brackets: {key}=['knn.k=[5]']"
+                ) from None
+            stages = raw["eval_overrides"] = raw.get("eval_overrides") or {}
+            stage = key.split(".", 1)[1]
+            stages[stage] = [*(stages.get(stage) or []), *(values if isinstance(values, list) else [value])]
+        elif key in SWEEP_KEYS and key not in ("base", "grid", "zip", "resources", "eval_overrides"):
             raw[key] = yaml.safe_load(value)
         else:
             extra_base.append(ov)
@@ -164,6 +175,11 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             raise SweepError(
                 f"{path}: evals: unknown evaluation '{stage}'{_near(stage, EVALS)}; allowed: {', '.join(EVALS)}"
             )
+    for stage, stage_overrides in sweep.eval_overrides.items():
+        if stage not in EVALS:
+            raise SweepError(f"{path}: eval_overrides.{stage}: unknown evaluation{_near(stage, EVALS)}")
+        if not isinstance(stage_overrides, list):
+            raise SweepError(f"{path}: eval_overrides.{stage} must be a list of key=value overrides")
     lengths = {len(v) for v in sweep.zip.values()}
     if len(lengths) > 1:
         raise SweepError(f"{path}: every list under 'zip' must have the same length; got {sorted(lengths)}")

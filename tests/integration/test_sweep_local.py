@@ -14,8 +14,9 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not FASHION_MNIST_ROOT.exists(), reason="needs apt-get install dataset-fashion-mnist"),
 ]
-# The quickstart sweep shrunk for CI: 192 images -> 6 or 8 steps per run.
-SHRINK = ["data.limit=192"]
+# The quickstart sweep shrunk for CI: 192 images -> 6 or 8 steps per run; a 2000-image k-NN bank
+# (the full 60,000 costs ~30 s of feature extraction per evaluation, and tests orchestration only).
+SHRINK = ["data.limit=192", "eval_overrides.knn=[knn.max_train=2000]"]
 
 
 def test_quickstart_sweep_runs_every_run_and_its_knn_then_resubmits_nothing(tmp_path):
@@ -35,6 +36,7 @@ def test_quickstart_sweep_runs_every_run_and_its_knn_then_resubmits_nothing(tmp_
         (result,) = (run_dir / "eval" / "knn").glob("*.json")
         knn = json.loads(result.read_text())
         assert knn["step"] == record["total_steps"] and 0 <= knn["top1"]["20"] <= 100
+        assert (knn["num_train"], knn["num_test"]) == (2000, 1000)  # the file's and the edit's overrides
         jobs = records.read_jobs(str(run_dir))
         assert [j["stage"] for j in jobs] == ["pretrain", "knn"]
     assert proc.stdout.count("completed") >= 4

@@ -76,6 +76,10 @@ def test_grid_times_zip_times_seeds_and_stable_ids(tmp_path):
             "unknown key 'resources.pretrain.partiton' (did you mean partition?)",
         ),
         ({"evals": ["knnn"]}, "unknown evaluation 'knnn' (did you mean knn?)"),
+        (
+            {"eval_overrides": {"linaer": ["linear.epochs=1"]}},
+            "eval_overrides.linaer: unknown evaluation (did you mean linear?)",
+        ),
         ({"zip": {"crops.num_local": [2, 4], "optim.batch_size": [8]}}, "must have the same length"),
         ({"grid": {"train.workers": [1, 2]}}, "two runs have the same config"),
     ],
@@ -85,6 +89,23 @@ def test_sweep_errors_name_the_file_and_the_key(tmp_path, content, message):
     with pytest.raises(SweepError) as err:
         expand(load_sweep(path))
     assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_command_line_edits_of_the_evaluations():
+    """`evals=[]` drops the evaluations; `eval_overrides.knn=[...]` appends to that stage's list."""
+    path = REPO / "sweeps" / "quickstart.yaml"
+    sweep = load_sweep(
+        path, ["eval_overrides.knn=[knn.max_train=64,'knn.k=[5]']", "eval_overrides.linear=[linear.epochs=1]"]
+    )
+    assert sweep.evals == ["knn"] and sweep.eval_overrides == {
+        "knn": ["knn.max_test=1000", "knn.max_train=64", "knn.k=[5]"],
+        "linear": ["linear.epochs=1"],
+    }
+    assert load_sweep(path, ["evals=[]"]).evals == []
+    with pytest.raises(SweepError, match="quote items that hold brackets"):
+        load_sweep(path, ["eval_overrides.knn=[knn.max_train=64,knn.k=[5]]"])
+    with pytest.raises(SweepError, match="eval_overrides.knnn: unknown evaluation"):
+        load_sweep(path, ["eval_overrides.knnn=knn.max_test=5"])
 
 
 def test_sbatch_script_matches_the_golden_file():

@@ -5,7 +5,8 @@
 Rows: ViT-S/16 2x224+10x96 K=65536 batch 64 on synthetic input (eager and train.compile=true), end
 to end through the real loader on ImageNet-like JPEGs (500x375, generated here, 14 workers, crops on
 the GPU), ViT-S/8 batch 32 synthetic, ViT-S/16 batch 128 for model FLOP utilisation. Prints a
-Markdown table (img/s per GPU, ms/step, TFLOP/s, MFU, peak memory) with the card and versions.
+Markdown table (img/s per GPU, ms/step, TFLOP/s, MFU, peak memory) with the card and versions, and
+scripts/bench_augment.py's decoder and augmentation-backend tables on the same card.
 """
 
 from __future__ import annotations
@@ -103,6 +104,10 @@ def main() -> None:
         ),  # fmt: skip
         bench("ViT-S/16 b128 synthetic (MFU)", [*VIT_S, "optim.batch_size=128"], steps, warmup, "synthetic"),
     ]
+    # Decoders and augmentation backends (dinolab vs kornia, when installed) on the same card.
+    augment = subprocess.run([sys.executable, "scripts/bench_augment.py", "--device", "cuda"], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    print(augment.stdout if augment.returncode == 0 else f"bench_augment failed:\n{augment.stderr[-2000:]}")
     import timm
     import torch
 

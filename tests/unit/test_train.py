@@ -135,6 +135,8 @@ def test_the_knn_monitor_logs_a_curve_without_changing_training(tmp_path, tiny_c
 
     plain = run(tiny_cfg("train.workers=2", run_dir=tmp_path / "plain"))
     monitor = ["monitor.knn_every_steps=6", "monitor.knn_train=64", "monitor.knn_test=64", "monitor.knn_k=5"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monitor.append(f"tracking.uri={uri}")
     run(tiny_cfg(*monitor, "train.workers=2", "train.max_steps=8", run_dir=tmp_path / "mon"))
     resumed = run(tiny_cfg(*monitor, "train.workers=2", run_dir=tmp_path / "mon"))
     assert plain.finished and resumed.finished and resumed.resumed_from == 8
@@ -149,5 +151,10 @@ def test_the_knn_monitor_logs_a_curve_without_changing_training(tmp_path, tiny_c
     # Each monitor step is also a full training-metrics line (one line per step for MLflow's backfill).
     assert all("loss" in m for m in lines if "monitor_knn_top1" in m)
     assert "monitor_knn_top1" not in (tmp_path / "plain" / "metrics.jsonl").read_text()
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((tmp_path / "mon" / "tracking.json").read_text())["run_id"]
+    history = MlflowClient(uri).get_metric_history(run_id, "monitor_knn_top1")
+    assert {m.step: m.value for m in history} == curve  # the learning curve in the run's MLflow page
     evaluated = run_knn([f"run.dir={tmp_path / 'mon'}", "knn.k=[5]", "workers=0", "device=cpu"])
     assert curve[16] == pytest.approx(evaluated.top1[5], abs=1e-9)

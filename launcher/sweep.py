@@ -134,7 +134,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
                 values = yaml.safe_load(value) if value.startswith("[") else [value]
             except yaml.YAMLError:
                 raise SweepError(
-                    f"{ov}: not a list of overrides; quote items that hold brackets: {key}=['knn.k=[5]']"
+                    f"{path}: {ov}: not a list of overrides; quote items that hold brackets: {key}=['knn.k=[5]']"
                 ) from None
             stages = raw["eval_overrides"] = raw.get("eval_overrides") or {}
             stage = key.split(".", 1)[1]

@@ -185,7 +185,7 @@ def test_fashion_mnist_knn_separates_real_features_from_chance(fashion_mnist_knn
     strict=True,
     raises=AssertionError,
     reason="measured on 2 cores (10000 bank / 2000 queries, k=20): 200 steps of vit_test with schedules "
-    "spanning 100 epochs give 57.0 (56.5 with per-image crops) against 59.5 for the random init. 25 variants up to 1000 steps "
+    "spanning 100 epochs give 57.0 (56.5 with per-image crops) against 59.5 for the random init. 27 variants up to 1250 steps "
     "(momentum 0.9-0.996, lr, compressed schedules, frozen/free last layer, teacher temp, K, crop "
     "scales, multi-crop, batch 128, patch 4; seeds 0-2) stay within -10..+5 of their random init, and "
     "no variant beats it on every seed (the best, +5.0 on seed 0, is +0.5 and +1.2 on seeds 1 and 2): "

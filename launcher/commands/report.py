@@ -119,6 +119,8 @@ def write_html(path, uri, experiment, df, summary, by, columns, with_paper) -> N
     curves = [("loss", "training loss"), ("teacher_entropy", "teacher entropy")]
     if df["knn_top1@20"].notna().any():  # one point per evaluated checkpoint
         curves.insert(0, ("knn_top1_k20", "k-NN top-1 (k=20)"))
+    if "monitor_knn_top1" in df and df["monitor_knn_top1"].notna().any():  # monitor.knn_every_*
+        curves.insert(0, ("monitor_knn_top1", "k-NN top-1 during pretraining (monitor)"))
     for key, label in curves:
         histories = {
             r.run: [(m.step, m.value) for m in client.get_metric_history(r.mlflow_run_id, key)]

@@ -34,6 +34,8 @@ def log_run(client, exp_id, parent, num_local, seed, status="FINISHED", collapse
         values = {"loss": 6.0 - 0.3 * step, "teacher_entropy": entropy, "kl": 1e-4 if collapsed else 0.5,
                   "epoch": step / 5, "avg_img_per_s": 1000 - 50 * num_local + seed,
                   "memory_gib": 9.0 + 0.5 * num_local, "gpu_hours": 0.1 * step * (1 + num_local / 10)}  # fmt: skip
+        if seed == 0 and step % 5 == 0:  # monitor.knn_every_steps=5 on the seed-0 runs
+            values["monitor_knn_top1"] = 50 + step + num_local
         metrics += [Metric(k, v, 1_000 * step, step) for k, v in values.items()]
     if status == "FINISHED":
         top1 = 60 + 2 * num_local + seed - (30 if collapsed else 0)
@@ -90,7 +92,8 @@ def test_latex_table_matches_golden(fake_sweep, tmp_path):
 def test_html_page_holds_tables_and_plots(fake_sweep, tmp_path):
     report(fake_sweep, "--html", str(tmp_path / "report.html"))
     page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4  # metric vs axis; k-NN, loss, entropy per run
+    # metric vs axis; the monitor's k-NN curves, k-NN, loss, entropy per run
+    assert page.count("data:image/png;base64,") == 5 and "k-NN top-1 during pretraining" in page
     assert page.count("<table") == 2 and "nl6-s2" in page and "collapsed (uniform)" in page
 
 

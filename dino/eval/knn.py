@@ -163,6 +163,15 @@ def evaluate_knn(cfg: EvalConfig, target: Target) -> KnnResult:
     )
     from dino.eval.config import _plain
 
+    bank_classes = int(train.labels.unique().numel())
+    if bank_classes < classes:
+        # knn.max_train keeps the first images of the split: on a folder sorted by class that is a
+        # few classes only, and every query of the others is wrong whatever the features.
+        log.warning(
+            "the k-NN bank holds %d of the %d classes (knn.max_train=%d takes the first images of the "
+            "train split); raise knn.max_train or leave it 0 for the whole split",
+            bank_classes, classes, cfg.knn.max_train,
+        )  # fmt: skip
     record = {
         "protocol": "knn",
         **target.provenance,
@@ -171,6 +180,8 @@ def evaluate_knn(cfg: EvalConfig, target: Target) -> KnnResult:
         "image_size": cfg.image_size or target.run_cfg.crops.global_size,
         "num_train": len(train.labels),
         "num_test": len(test.labels),
+        "bank_classes": bank_classes,
+        "num_classes": classes,
         "temperature": cfg.knn.temperature,
         "k": ks,
         "top1": {str(k): v for k, v in top1.items()},

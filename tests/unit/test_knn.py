@@ -171,6 +171,16 @@ def test_result_records_checkpoint_step_and_config_hash(trained_run):
     assert all(0 <= v <= 100 for v in saved["top1"].values())
 
 
+def test_a_bank_missing_classes_is_reported(trained_run, caplog):
+    """knn.max_train=3 on 10 classes (synthetic labels cycle, like the first images of a folder
+    sorted by class cover few classes): the result says so and the log warns."""
+    result = evaluate_knn(*resolve(knn_args(trained_run, "knn.max_train=3", "knn.max_test=20", "knn.k=[2]")))
+    assert (result.record["bank_classes"], result.record["num_classes"]) == (3, 10)
+    assert "the k-NN bank holds 3 of the 10 classes" in caplog.text
+    full = evaluate_knn(*resolve(knn_args(trained_run, "knn.max_test=20", "knn.k=[2]")))
+    assert full.record["bank_classes"] == 10
+
+
 def test_baselines_use_the_same_code_and_their_own_cache(trained_run):
     trained = evaluate_knn(*resolve(knn_args(trained_run)))
     random_cfg, random_target = resolve(knn_args(trained_run, "baseline=random", "baseline_seed=3"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -43,7 +44,10 @@ def test_user_errors_are_one_clear_line(tmp_path, args, message):
 
 @pytest.mark.slow
 def test_two_process_gloo_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
-    common = [*TINY, "model.drop_path=0", "train.precision=fp32", "train.workers=0"]
+    # With the k-NN monitor every 8 steps on 64 bank / 63 query images: under DDP each rank encodes
+    # every 2nd image (32 and 31/32 of them) and the gathered features must give the same figures.
+    monitor = ["monitor.knn_every_steps=8", "monitor.knn_train=64", "monitor.knn_test=63", "monitor.knn_k=5"]
+    common = [*TINY, "model.drop_path=0", "train.precision=fp32", "train.workers=0", *monitor]
     single = dinolab("train", *common, "optim.batch_size=8", f"run.dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run(
@@ -59,3 +63,11 @@ def test_two_process_gloo_ddp_matches_one_process_on_the_same_global_batch(tmp_p
         for key, value in a[part].items():
             assert torch.allclose(value, b[part][key], rtol=1e-4, atol=1e-5), f"{part}.{key}"
     assert torch.allclose(a["loss"]["center"], b["loss"]["center"], rtol=1e-4, atol=1e-6)
+    curves = []
+    for name in ("single", "ddp"):
+        lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        curves.append({m["step"]: m["monitor_knn_top1"] for m in lines if "monitor_knn_top1" in m})
+        assert "(k=5, 64 bank / 63 queries" in (tmp_path / name / "train.log").read_text()
+    assert sorted(curves[0]) == sorted(curves[1]) == [8, 16]
+    for step in (8, 16):  # weights agree to 1e-4: at most one near-tie query may flip
+        assert abs(curves[0][step] - curves[1][step]) <= 100 / 63 + 1e-9, curves

@@ -294,6 +294,12 @@ class AppendLog:
         with open(self.local_path, "rb") as f:
             return f.read()
 
+    def published(self, size: int) -> None:
+        """Someone else (the checkpoint writer) published a snapshot of `size` bytes: `sync` and
+        `close` upload again only what was appended after it."""
+        if self.remote:
+            self._synced_size = max(self._synced_size, size)
+
     def sync(self) -> None:
         """Publish the staged copy (remote only; a no-op when nothing was appended since)."""
         if not self.remote or os.path.getsize(self.local_path) == self._synced_size:

@@ -46,6 +46,23 @@ def test_append_log_continues_the_published_file(store_root):
     second.close()
 
 
+def test_append_log_uploads_only_what_was_not_published(store_root, monkeypatch):
+    """The checkpoint writer publishes log snapshots with each checkpoint; closing the log afterwards
+    uploads again only if something was appended since."""
+    path = storage.join(store_root, "train.log")
+    log = storage.AppendLog(path)
+    log.append("a\n")
+    storage.atomic_write_bytes(path, log.snapshot())  # what the checkpoint writer does
+    log.published(2)
+    uploads = []
+    monkeypatch.setattr(storage, "upload_file", lambda local, remote: uploads.append(remote))
+    log.sync()
+    assert uploads == []
+    log.append("b\n")
+    log.close()
+    assert uploads == ([path] if storage.is_remote(path) else [])  # local files are appended to
+
+
 def test_partial_and_corrupt_checkpoints_are_skipped(store_root):
     state = {"w": torch.arange(4.0)}
     checkpoint.save(store_root, 4, state, "h", keep_last=5)

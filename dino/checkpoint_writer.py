@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dino import checkpoint, storage
@@ -39,14 +39,16 @@ class CheckpointWriter:
         self._failure: tuple[int, BaseException] | None = None
         self.last_complete: int | None = None
 
-    def save(self, step: int, state: dict[str, Any], files: dict[str, bytes] | None = None) -> None:
-        """Checkpoint `state` as step `step`; `files` (path -> content) are published after it."""
+    def save(self, step: int, state: dict[str, Any], logs: Sequence[storage.AppendLog] = ()) -> None:
+        """Checkpoint `state` as step `step`; the remote `logs` are published after it, as they are now
+        (snapshots taken here, so the upload never reads a growing file), and marked published."""
         start = time.monotonic()
         data = checkpoint.serialize(state)
+        snapshots = [(run_log, run_log.snapshot()) for run_log in logs]
         serialize_s = time.monotonic() - start
         self.wait()
         self._thread = threading.Thread(
-            target=self._publish, args=(step, data, files or {}, serialize_s), name=f"checkpoint-{step}"
+            target=self._publish, args=(step, data, snapshots, serialize_s), name=f"checkpoint-{step}"
         )
         self._thread.start()
 
@@ -71,12 +73,15 @@ class CheckpointWriter:
             return f"The newest complete checkpoint is still step {self.last_complete}."
         return "Earlier complete checkpoints are kept; a resumed run starts from the newest."
 
-    def _publish(self, step: int, data: bytes, files: dict[str, bytes], serialize_s: float) -> None:
+    def _publish(
+        self, step: int, data: bytes, snapshots: list[tuple[storage.AppendLog, bytes]], serialize_s: float
+    ) -> None:
         start = time.monotonic()
         try:
             path = checkpoint.publish(self.run_dir, step, data, self.config_hash, self.keep_last)
-            for file_path, content in files.items():
-                storage.atomic_write_bytes(file_path, content)
+            for run_log, content in snapshots:
+                storage.atomic_write_bytes(run_log.path, content)
+                run_log.published(len(content))  # closing the log uploads only what comes after
         except Exception as err:  # noqa: BLE001 - reported here, raised by close() if it was the last
             self._failure = (step, err)
             log.error(

@@ -254,14 +254,9 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
         )
     progress = TrainProgress(start_step, end_step, spe, cfg.train.progress and dist.is_main)
     save_step = [start_step]  # newest complete checkpoint, for progress reports
-    log_sizes: dict[int, dict[storage.AppendLog, int]] = {}  # remote log snapshots in flight, by step
-
-    def on_complete(step: int, path: str) -> None:
-        save_step[0] = step
-        for run_log, size in log_sizes.pop(step, {}).items():
-            run_log.published(size)  # so closing the log does not upload the same bytes again
-
-    writer = CheckpointWriter(cfg.run.dir, run_hash, cfg.train.keep_last, on_complete)
+    writer = CheckpointWriter(
+        cfg.run.dir, run_hash, cfg.train.keep_last, lambda step, path: save_step.__setitem__(0, step)
+    )
 
     def save(step: int) -> None:
         rng_states = [rng.capture()]
@@ -284,11 +279,8 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
             "train_seconds": clock["train_seconds"],
             "config": to_dict(cfg),
         }
-        # A remote run folder gets its logs published with each checkpoint (object stores cannot
-        # append); the snapshot is taken here so the background upload never reads a growing file.
-        snapshots = {run_log: run_log.snapshot() for run_log in logs.values() if run_log.remote}
-        log_sizes[step] = {run_log: len(content) for run_log, content in snapshots.items()}
-        writer.save(step, payload, {run_log.path: content for run_log, content in snapshots.items()})
+        # A remote run folder gets its logs published with each checkpoint (object stores cannot append).
+        writer.save(step, payload, [run_log for run_log in logs.values() if run_log.remote])
 
     # Device-side accumulators: read only every log_every steps (the loop's one host sync).
     sums = torch.zeros(3, device=device)  # loss, teacher entropy, kl

@@ -138,7 +138,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
                 ) from None
             stages = raw["eval_overrides"] = raw.get("eval_overrides") or {}
             stage = key.split(".", 1)[1]
-            stages[stage] = [*(stages.get(stage) or []), *(values if isinstance(values, list) else [value])]
+            stages[stage] = [*(stages.get(stage) or []), *values]  # a "[...]" value parses to a list
         elif key in SWEEP_KEYS and key not in ("base", "grid", "zip", "resources", "eval_overrides"):
             raw[key] = yaml.safe_load(value)
         else:

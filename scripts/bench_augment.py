@@ -34,17 +34,19 @@ from dino.config import CropsConfig  # noqa: E402
 from dino.data import decode_image  # noqa: E402
 
 
+def synthetic_jpeg(seed: int, size: tuple[int, int] = (500, 375)) -> bytes:
+    """An ImageNet-like JPEG (smooth colour blobs plus grain; ~75 kB at 500x375), seeded."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    noise = rng.integers(0, 40, (size[1], size[0], 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)) // 2 + noise
+    buf = io.BytesIO()
+    Image.fromarray(img.astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
 def make_jpegs(n: int) -> list[bytes]:
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        small = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
-        noise = rng.integers(0, 40, (375, 500, 3), dtype=np.uint8)
-        img = np.asarray(Image.fromarray(small).resize((500, 375), Image.Resampling.BICUBIC)) // 2 + noise
-        buf = io.BytesIO()
-        Image.fromarray(img.astype(np.uint8)).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
+    return [synthetic_jpeg(i) for i in range(n)]
 
 
 def rate(fn, items: int, repeat: int = 3) -> float:

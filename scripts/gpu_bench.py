@@ -26,16 +26,10 @@ VIT_S = ["model=vit_small", "crops.global_size=224", "crops.local_size=96", "cro
 
 
 def _jpeg(args: tuple[Path, int]) -> None:
-    import numpy as np
-    from PIL import Image
+    from bench_augment import synthetic_jpeg  # scripts/ is on sys.path: this file is run as a script
 
     folder, i = args
-    rng = np.random.default_rng(i)
-    small = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
-    noise = rng.integers(0, 40, (375, 500, 3), dtype=np.uint8)
-    img = np.asarray(Image.fromarray(small).resize((500, 375), Image.Resampling.BICUBIC)) // 2 + noise
-    path = folder / f"class{i % 10}" / f"{i:06d}.jpg"
-    Image.fromarray(img.astype(np.uint8)).save(path, quality=90)
+    (folder / f"class{i % 10}" / f"{i:06d}.jpg").write_bytes(synthetic_jpeg(i))
 
 
 def make_images(root: Path, n: int) -> None:

@@ -21,13 +21,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from dino import distributed
 from dino.config import DinoConfig
-from dino.eval.config import EvalConfig, EvalDataConfig, _plain
+from dino.eval.config import EvalConfig, EvalDataConfig, KnnConfig, _plain
 from dino.eval.features import TransformedDataset, cls_features, eval_dataset, eval_transform, num_classes
 from dino.eval.knn import knn_accuracy
 
 log = logging.getLogger("dino.train")
 
-TEMPERATURE = 0.07
+TEMPERATURE = KnnConfig().temperature  # the vote of `dinolab eval knn`
 MAX_WORKERS = 8
 
 
@@ -102,9 +102,9 @@ class KnnMonitor:
             # Rank r holds images r, r + world, ...: interleave the gathered parts back into order.
             parts: list = [None] * dist.world_size
             torch.distributed.all_gather_object(parts, (mine, features, label_tensor))
-            order = torch.tensor([i for part in parts for i in part[0]])
-            features = torch.cat([p[1] for p in parts])[order.argsort()]
-            label_tensor = torch.cat([p[2] for p in parts])[order.argsort()]
+            order = torch.tensor([i for part in parts for i in part[0]]).argsort()
+            features = torch.cat([p[1] for p in parts])[order]
+            label_tensor = torch.cat([p[2] for p in parts])[order]
         return features, label_tensor
 
     def __call__(self, teacher_backbone: nn.Module, step: int) -> MonitorResult:

@@ -102,6 +102,26 @@ def test_jitter_applies_the_ops_in_each_images_own_order():
     torch.testing.assert_close(got[1], TF.adjust_brightness(TF.adjust_hue(x[1], 0.1), 1.4), atol=1e-4, rtol=0)
 
 
+def test_grey_images_skip_saturation_and_hue_with_the_same_result():
+    grey = [img[:1].expand(3, -1, -1).clone() for img in _images(3, seed=4)]
+    batch, sizes = ba.pad_batch(grey + _images(3, seed=5))
+    assert ba.has_colour(batch).tolist() == [False] * 3 + [True] * 3
+    images = batch.float() / 255
+    yes = torch.ones(6, dtype=torch.bool)
+    factors = torch.tensor([[1.2, 0.8, 1.3, 0.07]]).repeat(6, 1)
+    p = _params(6, jitter=yes, factors=factors)
+    every_op = ba.apply_crop(images, KIND, p)
+    skipped = ba.apply_crop(images, KIND, p, colour=ba.has_colour(batch))
+    # grey images: saturation and hue are (near-)identities, so skipping them changes nothing
+    torch.testing.assert_close(_unnormalise(skipped[:3]), _unnormalise(every_op[:3]), atol=1e-4, rtol=0)
+    # colour images still get every op
+    assert torch.equal(skipped[3:], every_op[3:])
+    still = ba.apply_crop(
+        images, KIND, _params(6, jitter=yes, factors=torch.tensor([[1.2, 0.8, 1.0, 0.0]]).repeat(6, 1))
+    )
+    assert (skipped[3:] - still[3:]).abs().max() > 0.01
+
+
 def _bound(n: int, p: float) -> float:
     return 4.5 * math.sqrt(p * (1 - p) / n) + 1e-9
 

@@ -9,7 +9,6 @@ memory and, with `train.compile=true`, the compile time (the warm-up's extra cos
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -20,6 +19,7 @@ from dino.data import build_loader, steps_per_epoch
 from dino.schedules import build_schedules
 from dino.step import StepState, train_step
 from dino.train import build_models, build_pipeline, resolve_device
+from dino.train_metrics import memory_gib
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) by a substring of the device name.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -53,12 +53,6 @@ class BenchResult:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _synthetic_crops(cfg: DinoConfig, device: torch.device) -> list[torch.Tensor]:
@@ -161,7 +155,7 @@ def run(cfg: DinoConfig, warmup: int = 5, steps: int = 20, inputs: str = "both")
         if result.synthetic_img_per_s:
             result.end_to_end_fraction = result.end_to_end_img_per_s / result.synthetic_img_per_s
         del it
-    result.peak_memory_gib = _peak_memory_gib(device)
+    result.peak_memory_gib = memory_gib(device)
     return result
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,16 +31,13 @@ from dino.progress import TrainProgress, setup_logging
 from dino.schedules import build_schedules
 from dino.step import StepState, build_optimizer, train_step
 from dino.tracking import build_tracker
+from dino.train_metrics import MetricsWindow
 
 log = logging.getLogger("dino.train")
 
 
 class ConfigMismatchError(RuntimeError):
     """The run directory or checkpoint belongs to another config; the message lists the keys."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message gives the step and the last logged values."""
 
 
 @dataclass
@@ -81,12 +76,6 @@ def prepare_run_dir(cfg: DinoConfig, is_main: bool) -> None:
     if is_main:
         storage.makedirs(cfg.run.dir)
         storage.atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def run(
@@ -162,6 +151,26 @@ def build_pipeline(cfg: DinoConfig, device: torch.device):
     return base, MultiCropDataset(base, MultiCropAugment(cfg.crops), cfg.train.seed), None
 
 
+def restore_latest(cfg: DinoConfig, parts: dict[str, torch.nn.Module | torch.optim.Optimizer], spe: int):
+    """Load the newest complete checkpoint of cfg.run.dir into `parts` (keyed as in the checkpoint);
+    None when there is none. A checkpoint of another config is refused, naming the keys."""
+    latest = checkpoint.load_latest(cfg.run.dir)
+    if latest is None:
+        return None
+    diff = semantic_diff(latest.state["config"], cfg)
+    if diff:
+        raise ConfigMismatchError(
+            f"checkpoint {latest.path} was written by another config: {'; '.join(diff)}"
+        )
+    for key, part in parts.items():
+        if isinstance(part, torch.nn.Module):
+            part.load_state_dict(latest.state[key], strict=True)
+        else:
+            part.load_state_dict(latest.state[key])
+    log.info("resumed from %s (step %d, epoch %.2f)", latest.path, latest.step, latest.step / spe)
+    return latest
+
+
 def build_models(cfg: DinoConfig, device: torch.device):
     """(student, teacher, loss, optimizer, scaler) of a fresh run, initialised from train.seed alone
     (identical on every rank). `train.compile` compiles the backbones in place (state dict keys stay)."""
@@ -210,22 +219,10 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
             cfg.optim.freeze_last_layer, end_step,
         )  # fmt: skip
 
-    start_step, resumed_from, train_seconds = 0, None, 0.0
-    latest = checkpoint.load_latest(cfg.run.dir)
-    if latest is not None:
-        diff = semantic_diff(latest.state["config"], cfg)
-        if diff:
-            raise ConfigMismatchError(
-                f"checkpoint {latest.path} was written by another config: {'; '.join(diff)}"
-            )
-        student.load_state_dict(latest.state["student"], strict=True)
-        teacher.load_state_dict(latest.state["teacher"], strict=True)
-        optimizer.load_state_dict(latest.state["optimizer"])
-        scaler.load_state_dict(latest.state["scaler"])
-        loss_fn.load_state_dict(latest.state["loss"], strict=True)
-        start_step = resumed_from = latest.step
-        train_seconds = float(latest.state.get("train_seconds", 0.0))  # absent before dinolab 0.1.1
-        log.info("resumed from %s (step %d, epoch %.2f)", latest.path, latest.step, latest.step / spe)
+    latest = restore_latest(cfg, {"student": student, "teacher": teacher, "optimizer": optimizer,
+                                  "scaler": scaler, "loss": loss_fn}, spe)  # fmt: skip
+    resumed_from = latest.step if latest else None
+    start_step = resumed_from or 0
     if dist.world_size > 1:
         student = DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None
@@ -276,67 +273,20 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
             "epoch": step / spe,
             "data_position": {"epoch": step // spe, "batch_in_epoch": step % spe, "steps_per_epoch": spe},
             "rng": rng_states,
-            "train_seconds": clock["train_seconds"],
+            "train_seconds": window.train_seconds,
             "config": to_dict(cfg),
         }
         # A remote run folder gets its logs published with each checkpoint (object stores cannot append).
         writer.save(step, payload, [run_log for run_log in logs.values() if run_log.remote])
 
-    # Device-side accumulators: read only every log_every steps (the loop's one host sync).
-    sums = torch.zeros(3, device=device)  # loss, teacher entropy, kl
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    # Wall seconds carried in checkpoints (absent before dinolab 0.1.1), for GPU-hours.
+    train_seconds = float(latest.state.get("train_seconds", 0.0)) if latest else 0.0
+    window = MetricsWindow(
+        device, schedules, spe, cfg.optim.batch_size, dist.world_size, end_step, cfg.run.dir, train_seconds
+    )
     last: dict[str, float] = {}
-    window_start, window_steps = time.monotonic(), 0
     last_save_time, step, stopped = time.monotonic(), start_step, False
-    # Wall seconds of the kept steps (carried in checkpoints, for GPU-hours) and the timed windows of
-    # this process after its first (warm-up: compilation, loader start) for the average throughput.
-    clock = {"train_seconds": train_seconds, "timed_s": 0.0, "timed_images": 0.0, "windows": 0}
     monitor = KnnMonitor(cfg, spe, device)
-
-    def reduce_and_log(step: int, extra: dict[str, float]) -> None:
-        nonlocal sums, window_start, window_steps, last
-        values = distributed.all_reduce_mean_(sums / max(window_steps, 1))
-        bad_ranks = distributed.all_reduce_sum_((first_bad >= 0).float())
-        loss, entropy, kl = values.tolist()
-        elapsed = time.monotonic() - window_start
-        clock["train_seconds"] += elapsed
-        clock["windows"] += 1
-        if clock["windows"] > 1 or step >= end_step:
-            clock["timed_s"] += elapsed
-            clock["timed_images"] += window_steps * cfg.optim.batch_size
-        if bad_ranks.item() > 0 or not math.isfinite(loss):
-            bad_step = int(first_bad.item()) if first_bad.item() >= 0 else step
-            raise NonFiniteLossError(
-                f"loss is not finite at step {bad_step} (mean over the last {window_steps} steps: {loss}); "
-                f"last logged values: {last or 'none'}. Last good checkpoint: "
-                f"{(checkpoint.complete_steps(cfg.run.dir) or ['none'])[-1]} in {cfg.run.dir}/checkpoints. "
-                "Lower optim.lr, use train.precision=bf16 or fp32, or raise teacher.warmup_temp_epochs."
-            )
-        s = step - 1
-        last = {
-            "step": step,
-            "epoch": step / spe,
-            "loss": loss,
-            "teacher_entropy": entropy,
-            "kl": kl,
-            "lr": float(schedules.lr[s]),
-            "weight_decay": float(schedules.weight_decay[s]),
-            "momentum": float(schedules.momentum[s]),
-            "teacher_temp": float(schedules.teacher_temp[s]),
-            "img_per_s": window_steps * cfg.optim.batch_size / max(elapsed, 1e-9),
-            "avg_img_per_s": clock["timed_images"] / clock["timed_s"]
-            if clock["timed_s"] > 0
-            else window_steps * cfg.optim.batch_size / max(elapsed, 1e-9),
-            "memory_gib": memory_gib(device),
-            "gpu_hours": clock["train_seconds"] * dist.world_size / 3600,
-            **extra,
-        }
-        if dist.is_main:
-            logs["metrics.jsonl"].append(json.dumps(last) + "\n")
-            tracker.log_metrics({k: v for k, v in last.items() if k != "step"}, step)
-        progress.update(step, last)
-        sums.zero_()
-        window_start, window_steps = time.monotonic(), 0
 
     try:
         for item in loader:
@@ -347,12 +297,8 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
                 crops = batch_augment(images, sizes, gen)
             else:
                 crops = [c.to(device, non_blocking=True) for c in item[0]]
-            out = train_step(state, crops, step)
-            sums += torch.stack((out["loss"], out["teacher_entropy"], out["kl"])).float()
-            bad_now = ~torch.isfinite(out["loss"])
-            first_bad = torch.where(bad_now & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
+            window.add(train_step(state, crops, step), step)
             step += 1
-            window_steps += 1
             final = step >= end_step
             due_steps = (
                 bool(cfg.train.checkpoint_every_steps) and step % cfg.train.checkpoint_every_steps == 0
@@ -370,10 +316,12 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
             if due_knn:
                 result = monitor(teacher.backbone, step)
                 extra = result.metrics()
-                # Monitor time is compute (GPU-hours) but not training throughput (img/s windows).
-                window_start += result.seconds
-                clock["train_seconds"] += result.seconds
-            reduce_and_log(step, extra)  # raises on a non-finite loss, before anything is saved
+                window.pause(result.seconds)
+            last = window.reduce(step, extra)  # raises on a non-finite loss, before anything is saved
+            if dist.is_main:
+                logs["metrics.jsonl"].append(json.dumps(last) + "\n")
+                tracker.log_metrics({k: v for k, v in last.items() if k != "step"}, step)
+            progress.update(step, last)
             if due_steps or due_time or final or stop_now:
                 save(step)
                 last_save_time = time.monotonic()

@@ -31,7 +31,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from dino.config import ConfigError
     from dino.data import DatasetNotFoundError
     from dino.storage import StorageError
-    from dino.train import ConfigMismatchError, NonFiniteLossError
+    from dino.train import ConfigMismatchError
+    from dino.train_metrics import NonFiniteLossError
     from launcher.sweep import SweepError
     from launcher.tracking_runs import TrackingUnavailable
 

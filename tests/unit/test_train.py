@@ -8,7 +8,8 @@ import torch
 import yaml
 
 from dino import checkpoint
-from dino.train import ConfigMismatchError, NonFiniteLossError, run
+from dino.train import ConfigMismatchError, run
+from dino.train_metrics import NonFiniteLossError
 from tests.conftest import load_final
 
 

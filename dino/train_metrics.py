@@ -45,12 +45,8 @@ class MetricsWindow:
         train_seconds: float = 0.0,
     ) -> None:
         self.device, self.schedules, self.spe = device, schedules, steps_per_epoch
-        self.batch_size, self.world_size, self.end_step, self.run_dir = (
-            batch_size,
-            world_size,
-            end_step,
-            run_dir,
-        )
+        self.batch_size, self.world_size = batch_size, world_size
+        self.end_step, self.run_dir = end_step, run_dir
         self.train_seconds = train_seconds
         self.sums = torch.zeros(3, device=device)  # loss, teacher entropy, kl
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)

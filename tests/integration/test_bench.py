@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
-from tests.integration.cli import TINY, dinolab
+import pytest
+
+from tests.integration.cli import REPO, TINY, dinolab, env
 
 
 def _bench(*overrides: str) -> dict:
@@ -32,3 +36,29 @@ def test_bench_table_names_its_rows():
     for row in ("synthetic input", "FLOPs per step", "achieved", "peak memory"):
         assert row in result.stdout
     assert "loader alone" not in result.stdout
+
+
+@pytest.mark.slow
+def test_the_gpu_bench_script_runs_every_row_in_smoke_mode(tmp_path):
+    """scripts/gpu_bench.py is what a (rare, 15-minute) GPU session runs: its plumbing — JPEG folder,
+    every `dinolab bench` row, compiled included, bench_augment, the table — is checked here on the
+    CPU with the tiny ViT, so that session is not spent on a broken script."""
+    proc = subprocess.run(
+        [sys.executable, "scripts/gpu_bench.py", "--smoke", "--out", str(tmp_path / "jpegs")],
+        capture_output=True, text=True, env=env(), cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("| row |") :].splitlines()[2:]
+    labels = [line.split(" | ")[0].lstrip("| ") for line in table]
+    assert labels == ["ViT-S/16 b64 synthetic", "ViT-S/16 b64 synthetic, compiled",
+                      "ViT-S/16 b64 end to end (JPEG, GPU crops)", "ViT-S/16 b64 end to end (JPEG, CPU crops)",
+                      "ViT-S/8 b32 synthetic", "ViT-S/16 b128 synthetic (MFU)"]  # fmt: skip
+    for line in table:
+        cells = line.split(" | ")
+        assert float(cells[1].replace(",", "")) > 0, line  # synthetic img/s
+        if "end to end" in cells[0]:
+            assert float(cells[3].replace(",", "")) > 0 and float(cells[4].replace(",", "")) > 0, line
+        else:
+            assert cells[3] == cells[4] == "-", line
+    assert "dinolab BatchMultiCrop (batched)" in proc.stdout and "torchvision.io.decode_jpeg" in proc.stdout
+    assert len(list((tmp_path / "jpegs").rglob("*.jpg"))) == 96

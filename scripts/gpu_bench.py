@@ -78,12 +78,7 @@ def main() -> None:
     start = time.time()
     make_images(images, args.images)
     print(f"{args.images} JPEGs 500x375 in {time.time() - start:.0f} s", flush=True)
-    loader = [
-        "data=imagefolder",
-        f"data.root={images}",
-        f"train.workers={workers}",
-        "data.augment_device=gpu",
-    ]
+    loader = ["data=imagefolder", f"data.root={images}", f"train.workers={workers}", "data.augment_device=gpu"]  # fmt: skip
     rows = [
         bench("ViT-S/16 b64 synthetic", [*model, "optim.batch_size=64"], steps, warmup, "synthetic"),
         bench(
@@ -135,9 +130,9 @@ def main() -> None:
             print(f"| {r['label']} | failed: {r['error'][:80]} |||||||")
             continue
         mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "-"
-        e2e, loader = (f"{r[k]:,.0f}" if r[k] else "-" for k in ("end_to_end_img_per_s", "loader_img_per_s"))
+        e2e, alone = (f"{r[k]:,.0f}" if r[k] else "-" for k in ("end_to_end_img_per_s", "loader_img_per_s"))
         print(f"| {r['label']} | {r['synthetic_img_per_s']:,.0f} | {r['synthetic_step_ms']:.1f} | {e2e} | "
-              f"{loader} | {r['tflops']:.2f} | {mfu} | {r['peak_memory_gib']:.1f} | {r['warmup_s']:.1f} |")  # fmt: skip
+              f"{alone} | {r['tflops']:.2f} | {mfu} | {r['peak_memory_gib']:.1f} | {r['warmup_s']:.1f} |")  # fmt: skip
     failed = [r["label"] for r in rows if "error" in r] + (["bench_augment"] if augment.returncode else [])
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")

@@ -137,7 +137,7 @@ MIN_MARGIN = 2.0  # top-1 points: measured +3.95, less ~2 standard errors of a p
 @pytest.fixture(scope="module")
 def fashion_mnist_run(tmp_path_factory):
     """3,500 steps of vit_test on Fashion-MNIST under torchrun (2 processes), shared by the loss test
-    and the k-NN tests: about 13 minutes on the 2-core CI machine (hence the tests' longer timeout)."""
+    and the k-NN tests: about 11.5 minutes on the 2-core CI machine (hence the tests' longer timeout)."""
     if not FASHION_MNIST_ROOT.exists():
         pytest.skip("needs apt-get install dataset-fashion-mnist")
     run_dir = tmp_path_factory.mktemp("fm") / "fm"
@@ -155,7 +155,7 @@ def fm_metrics(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # the first of these builds the 13-minute fixture
+@pytest.mark.timeout(1500)  # the first of these builds the 11.5-minute fixture
 def test_fashion_mnist_loss_decreases_without_collapse(fashion_mnist_run):
     """3.7 epochs of vit_test on real Fashion-MNIST images.
 
@@ -196,7 +196,7 @@ def fashion_mnist_knn(fashion_mnist_run):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # the first of these builds the 13-minute fixture
+@pytest.mark.timeout(1500)  # the first of these builds the 11.5-minute fixture
 def test_fashion_mnist_knn_separates_real_features_from_chance(fashion_mnist_knn):
     """Measured (2 cores, 10000 bank / 2000 queries): pixels 80.6, random init 59.5-61.35 by seed.
     Chance is 10: the protocol sees class structure, and pixels beat a random 2-block ViT clearly."""
@@ -206,7 +206,7 @@ def test_fashion_mnist_knn_separates_real_features_from_chance(fashion_mnist_knn
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # the first of these builds the 13-minute fixture
+@pytest.mark.timeout(1500)  # the first of these builds the 11.5-minute fixture
 def test_fashion_mnist_pretraining_beats_random_init(fashion_mnist_knn):
     """Issue 3's acceptance. Measured on the 2-core CI machine kind (10,000 bank / 2,000 queries, k = 20):
     random init 61.35, raw pixels 80.6, this run after 3,500 steps 65.3 (+3.95); after the full 5

@@ -11,6 +11,18 @@ from launcher.sweep import Resources, Sweep
 EXECUTORS = ("local", "slurm", "debug")
 
 
+def thread_setup(res: Resources) -> list[str]:
+    """The job's first setup line: as many intra-op threads as CPUs the job asked for.
+
+    Torch's default is a thread per core of the machine. Jobs sharing a machine (the local executor
+    always; SLURM where tasks are not bound to their CPUs) then oversubscribe it, and OpenMP's spinning
+    threads make that catastrophic: two 2-thread runs on 2 cores trained at 13.5 img/s each instead of
+    370. An OMP_NUM_THREADS already set (in the environment, or by the stage's own `setup`, which runs
+    after this line) wins.
+    """
+    return [f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{res.cpus_per_task}}}"]
+
+
 def executor_parameters(res: Resources, executor: str, name: str, parallelism: int) -> dict[str, Any]:
     """submitit parameters for one stage; SLURM-only keys are passed only to SLURM."""
     params: dict[str, Any] = {
@@ -31,10 +43,9 @@ def executor_parameters(res: Resources, executor: str, name: str, parallelism: i
                 params[f"slurm_{key}"] = getattr(res, key)
         if res.additional:
             params["slurm_additional_parameters"] = dict(res.additional)
-        if res.setup:
-            params["slurm_setup"] = list(res.setup)
-    if executor == "local" and res.setup:
-        params["local_setup"] = list(res.setup)
+        params["slurm_setup"] = [*thread_setup(res), *res.setup]
+    if executor == "local":
+        params["local_setup"] = [*thread_setup(res), *res.setup]
     return params
 
 

@@ -153,3 +153,34 @@ def test_a_sweep_with_its_runs_on_s3(s3_env, tmp_path):
         and runs.iloc[0]["status"] == "FINISHED"
         and runs.iloc[0]["artifact_uri"].startswith("s3://")
     )
+
+
+@pytest.mark.parametrize(
+    ("inherited", "setup", "expected"),
+    [(None, [], "1"), ("2", [], "2"), (None, ["export OMP_NUM_THREADS=3"], "3")],
+    ids=["cpus_per_task", "environment-wins", "stage-setup-wins"],
+)
+def test_a_local_job_gets_as_many_threads_as_cpus_it_asked_for(
+    tmp_path, monkeypatch, inherited, setup, expected
+):
+    """Without this, every local job (and SLURM jobs not bound to their CPUs) used a thread per core
+    of the machine: two quickstart runs on 2 cores trained 27x slower than with a thread each. Real
+    submitit local jobs; torch reads OMP_NUM_THREADS when it starts in the job's process."""
+    import os
+
+    import torch
+
+    from launcher.executors import build_executor
+    from launcher.sweep import load_sweep
+
+    if inherited is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", inherited)
+    path = tmp_path / "s.yaml"
+    path.write_text(json.dumps({"name": "s", "root": str(tmp_path), "grid": {"train.seed": [0]},
+                                "resources": {"pretrain": {"cpus_per_task": 1, "setup": setup}}}))  # fmt: skip
+    executor = build_executor(load_sweep(path), "pretrain", "local", str(tmp_path / "submitit"))
+    assert executor.submit(os.getenv, "OMP_NUM_THREADS").result() == expected
+    if inherited is None and not setup:  # torch's default here would be 2, one per core
+        assert executor.submit(torch.get_num_threads).result() == 1

@@ -11,6 +11,9 @@ from dino.config import DinoConfig, compose
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
+# The Fashion-MNIST acceptance run, started in the background at collection (see the hooks below).
+FM_RUN = pytest.StashKey["BackgroundRun"]()
+
 
 # vit_test on 64 synthetic images, batch 8: 8 steps per epoch, a fraction of a second each.
 TINY_OVERRIDES = [
@@ -106,3 +109,33 @@ def store_root(request, tmp_path):
         return str(tmp_path / "store")
     request.getfixturevalue("s3_env")
     return f"s3://{S3_BUCKET}/{request.node.name.split('[')[0]}-{uuid.uuid4().hex[:8]}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests on the Fashion-MNIST acceptance run go last, so that the rest of the session runs
+    while the run trains in the background (tests/integration/fashion_mnist_run.py)."""
+    needs_run = [item for item in items if "fashion_mnist_run" in getattr(item, "fixturenames", ())]
+    items[:] = [item for item in items if item not in needs_run] + needs_run
+
+
+def pytest_collection_finish(session):
+    """Start the Fashion-MNIST run now if any selected test needs it (after -k/-m deselection)."""
+    import tempfile
+
+    from tests.integration.fashion_mnist_run import BackgroundRun
+
+    wanted = any("fashion_mnist_run" in getattr(item, "fixturenames", ()) for item in session.items)
+    if wanted and FASHION_MNIST_ROOT.exists() and not session.config.option.collectonly:
+        folder = Path(tempfile.mkdtemp(prefix="dinolab-fm-"))
+        session.config.stash[FM_RUN] = BackgroundRun(folder / "fm").start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the run if the session ended before it did; keep its folder only if something failed."""
+    import shutil
+
+    run = session.config.stash.get(FM_RUN, None)
+    if run is not None:
+        run.stop()
+        if exitstatus == 0:
+            shutil.rmtree(run.run_dir.parent, ignore_errors=True)

@@ -44,9 +44,10 @@ class KnnConfig:
     bank_chunk: int = 0
     """Bank (train) features per similarity block; 0 sizes it from the device memory."""
     max_train: int = 0
-    """Use only the first N images of the train split as the bank (0: all)."""
+    """Use only N evenly spaced images of the train split as the bank (0: all); every class of a
+    folder sorted by class is in it."""
     max_test: int = 0
-    """Use only the first N images of the test split as queries (0: all)."""
+    """Use only N evenly spaced images of the test split as queries (0: all)."""
 
 
 @dataclass
@@ -70,9 +71,9 @@ class LinearConfig:
     scale: tuple[float, float] = (0.08, 1.0)
     """Area range of the train-time RandomResizedCrop."""
     max_train: int = 0
-    """Train on the first N images of the train split only (0: all)."""
+    """Train on N evenly spaced images of the train split only (0: all)."""
     max_test: int = 0
-    """Evaluate on the first N images of the test split only (0: all)."""
+    """Evaluate on N evenly spaced images of the test split only (0: all)."""
 
 
 @dataclass

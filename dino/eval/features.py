@@ -6,7 +6,9 @@ initialised, or raw pixels) and the provenance every result records (checkpoint 
 hash).
 
 Features of a split are cached under `<run>/eval/features/<target>/<split>-<kind>-<hash>/` as
-`shard_XXXXX.pt`, each holding a fixed range of `shard_size` dataset indices. A shard is written
+`shard_XXXXX.pt`, each holding a fixed range of `shard_size` dataset indices. A subset
+(`knn.max_train=N` and the like) is N evenly spaced images of the split, so a folder sorted by class
+gives every class, and has its own cache folder. A shard is written
 atomically, so one that exists is complete: a preempted extraction continues with the missing shards
 only, and another protocol asking for the same features (same target, data, transform and kind)
 reads them instead of recomputing. Under torch.distributed each rank computes every world-th missing
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import InterpolationMode, v2
 
 from dino import checkpoint, distributed, storage
@@ -274,9 +276,28 @@ class FeatureSet:
     folder: str
     computed_shards: int
     """Shards computed by this call (the others were read from the cache)."""
+    split_size: int
+    """Images in the whole split (more than len(labels) for a subset)."""
 
 
-def features_folder(cfg: EvalConfig, target: Target, split: str, kind: str, size: int) -> str:
+def evenly_spaced(total: int, n: int) -> list[int]:
+    """n indices spread over range(total) (all of them when n >= total or n == 0): every class of a
+    folder sorted by class, unlike the first n."""
+    if n <= 0 or n >= total:
+        return list(range(total))
+    return [i * total // n for i in range(n)]
+
+
+def evenly_spaced_subset(dataset: Dataset, n: int) -> Dataset:
+    """`dataset` itself when n is 0 or covers it, else its n evenly spaced images."""
+    if n <= 0 or n >= len(dataset):
+        return dataset
+    return Subset(dataset, evenly_spaced(len(dataset), n))
+
+
+def features_folder(
+    cfg: EvalConfig, target: Target, split: str, kind: str, size: int, subset: int | None = None
+) -> str:
     identity = {
         # Not the paths: a run folder that moved keeps its cache.
         "target": {k: v for k, v in target.provenance.items() if k not in ("run_dir", "checkpoint")},
@@ -286,6 +307,8 @@ def features_folder(cfg: EvalConfig, target: Target, split: str, kind: str, size
         "image_size": size,
         "shard_size": cfg.shard_size,
     }
+    if subset is not None:  # only then: the whole split's caches keep their names
+        identity["evenly_spaced"] = subset
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return storage.join(target.eval_dir, "features", target.key, f"{split}-{kind}-{digest}")
 
@@ -299,20 +322,18 @@ def extract_features(
     encode: Callable[[torch.Tensor], torch.Tensor],
     folder: str,
     *,
-    limit: int,
     shard_size: int,
     batch_size: int,
     workers: int,
     device: torch.device,
 ) -> FeatureSet:
-    """Features and labels of the first `limit` images, computed shard by shard or read from cache.
+    """Features and labels of `dataset`, computed shard by shard or read from cache.
 
     Shard i always covers dataset indices [i * shard_size, (i + 1) * shard_size), cut at the dataset
-    end, so it is the same file whatever `limit` a later call asks for.
+    end, so a preempted extraction resumes with the shards it lacks.
     """
     total = len(dataset)
-    limit = min(limit or total, total)
-    needed = range((limit + shard_size - 1) // shard_size)
+    needed = range((total + shard_size - 1) // shard_size)
     dist = distributed.info()
     missing = [i for i in needed if not storage.exists(storage.join(folder, shard_name(i)))]
     # Every rank lists before any rank writes, so all agree on the missing shards and their split.
@@ -352,7 +373,7 @@ def extract_features(
         )
         feats.append(shard["features"])
         labels.append(shard["labels"])
-    return FeatureSet(torch.cat(feats)[:limit], torch.cat(labels)[:limit], folder, len(mine))
+    return FeatureSet(torch.cat(feats), torch.cat(labels), folder, len(mine), split_size=total)
 
 
 def split_features(
@@ -367,26 +388,30 @@ def split_features(
     device: torch.device,
     encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> FeatureSet:
-    """Features of one split of the evaluation data under the eval transform (cached)."""
+    """Features of one split of the evaluation data under the eval transform (cached); `limit` > 0
+    takes that many evenly spaced images of the split."""
     size = image_size(cfg, target.run_cfg)
     if target.backbone is None:
         kind = "pixels"
     elif kind == "blocks":
         kind = f"last{n_last}{'-avgpool' if avgpool else ''}"
-    dataset = TransformedDataset(eval_dataset(cfg, target.run_cfg, split), eval_transform(size))
+    base = eval_dataset(cfg, target.run_cfg, split)
+    subset = evenly_spaced_subset(base, limit)
+    dataset = TransformedDataset(subset, eval_transform(size))
     if target.backbone is not None:
         target.backbone.to(device)
     encode = encoder or build_encoder(target, "cls" if kind == "cls" else "blocks", n_last, avgpool)
-    return extract_features(
+    features = extract_features(
         dataset,
         encode,
-        features_folder(cfg, target, split, kind, size),
-        limit=limit,
+        features_folder(cfg, target, split, kind, size, len(subset) if subset is not base else None),
         shard_size=cfg.shard_size,
         batch_size=cfg.batch_size,
         workers=cfg.workers,
         device=device,
     )
+    features.split_size = len(base)
+    return features
 
 
 def write_result(path: str, result: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from dino import distributed, storage
 from dino.eval.config import EvalConfig
 from dino.eval.features import (
+    FeatureSet,
     Target,
     eval_dataset,
     num_classes,
@@ -165,12 +166,12 @@ def evaluate_knn(cfg: EvalConfig, target: Target) -> KnnResult:
 
     bank_classes = int(train.labels.unique().numel())
     if bank_classes < classes:
-        # knn.max_train keeps the first images of the split: on a folder sorted by class that is a
-        # few classes only, and every query of the others is wrong whatever the features.
+        # A bank too small for the classes (or a split that lacks some): every query of a missing
+        # class is wrong whatever the features.
         log.warning(
-            "the k-NN bank holds %d of the %d classes (knn.max_train=%d takes the first images of the "
-            "train split); raise knn.max_train or leave it 0 for the whole split",
-            bank_classes, classes, cfg.knn.max_train,
+            "the k-NN bank holds %d of the %d classes (knn.max_train=%d evenly spaced images of %d); "
+            "raise knn.max_train or leave it 0 for the whole split",
+            bank_classes, classes, cfg.knn.max_train, train.split_size,
         )  # fmt: skip
     record = {
         "protocol": "knn",
@@ -190,10 +191,18 @@ def evaluate_knn(cfg: EvalConfig, target: Target) -> KnnResult:
         "seconds": time.monotonic() - started,
         "time": time.time(),
     }
-    path = storage.join(target.eval_dir, "knn", f"{target.key}-{data_id(cfg)}.json")
+    path = storage.join(target.eval_dir, "knn", f"{target.key}-{data_id(cfg)}{subset_id(train, test)}.json")
     write_result(path, record)
     log.info("k-NN of %s: %s (written to %s)", target.key, top1, path)
     return KnnResult(top1, top5, len(train.labels), len(test.labels), path, record)
+
+
+def subset_id(train: FeatureSet, test: FeatureSet) -> str:
+    """'' for the whole splits, else '-<bank>x<queries>': a quick look on a subset never replaces
+    the result on the whole data (nor one on another subset)."""
+    if len(train.labels) == train.split_size and len(test.labels) == test.split_size:
+        return ""
+    return f"-{len(train.labels)}x{len(test.labels)}"
 
 
 def run_knn(overrides: list[str] | tuple[str, ...]) -> KnnResult:

@@ -38,6 +38,7 @@ from dino.eval.features import (
     Target,
     build_encoder,
     eval_dataset,
+    evenly_spaced_subset,
     image_size,
     num_classes,
     resolve,
@@ -105,6 +106,9 @@ def build_head(dim: int, classes: int, seed: int) -> nn.Linear:
 def probe_id(cfg: EvalConfig) -> str:
     semantic = {k: v for k, v in _plain(cfg.linear).items() if k not in NON_SEMANTIC}
     semantic.update(seed=cfg.seed, image_size=cfg.image_size)
+    if cfg.linear.max_train or cfg.linear.max_test:
+        # Subsets were the first N images before they were evenly spaced: a new probe, not a resume.
+        semantic["subsets"] = "evenly_spaced"
     return hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -165,9 +169,10 @@ def evaluate_linear(
     )  # fmt: skip
     test_x, test_y = test.features.to(device), test.labels.to(device)
     train_base = eval_dataset(cfg, target.run_cfg, "train")
-    num_train = min(lin.max_train or len(train_base), len(train_base))
     classes = num_classes(train_base)
-    views = SeededViews(train_base, train_transform(size, lin.scale), cfg.seed)
+    train_images = evenly_spaced_subset(train_base, lin.max_train)
+    num_train = len(train_images)
+    views = SeededViews(train_images, train_transform(size, lin.scale), cfg.seed)
 
     head = build_head(test_x.shape[1], classes, cfg.seed).to(device)
     base_lr = lin.lr * lin.batch_size / 256

@@ -22,21 +22,20 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from dino import distributed
 from dino.config import DinoConfig
 from dino.eval.config import EvalConfig, EvalDataConfig, KnnConfig, _plain
-from dino.eval.features import TransformedDataset, cls_features, eval_dataset, eval_transform, num_classes
+from dino.eval.features import (
+    TransformedDataset,
+    cls_features,
+    eval_dataset,
+    eval_transform,
+    evenly_spaced_subset,
+    num_classes,
+)
 from dino.eval.knn import knn_accuracy
 
 log = logging.getLogger("dino.train")
 
 TEMPERATURE = KnnConfig().temperature  # the vote of `dinolab eval knn`
 MAX_WORKERS = 8
-
-
-def evenly_spaced(total: int, n: int) -> list[int]:
-    """n indices spread over range(total) (all of them when n >= total): every class of a folder
-    sorted by class, unlike the first n."""
-    if n >= total:
-        return list(range(total))
-    return [i * total // n for i in range(n)]
 
 
 @dataclass
@@ -76,7 +75,7 @@ class KnnMonitor:
             self._splits = {}
             for split, n in (("train", m.knn_train), ("test", m.knn_test)):
                 base = eval_dataset(eval_cfg, run_cfg, split)
-                self._splits[split] = TransformedDataset(Subset(base, evenly_spaced(len(base), n)), transform)
+                self._splits[split] = TransformedDataset(evenly_spaced_subset(base, n), transform)
                 if split == "test":
                     self._classes = num_classes(base)
         return self._splits

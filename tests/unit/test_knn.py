@@ -14,9 +14,11 @@ from dino import checkpoint
 from dino.checkpoint import CheckpointError
 from dino.config import ConfigError
 from dino.eval import features as feat
+from dino.eval import linear as linear_module
 from dino.eval.config import compose_eval
 from dino.eval.features import resolve
 from dino.eval.knn import evaluate_knn, knn_accuracy, knn_votes
+from dino.eval.linear import run_linear
 
 KS = [1, 10, 20, 100, 200]
 
@@ -154,10 +156,19 @@ def test_killed_knn_computes_only_the_missing_shards_and_gives_the_same_accuracy
     assert again.calls == 2 * 2 + 4 * 2  # the 2 missing train shards and the 4 test shards
     assert result.top1 == reference.top1 and result.top5 == reference.top5
 
+    # A subset has shards of its own (40 evenly spaced train images: 3 shards, 20 test: 2), read
+    # back on the next call; its result lies beside the whole split's, which it leaves alone.
+    whole = Path(result.path).read_bytes()
+    subset = Counter()
+    monkeypatch.setattr(feat, "cls_features", subset)
+    first = evaluate_knn(*resolve(knn_args(run_dir, "knn.max_train=40", "knn.max_test=20")))
+    assert subset.calls == (2 + 2 + 1) + (2 + 1)
+    assert (first.record["num_train"], first.record["num_test"]) == (40, 20)
+    assert first.path.endswith("-40x20.json") and Path(result.path).read_bytes() == whole
     cached = Counter()
     monkeypatch.setattr(feat, "cls_features", cached)
-    evaluate_knn(*resolve(knn_args(run_dir, "knn.max_train=40", "knn.max_test=20")))
-    assert cached.calls == 0  # a subset reads the same shards
+    again = evaluate_knn(*resolve(knn_args(run_dir, "knn.max_train=40", "knn.max_test=20")))
+    assert cached.calls == 0 and again.top1 == first.top1
 
 
 def test_result_records_checkpoint_step_and_config_hash(trained_run):
@@ -179,6 +190,36 @@ def test_a_bank_missing_classes_is_reported(trained_run, caplog):
     assert "the k-NN bank holds 3 of the 10 classes" in caplog.text
     full = evaluate_knn(*resolve(knn_args(trained_run, "knn.max_test=20", "knn.k=[2]")))
     assert full.record["bank_classes"] == 10
+
+
+def test_a_subset_of_a_folder_sorted_by_class_holds_every_class(trained_run, tmp_path, monkeypatch):
+    """knn.max_train on an image folder (listed class by class, as ImageNet is): evenly spaced
+    images, so the bank has every class; the first 8 of 4 x 6 images would hold 2."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in range(4):
+            folder = tmp_path / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (40, 40), (60 * c, 40 * i, 100)).save(folder / f"{i}.png")
+    data = ["data=imagefolder", f"data.root={tmp_path / 'train'}", f"data.val_root={tmp_path / 'val'}"]
+    result = evaluate_knn(
+        *resolve(knn_args(trained_run, *data, "knn.max_train=8", "knn.max_test=12", "knn.k=[1]"))
+    )
+    assert (result.record["num_train"], result.record["num_test"]) == (8, 12)
+    assert (result.record["bank_classes"], result.record["num_classes"]) == (4, 4)
+    probe_images = []
+    views = linear_module.SeededViews
+    monkeypatch.setattr(
+        linear_module, "SeededViews", lambda base, *a: probe_images.append(base) or views(base, *a)
+    )
+    linear = run_linear(
+        [*knn_args(trained_run, *data), "linear.epochs=1", "linear.max_train=8", "linear.max_test=12",
+         "linear.n_last_blocks=1", "linear.batch_size=4"]
+    )  # fmt: skip
+    assert (linear.record["num_train"], linear.record["num_test"]) == (8, 12)
+    assert sorted({label for _, label in probe_images[0]}) == [0, 1, 2, 3]
 
 
 def test_baselines_use_the_same_code_and_their_own_cache(trained_run):

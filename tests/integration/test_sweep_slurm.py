@@ -9,6 +9,7 @@ a second `submit`; the chained k-NN evaluations start only after their pretraini
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -30,6 +31,21 @@ TINY_BASE = [
     "train.checkpoint_every_steps=20", "train.checkpoint_every_minutes=0",
 ]  # fmt: skip
 SETUP = ["export OMP_NUM_THREADS=1"]  # same float results in the job and in the reference run
+
+
+def epochs_lasting(seconds: float) -> int:
+    """Epochs of TINY_BASE that keep a SLURM job training for about `seconds` on this machine (>= 30).
+
+    The grid test acts on runs while they train (kills one, preempts one, sends USR2 to another)
+    through CLI calls, SLURM's scheduling and its KillWait, whose latencies do not shrink on a faster
+    CPU: 30 epochs (240 steps) last ~30 s on the slower 2-core CI machine but ~8 s on one 3.6x faster
+    (AMD EPYC, 2026-11-27), where runs finished before the test reached them. A job's step costs ~4x
+    `dinolab bench`'s (measured 35 ms vs 8.3: a log line, a record and a metrics line every step).
+    """
+    proc = dinolab("bench", *TINY_BASE, "--input", "synthetic", "--warmup", "3", "--steps", "20", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    step_ms = 4 * json.loads(proc.stdout)["synthetic_step_ms"]
+    return max(30, math.ceil(seconds * 1000 / step_ms / (64 // 8)))
 
 
 def write_sweep(tmp_path: Path, name: str, **extra) -> Path:
@@ -75,7 +91,8 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 
 def test_grid_survives_preemption_usr2_and_sigkill(slurm_cluster, tmp_path):  # noqa: F811
-    sweep = write_sweep(tmp_path, "grid")
+    base = [*TINY_BASE, f"optim.epochs={epochs_lasting(30)}"]
+    sweep = write_sweep(tmp_path, "grid", base=base)
     sub = dinolab("sweep", "submit", str(sweep), "--executor", "slurm")
     assert sub.returncode == 0, sub.stderr
     assert (
@@ -180,7 +197,7 @@ def test_grid_survives_preemption_usr2_and_sigkill(slurm_cluster, tmp_path):  # 
     for name in (usr2_run, preempt_run):
         overrides = yaml.safe_load((dirs[name] / "config.yaml").read_text())
         ref_dir = tmp_path / f"ref-{name}"
-        args = [*TINY_BASE, f"teacher.momentum={overrides['teacher']['momentum']}", f"optim.lr={overrides['optim']['lr']}",
+        args = [*base, f"teacher.momentum={overrides['teacher']['momentum']}", f"optim.lr={overrides['optim']['lr']}",
                 f"run.dir={ref_dir}"]  # fmt: skip
         ref = dinolab("train", *args)
         assert ref.returncode == 0, ref.stderr[-2000:]

@@ -35,6 +35,7 @@ def executor_parameters(res: Resources, executor: str, name: str, parallelism: i
     }
     if res.gpus_per_node:  # asking for 0 GPUs fails on clusters without GRES
         params["gpus_per_node"] = res.gpus_per_node
+    setup = [*thread_setup(res), *res.setup]
     if executor == "slurm":
         params["slurm_array_parallelism"] = parallelism
         params["slurm_signal_delay_s"] = res.signal_delay_s
@@ -43,9 +44,9 @@ def executor_parameters(res: Resources, executor: str, name: str, parallelism: i
                 params[f"slurm_{key}"] = getattr(res, key)
         if res.additional:
             params["slurm_additional_parameters"] = dict(res.additional)
-        params["slurm_setup"] = [*thread_setup(res), *res.setup]
+        params["slurm_setup"] = setup
     if executor == "local":
-        params["local_setup"] = [*thread_setup(res), *res.setup]
+        params["local_setup"] = setup
     return params
 
 

@@ -39,6 +39,15 @@ FM_PRETRAIN = [
 TIMEOUT_S = 2400
 
 
+def _terminate_with_parent() -> None:
+    """In the child: SIGTERM when pytest dies without finishing its session (killed, or a timeout
+    that ends the process); torchrun then stops its workers. Linux only, like the CI."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class BackgroundRun:
     """`torchrun --nproc_per_node=2 -m launcher.cli train` of FM_PRETRAIN into `run_dir`, not waited for."""
 
@@ -56,6 +65,7 @@ class BackgroundRun:
                  "-m", "launcher.cli", "train", *FM_PRETRAIN, f"run.dir={self.run_dir}"],
                 stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=REPO,
                 start_new_session=True,  # stop() ends torchrun and its workers as one group
+                preexec_fn=_terminate_with_parent,
             )  # fmt: skip
         self.started = time.monotonic()
         return self

@@ -168,11 +168,16 @@ def evaluate_knn(cfg: EvalConfig, target: Target) -> KnnResult:
     if bank_classes < classes:
         # A bank too small for the classes (or a split that lacks some): every query of a missing
         # class is wrong whatever the features.
-        log.warning(
-            "the k-NN bank holds %d of the %d classes (knn.max_train=%d evenly spaced images of %d); "
-            "raise knn.max_train or leave it 0 for the whole split",
-            bank_classes, classes, cfg.knn.max_train, train.split_size,
-        )  # fmt: skip
+        if cfg.knn.max_train:
+            log.warning(
+                "the k-NN bank holds %d of the %d classes (knn.max_train=%d evenly spaced images of %d); "
+                "raise knn.max_train or leave it 0 for the whole split",
+                bank_classes, classes, cfg.knn.max_train, train.split_size,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "the k-NN bank (the whole train split) holds %d of the %d classes", bank_classes, classes
+            )
     record = {
         "protocol": "knn",
         **target.provenance,

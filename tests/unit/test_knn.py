@@ -183,11 +183,13 @@ def test_result_records_checkpoint_step_and_config_hash(trained_run):
 
 
 def test_a_bank_missing_classes_is_reported(trained_run, caplog):
-    """knn.max_train=3 on 10 classes (synthetic labels cycle, like the first images of a folder
-    sorted by class cover few classes): the result says so and the log warns."""
+    """knn.max_train=3 on 10 classes: a bank too small for every class; the result says so and the
+    log warns."""
     result = evaluate_knn(*resolve(knn_args(trained_run, "knn.max_train=3", "knn.max_test=20", "knn.k=[2]")))
     assert (result.record["bank_classes"], result.record["num_classes"]) == (3, 10)
-    assert "the k-NN bank holds 3 of the 10 classes" in caplog.text
+    assert (
+        "the k-NN bank holds 3 of the 10 classes (knn.max_train=3 evenly spaced images of 64)" in caplog.text
+    )
     full = evaluate_knn(*resolve(knn_args(trained_run, "knn.max_test=20", "knn.k=[2]")))
     assert full.record["bank_classes"] == 10
 

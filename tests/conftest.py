@@ -111,10 +111,14 @@ def store_root(request, tmp_path):
     return f"s3://{S3_BUCKET}/{request.node.name.split('[')[0]}-{uuid.uuid4().hex[:8]}"
 
 
+def _needs_fm_run(item: pytest.Item) -> bool:
+    return "fashion_mnist_run" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(config, items):
     """The tests on the Fashion-MNIST acceptance run go last, so that the rest of the session runs
     while the run trains in the background (tests/integration/fashion_mnist_run.py)."""
-    needs_run = [item for item in items if "fashion_mnist_run" in getattr(item, "fixturenames", ())]
+    needs_run = [item for item in items if _needs_fm_run(item)]
     items[:] = [item for item in items if item not in needs_run] + needs_run
 
 
@@ -124,8 +128,11 @@ def pytest_collection_finish(session):
 
     from tests.integration.fashion_mnist_run import BackgroundRun
 
-    wanted = any("fashion_mnist_run" in getattr(item, "fixturenames", ()) for item in session.items)
-    if wanted and FASHION_MNIST_ROOT.exists() and not session.config.option.collectonly:
+    if (
+        any(_needs_fm_run(item) for item in session.items)
+        and FASHION_MNIST_ROOT.exists()
+        and not session.config.option.collectonly
+    ):
         folder = Path(tempfile.mkdtemp(prefix="dinolab-fm-"))
         session.config.stash[FM_RUN] = BackgroundRun(folder / "fm").start()
 

@@ -322,12 +322,14 @@ def extract_features(
     encode: Callable[[torch.Tensor], torch.Tensor],
     folder: str,
     *,
+    split_size: int,
     shard_size: int,
     batch_size: int,
     workers: int,
     device: torch.device,
 ) -> FeatureSet:
-    """Features and labels of `dataset`, computed shard by shard or read from cache.
+    """Features and labels of `dataset` (a split of `split_size` images, or a subset of one),
+    computed shard by shard or read from cache.
 
     Shard i always covers dataset indices [i * shard_size, (i + 1) * shard_size), cut at the dataset
     end, so a preempted extraction resumes with the shards it lacks.
@@ -373,7 +375,7 @@ def extract_features(
         )
         feats.append(shard["features"])
         labels.append(shard["labels"])
-    return FeatureSet(torch.cat(feats), torch.cat(labels), folder, len(mine), split_size=total)
+    return FeatureSet(torch.cat(feats), torch.cat(labels), folder, len(mine), split_size)
 
 
 def split_features(
@@ -401,17 +403,16 @@ def split_features(
     if target.backbone is not None:
         target.backbone.to(device)
     encode = encoder or build_encoder(target, "cls" if kind == "cls" else "blocks", n_last, avgpool)
-    features = extract_features(
+    return extract_features(
         dataset,
         encode,
         features_folder(cfg, target, split, kind, size, len(subset) if subset is not base else None),
+        split_size=len(base),
         shard_size=cfg.shard_size,
         batch_size=cfg.batch_size,
         workers=cfg.workers,
         device=device,
     )
-    features.split_size = len(base)
-    return features
 
 
 def write_result(path: str, result: dict[str, Any]) -> None:

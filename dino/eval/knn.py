@@ -168,7 +168,7 @@ def evaluate_knn(cfg: EvalConfig, target: Target) -> KnnResult:
     if bank_classes < classes:
         # A bank too small for the classes (or a split that lacks some): every query of a missing
         # class is wrong whatever the features.
-        if cfg.knn.max_train:
+        if len(train.labels) < train.split_size:
             log.warning(
                 "the k-NN bank holds %d of the %d classes (knn.max_train=%d evenly spaced images of %d); "
                 "raise knn.max_train or leave it 0 for the whole split",

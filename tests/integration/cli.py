@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,3 +27,8 @@ def dinolab(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*DINOLAB, *args], capture_output=True, text=True, env=env(), timeout=timeout, cwd=REPO
     )
+
+
+def results(run_dir: Path, protocol: str) -> dict[str, dict]:
+    """The result JSONs an evaluation wrote under <run>/eval/<protocol>/, by file name."""
+    return {p.name: json.loads(p.read_text()) for p in (run_dir / "eval" / protocol).glob("*.json")}

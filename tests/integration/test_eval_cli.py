@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from tests.integration.cli import REPO, TINY, dinolab, env
+from tests.integration.cli import REPO, TINY, dinolab, env, results
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +18,6 @@ def tiny_run(tmp_path_factory):
     proc = dinolab("train", *TINY, "train.workers=0", f"run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr
     return run_dir
-
-
-def results(run_dir, protocol):
-    return {p.name: json.loads(p.read_text()) for p in (run_dir / "eval" / protocol).glob("*.json")}
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import math
 import pytest
 
 from tests.conftest import FASHION_MNIST_ROOT, FM_RUN
-from tests.integration.cli import dinolab
+from tests.integration.cli import dinolab, results
 from tests.integration.fashion_mnist_run import FM_STEPS, BackgroundRun
 
 FM_KNN = ["workers=0", "knn.max_train=10000", "knn.max_test=2000", "knn.k=[20]"]
@@ -29,10 +29,6 @@ def fashion_mnist_run(request, tmp_path_factory):
     if run is None:
         run = BackgroundRun(tmp_path_factory.mktemp("fm") / "fm").start()
     return run.wait()
-
-
-def results(run_dir):
-    return [json.loads(p.read_text()) for p in (run_dir / "eval" / "knn").glob("*.json")]
 
 
 def fm_metrics(run_dir):
@@ -73,7 +69,7 @@ def fashion_mnist_knn(fashion_mnist_run):
     for baseline in ("none", "random", "pixels"):
         proc = dinolab("eval", "knn", f"run.dir={run_dir}", f"baseline={baseline}", *FM_KNN)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        (record,) = [r for r in results(run_dir) if r["baseline"] == baseline]
+        (record,) = [r for r in results(run_dir, "knn").values() if r["baseline"] == baseline]
         assert record["num_train"] == 10000 and record["num_test"] == 2000
         top1[baseline] = record["top1"]["20"]
     print(f"Fashion-MNIST k-NN top-1 (k=20): {top1}")

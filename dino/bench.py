@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from dino import distributed
 from dino.config import DinoConfig
 from dino.data import build_loader, steps_per_epoch
 from dino.schedules import build_schedules
 from dino.step import StepState, train_step
-from dino.train import build_models, build_pipeline, resolve_device
+from dino.train import build_models, build_pipeline
 from dino.train_metrics import memory_gib
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) by a substring of the device name.
@@ -86,7 +87,7 @@ def _timed(run_step, warmup: int, steps: int, device: torch.device) -> tuple[flo
 
 def run(cfg: DinoConfig, warmup: int = 5, steps: int = 20, inputs: str = "both") -> BenchResult:
     """Benchmark `cfg` in this process (one device); `inputs`: synthetic, loader or both."""
-    device = resolve_device(cfg)
+    device = distributed.setup(cfg.train.device).device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = BenchResult(name, f"{cfg.model.name}/{cfg.model.patch_size} 2x{cfg.crops.global_size}+"
                          f"{cfg.crops.num_local}x{cfg.crops.local_size} K={cfg.head.out_dim} {cfg.train.precision}",

@@ -54,14 +54,6 @@ class TrainResult:
         return self.step >= self.total_steps
 
 
-def resolve_device(cfg: DinoConfig) -> torch.device:
-    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible")
-        return torch.device("cuda", distributed.info().local_rank if distributed.is_initialized() else 0)
-    return torch.device("cpu")
-
-
 def prepare_run_dir(cfg: DinoConfig, is_main: bool) -> None:
     """Create run.dir and its config.yaml; refuse a run.dir that holds another config's run."""
     path = storage.join(cfg.run.dir, "config.yaml")
@@ -88,9 +80,8 @@ def run(
     `on_progress(metrics)` is called on rank 0 after every metric reduction and checkpoint (the
     launcher keeps its run record's step, loss and heartbeat current with it).
     """
-    device_type = "cuda" if resolve_device(cfg).type == "cuda" else "cpu"
-    dist = distributed.init_from_env(device_type)
-    device = resolve_device(cfg)
+    dist = distributed.setup(cfg.train.device)  # the rank's device, then its process group
+    device = dist.device
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
     logs: dict[str, storage.AppendLog] = {}
     if dist.is_main:
@@ -260,11 +251,7 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
     )
 
     def save(step: int) -> None:
-        rng_states = [rng.capture()]
-        if dist.world_size > 1:
-            gathered: list = [None] * dist.world_size
-            torch.distributed.all_gather_object(gathered, rng_states[0])
-            rng_states = gathered
+        rng_states = distributed.all_gather_object(rng.capture())
         if not dist.is_main:
             return
         payload = {
@@ -339,6 +326,9 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
         progress.close()
         writer.wait()  # whatever happened, the save in flight ends before the process may exit
     writer.close()  # raises if the newest checkpoint could not be written
+    # Rank 0 alone writes checkpoints; the others return only once it is complete (a job that ends
+    # or is requeued then never leaves a rank ahead of the newest checkpoint).
+    distributed.barrier()
     if step >= schedules.total_steps and start_step == step:
         log.info("run already finished at step %d", step)
     return TrainResult(cfg.run.dir, step, schedules.total_steps, stopped, resumed_from, last)

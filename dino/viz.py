@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dino import checkpoint, storage
+from dino import checkpoint, distributed, storage
 from dino.checkpoint import CheckpointError
 from dino.config import ConfigError, from_dict
 from dino.eval.config import EvalRunConfig, merge_overrides, run_dir_of_checkpoint, split_overrides
-from dino.eval.features import eval_transform, resolve_device, teacher_backbone
+from dino.eval.features import eval_transform, teacher_backbone
 
 PANEL_INCHES = 2.5
 DPI = 100
@@ -148,7 +148,7 @@ def attention_figure(overrides: list[str] | tuple[str, ...]) -> AttentionResult:
         raise ConfigError(
             f"image_size={size} must be a multiple of model.patch_size={run_cfg.model.patch_size}"
         )
-    device = resolve_device(cfg.device)
+    device = distributed.rank_device(cfg.device)
     backbone = teacher_backbone(ckpt.state, run_cfg).to(device)
     raw = load_image(cfg.image)
     normed = eval_transform(size)(raw)

@@ -30,6 +30,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from dino.checkpoint_writer import CheckpointWriteError
     from dino.config import ConfigError
     from dino.data import DatasetNotFoundError
+    from dino.distributed import DeviceError
     from dino.storage import StorageError
     from dino.train import ConfigMismatchError
     from dino.train_metrics import NonFiniteLossError
@@ -42,6 +43,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         TrackingUnavailable,
         ConfigError,
         DatasetNotFoundError,
+        DeviceError,
         ConfigMismatchError,
         NonFiniteLossError,
         CheckpointError,

@@ -143,6 +143,11 @@ class EvalJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         from launcher.cli import main as dinolab
 
+        _, rank, num_tasks = _job_env()
+        # A stage of several tasks is one data-parallel evaluation (each rank its share of the
+        # feature shards and of every probe batch), not that many copies of the same work.
+        _export_distributed_env(num_tasks)
+        main = rank == 0
         if self.wait_for_pretrain:
             while (state := records.read_record(self.run_dir).get("state")) != records.COMPLETED:
                 if state in (records.FAILED, "cancelled"):
@@ -151,18 +156,21 @@ class EvalJob(submitit.helpers.Checkpointable):
                     )
                 time.sleep(self.poll_s)
         slot = None
-        if self.local_slots:
+        if self.local_slots and num_tasks == 1:
             from launcher.local_slots import acquire
 
             slot = acquire(self.slots_dir, self.local_slots)
-        self._set_eval_state("running")
+        if main:
+            self._set_eval_state("running")
         code = dinolab(["eval", self.protocol, f"run.dir={self.run_dir}", *self.overrides])
         if slot is not None:
             slot.close()
         if code != 0:
-            self._set_eval_state("failed")
+            if main:
+                self._set_eval_state("failed")
             raise RuntimeError(f"dinolab eval {self.protocol} exited with {code} for {self.run_dir}")
-        self._set_eval_state("completed")
+        if main:
+            self._set_eval_state("completed")
         return {"run_dir": self.run_dir, "protocol": self.protocol}
 
     def _set_eval_state(self, state: str) -> None:

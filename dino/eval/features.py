@@ -65,14 +65,6 @@ class Target:
         return storage.join(self.run_dir, "eval")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("device=cuda but no CUDA device is visible")
-        return torch.device("cuda", distributed.info().local_rank if distributed.is_initialized() else 0)
-    return torch.device("cpu")
-
-
 def _run_config_from_dir(run_dir: str) -> DinoConfig:
     path = storage.join(run_dir, "config.yaml")
     if not storage.exists(path):

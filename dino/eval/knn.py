@@ -24,7 +24,6 @@ from dino.eval.features import (
     eval_dataset,
     num_classes,
     resolve,
-    resolve_device,
     split_features,
     write_result,
 )
@@ -121,10 +120,7 @@ def knn_accuracy(
         votes = knn_votes(bank, bank_labels, q, ks, temperature, num_classes, qc, bank_chunk)
         for row, k in enumerate(ks):
             counts[row] += torch.tensor(accuracy(votes[k], lab), dtype=torch.float64)
-    if distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
-        counts = distributed.all_reduce_sum_(counts.cuda()).cpu()
-    else:
-        distributed.all_reduce_sum_(counts)
+    counts = distributed.sum_across(counts)
     n = max(len(queries), 1)
     top1 = {k: 100.0 * float(counts[i, 0]) / n for i, k in enumerate(ks)}
     top5 = {k: 100.0 * float(counts[i, 1]) / n for i, k in enumerate(ks)}
@@ -144,7 +140,7 @@ def data_id(cfg: EvalConfig) -> str:
 
 def evaluate_knn(cfg: EvalConfig, target: Target) -> KnnResult:
     """k-NN top-1/top-5 of `target` on the eval data; results JSON under <run>/eval/knn/."""
-    device = resolve_device(cfg.device)
+    device = distributed.rank_device(cfg.device)
     started = time.monotonic()
     train = split_features(cfg, target, "train", limit=cfg.knn.max_train, device=device)
     test = split_features(cfg, target, "test", limit=cfg.knn.max_test, device=device)
@@ -213,7 +209,7 @@ def subset_id(train: FeatureSet, test: FeatureSet) -> str:
 def run_knn(overrides: list[str] | tuple[str, ...]) -> KnnResult:
     """`dinolab eval knn`: resolve the checkpoint (or baseline) from overrides and evaluate it."""
     cfg, target = resolve(overrides)
-    distributed.init_from_env(resolve_device(cfg.device).type)  # torchrun/SLURM: one process per device
+    distributed.setup(cfg.device)  # torchrun/SLURM: one process per device, each its share of the shards
     try:
         return evaluate_knn(cfg, target)
     finally:

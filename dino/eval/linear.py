@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,6 @@ from dino.eval.features import (
     image_size,
     num_classes,
     resolve,
-    resolve_device,
     split_features,
     write_result,
 )
@@ -130,6 +129,62 @@ class LinearResult:
         return self.epoch >= self.epochs
 
 
+def rank_batches(
+    views: Dataset,
+    batches: list[list[tuple[int, int]]],
+    rank: int,
+    world: int,
+    workers: int,
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, int]]:
+    """(images, labels, global batch size) of this rank's part of each global batch: every world-th
+    image, so each rank decodes and augments only its own share. A rank whose part of a (last, short)
+    batch is empty gets (None, None, n) and still takes the step with the others."""
+    parts = [batch[rank::world] for batch in batches]
+    loader = iter(
+        DataLoader(
+            views,
+            batch_sampler=[p for p in parts if p],
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+        )
+    )
+    for batch, part in zip(batches, parts, strict=True):
+        images, labels = next(loader) if part else (None, None)
+        yield images, labels, len(batch)
+
+
+def probe_step(
+    head: nn.Linear,
+    optimizer: torch.optim.Optimizer,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    global_n: int,
+    device: torch.device,
+) -> float:
+    """One SGD step of the probe on a global batch of `global_n` images of which this rank holds
+    `images` (or none). Summed gradients and loss over ranks, divided by the global batch: the update
+    one process makes on the whole batch. Returns the batch's mean loss."""
+    optimizer.zero_grad(set_to_none=False)
+    loss = torch.zeros((), device=device)
+    if images is not None:
+        with torch.no_grad():
+            feats = encode(images.to(device, non_blocking=True))
+        loss = F.cross_entropy(head(feats), labels.to(device), reduction="sum")
+        loss.backward()
+    params = list(head.parameters())
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    # One all-reduce per step: the gradients and the loss, flattened together.
+    total = distributed.sum_across(torch.cat([*(g.flatten() for g in grads), loss.detach().reshape(1)]))
+    offset = 0
+    for p in params:
+        p.grad = total[offset : offset + p.numel()].view_as(p) / global_n
+        offset += p.numel()
+    optimizer.step()
+    return float(total[-1]) / global_n
+
+
 def evaluate(
     head: nn.Module, features: torch.Tensor, labels: torch.Tensor, batch: int = 4096
 ) -> tuple[float, float]:
@@ -155,7 +210,7 @@ def evaluate_linear(
         raise ConfigError("baseline=pixels has no backbone to probe; use baseline=random or none")
     lin = cfg.linear
     dist = distributed.info()
-    device = resolve_device(cfg.device)
+    device = distributed.rank_device(cfg.device)
     backbone = target.backbone.to(device)
     for p in backbone.parameters():
         p.requires_grad = False
@@ -199,29 +254,11 @@ def evaluate_linear(
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = epoch_batches(num_train, lin.batch_size, cfg.seed, epoch)
-        loader = DataLoader(
-            views, batch_sampler=batches, num_workers=cfg.workers, pin_memory=device.type == "cuda"
-        )
         loss_sum = 0.0
-        for images, labels in loader:
-            # Each rank takes every world-th image of the global batch; gradients are summed, so the
-            # update is the one a single process makes on the whole batch.
-            images, labels = images[dist.rank :: dist.world_size], labels[dist.rank :: dist.world_size]
-            global_n = len(images) if dist.world_size == 1 else None
-            with torch.no_grad():
-                feats = encode(images.to(device, non_blocking=True))
-            logits = head(feats)
-            loss = F.cross_entropy(logits, labels.to(device), reduction="sum")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if global_n is None:
-                global_n = int(distributed.all_reduce_sum_(torch.tensor([len(images)], device=device)).item())
-                for p in head.parameters():
-                    distributed.all_reduce_sum_(p.grad)
-            for p in head.parameters():
-                p.grad /= global_n
-            optimizer.step()
-            loss_sum += float(loss.detach()) / max(global_n, 1)
+        for images, labels, global_n in rank_batches(
+            views, batches, dist.rank, dist.world_size, cfg.workers, device
+        ):
+            loss_sum += probe_step(head, optimizer, encode, images, labels, global_n, device)
         epoch += 1
         top1, top5 = evaluate(head, test_x, test_y)
         history.append(
@@ -285,7 +322,7 @@ def run_linear(
 ) -> LinearResult:
     """`dinolab eval linear`: resolve the checkpoint from overrides and train/continue its probe."""
     cfg, target = resolve(overrides)
-    distributed.init_from_env(resolve_device(cfg.device).type)  # torchrun/SLURM: one process per device
+    distributed.setup(cfg.device)  # torchrun/SLURM: one process per device, each its share of a batch
     try:
         return evaluate_linear(cfg, target, should_stop)
     finally:

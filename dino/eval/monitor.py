@@ -99,8 +99,7 @@ class KnnMonitor:
         features, label_tensor = torch.cat(feats), torch.cat(labels)
         if dist.world_size > 1:
             # Rank r holds images r, r + world, ...: interleave the gathered parts back into order.
-            parts: list = [None] * dist.world_size
-            torch.distributed.all_gather_object(parts, (mine, features, label_tensor))
+            parts = distributed.all_gather_object((mine, features, label_tensor))
             order = torch.tensor([i for part in parts for i in part[0]]).argsort()
             features = torch.cat([p[1] for p in parts])[order]
             label_tensor = torch.cat([p[2] for p in parts])[order]

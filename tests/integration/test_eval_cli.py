@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from tests.integration.cli import REPO, TINY, dinolab, env, results
@@ -104,3 +105,33 @@ def test_two_process_gloo_knn_equals_one_process(tiny_run, tmp_path):
     (a,), (b,) = results(single_dir, "knn").values(), results(ddp_dir, "knn").values()
     assert a["top1"] == b["top1"] and a["top5"] == b["top5"]
     assert len(list((ddp_dir / "eval" / "features").rglob("shard_*.pt"))) == 8  # 4 + 4, each once
+
+
+@pytest.mark.slow
+def test_two_process_gloo_linear_probe_equals_one_process(tiny_run, tmp_path):
+    """Each rank augments only its share of a global batch; the summed update is one process's.
+    Batch 9 of 64 images leaves a last batch of one image: rank 1 has nothing in it and still steps."""
+    from dino import checkpoint
+
+    single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
+    for folder in (single_dir, ddp_dir):
+        shutil.copytree(tiny_run, folder, ignore=shutil.ignore_patterns("eval"))
+    args = ["workers=0", "shard_size=16", "batch_size=8", "device=cpu", "linear.epochs=2",
+            "linear.batch_size=9", "linear.lr=0.5", "linear.n_last_blocks=2"]  # fmt: skip
+    single = dinolab("eval", "linear", f"run.dir={single_dir}", *args)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "launcher.cli", "eval", "linear", f"run.dir={ddp_dir}", *args],
+        capture_output=True, text=True, env=env(), cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("linear probe (000000016)") == 1  # rank 0 prints
+    (a,), (b,) = results(single_dir, "linear").values(), results(ddp_dir, "linear").values()
+    assert a["num_train"] == b["num_train"] == 64 and b["finished"]
+    heads = [checkpoint.load_latest(r["state_dir"]).state["head"] for r in (a, b)]
+    for key in ("weight", "bias"):
+        torch.testing.assert_close(heads[1][key], heads[0][key], rtol=1e-5, atol=1e-6)
+    for one, two in zip(a["history"], b["history"], strict=True):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)  # the global batch's loss, not a rank's
+        assert two["top1"] == one["top1"]

@@ -117,3 +117,30 @@ def test_probe_initialisation_is_normal_001_with_zero_bias_from_the_seed():
 def test_pixels_baseline_cannot_be_probed(trained_run):
     with pytest.raises(ConfigError, match="baseline=pixels has no backbone"):
         evaluate_linear(*resolve([f"run.dir={trained_run}", "baseline=pixels"]))
+
+
+class CountingViews(torch.utils.data.Dataset):
+    """(epoch, index) -> (index as an image, label); remembers which images were asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    def __getitem__(self, key):
+        self.asked.append(key[1])
+        return torch.full((1,), float(key[1])), key[1] % 3
+
+
+def test_each_rank_decodes_only_its_part_of_every_global_batch():
+    batches = lin.epoch_batches(21, 8, seed=0, epoch=0)  # 8 + 8 + 5 images
+    assert [len(b) for b in batches] == [8, 8, 5]
+    seen = {}
+    for rank in range(3):
+        views = CountingViews()
+        parts = list(lin.rank_batches(views, batches, rank, 3, 0, torch.device("cpu")))
+        assert [n for _, _, n in parts] == [8, 8, 5]  # every rank takes every step
+        seen[rank] = [[] if x is None else x.flatten().int().tolist() for x, _, _ in parts]
+        assert sorted(views.asked) == sorted(i for part in seen[rank] for i in part)  # nothing else decoded
+    for b, batch in enumerate(batches):
+        indices = [i for _, i in batch]
+        assert sorted(i for rank in range(3) for i in seen[rank][b]) == sorted(indices)
+        assert seen[0][b] == indices[0::3]

@@ -1,4 +1,8 @@
-"""The `slurm_cluster` fixture: the real single-node cluster of tools/slurm/slurm-local.sh.
+"""The `slurm_cluster` fixture: the real local cluster of tools/slurm/slurm-local.sh.
+
+One machine, three slurmd: node `localhost` (partitions `debug`, default, and `urgent`, which
+preempts `debug`) and nodes `n1`, `n2` (127.0.0.2, 127.0.0.3, in /etc/hosts; partitions `multi` and
+`multi-urgent`, which preempts `multi`) for multi-node jobs.
 
 Import it into a test module with `from tests.integration.slurm_cluster import slurm_cluster`.
 
@@ -23,7 +27,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "slurm" / "slurm-local.sh"
-NODE = "localhost"
+NODE = "localhost"  # partitions debug, urgent
+MULTI_NODES = ("n1", "n2")  # partitions multi, multi-urgent
+NODES = (NODE, *MULTI_NODES)
 
 # Job states after which a job does not run again. Not PREEMPTED: here (PreemptMode=REQUEUE) a
 # preempted job goes back to PENDING.
@@ -55,10 +61,18 @@ def _clean(state: str) -> str:
 class SlurmCluster:
     """Handle on the running cluster, with polling helpers for job states."""
 
-    partitions: tuple[str, ...] = ("debug", "urgent")
+    partitions: tuple[str, ...] = ("debug", "urgent")  # on `node` only
     node: str = NODE
     cpus: int = 0  # CPUs the node advertises (all of them: request these to fill the node)
     memory_mb: int = 0
+    # Multi-node jobs: two nodes (their own slurmd, on 127.0.0.2 and 127.0.0.3; names in /etc/hosts,
+    # so e.g. MASTER_ADDR=n1 works). Jobs there get whole nodes; a job in `multi_urgent_partition`
+    # preempts the `multi_partition` job on its nodes (its --signal at once, requeued after
+    # GraceTime=30 unless it requeues itself, as submitit does).
+    multi_nodes: tuple[str, ...] = MULTI_NODES
+    multi_partition: str = "multi"
+    multi_urgent_partition: str = "multi-urgent"
+    multi_cpus: int = 0  # CPUs of each multi node (a multi job gets them all: whole nodes)
 
     def squeue(self, job_id: str | int) -> str | None:
         """The controller's live state of a job (e.g. "RUNNING"), None if it does not know it."""
@@ -138,18 +152,24 @@ def _slurmctld_running() -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
-def _node_ready() -> bool:
+def _nodes_ready() -> bool:
+    """Whether every node (localhost, n1, n2) accepts jobs."""
     if not _slurmctld_running():
         return False
     try:
-        proc = _run("sinfo", "-h", "-N", "-n", NODE, "-o", "%T", timeout=15)
+        proc = _run("sinfo", "-h", "-N", "-n", ",".join(NODES), "-o", "%N %T", timeout=15)
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return proc.returncode == 0 and _clean(proc.stdout) in {"idle", "mixed", "allocated", "completing"}
+    if proc.returncode != 0:
+        return False
+    # One line per node and partition; a node missing from the config is missing here.
+    states = dict(line.split()[:2] for line in proc.stdout.splitlines() if len(line.split()) >= 2)
+    ready = {"idle", "mixed", "allocated", "completing"}
+    return all(_clean(states.get(node, "")) in ready for node in NODES)
 
 
-def _node_resources() -> tuple[int, int]:
-    proc = _run("sinfo", "-h", "-N", "-n", NODE, "-o", "%c %m")
+def _node_resources(node: str = NODE) -> tuple[int, int]:
+    proc = _run("sinfo", "-h", "-N", "-n", node, "-o", "%c %m")
     cpus, mem = proc.stdout.split()[:2]
     return int(cpus), int(mem.rstrip("+"))
 
@@ -159,7 +179,7 @@ def slurm_cluster():
     if shutil.which("sbatch") is None:
         _unavailable(f"SLURM is not installed (no sbatch): run `sudo {SCRIPT} install start`")
     if os.geteuid() != 0:
-        if not _node_ready():
+        if not _nodes_ready():
             _unavailable(f"not root, so cannot start the local SLURM cluster: run `sudo {SCRIPT} start`")
     else:
         try:
@@ -171,8 +191,9 @@ def slurm_cluster():
         if proc.returncode != 0:
             output = (proc.stdout + proc.stderr).strip()[-3000:]
             _unavailable(f"`{SCRIPT} start` failed (exit {proc.returncode}):\n{output}")
-        if not _node_ready():
-            _unavailable(f"`{SCRIPT} start` succeeded but node {NODE} is not up (sinfo)")
+        if not _nodes_ready():
+            _unavailable(f"`{SCRIPT} start` succeeded but nodes {', '.join(NODES)} are not all up (sinfo)")
     cpus, memory_mb = _node_resources()
-    yield SlurmCluster(cpus=cpus, memory_mb=memory_mb)
+    multi_cpus, _ = _node_resources(MULTI_NODES[0])
+    yield SlurmCluster(cpus=cpus, memory_mb=memory_mb, multi_cpus=multi_cpus)
     # The cluster keeps running: CI stops it with `slurm-local.sh stop`.

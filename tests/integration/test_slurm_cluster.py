@@ -1,10 +1,13 @@
 """Real SLURM jobs through submitit on the local cluster (tools/slurm/slurm-local.sh): job arrays,
-and preemption of a `debug` job by an `urgent` one, with checkpoint, requeue and resume."""
+preemption of a `debug` job by an `urgent` one, with checkpoint, requeue and resume, and 2-node
+steps in the `multi` partition (one task per node, torch.distributed gloo across the nodes)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -119,3 +122,68 @@ def test_urgent_job_preempts_debug_job(slurm_cluster, tmp_path):  # noqa: F811
     history = slurm_cluster.sacct_history(job.job_id)
     assert history[-1] == "COMPLETED", history
     assert {"REQUEUED", "PREEMPTED"} & set(history[:-1]), history
+
+
+def _srun(cluster, *cmd: str, env: dict[str, str] | None = None, timeout: float = 60) -> list[str]:
+    """`srun -N2 -n2` in the multi partition, one task per node; the tasks' output lines, sorted.
+    On a timeout the step is cancelled (a killed srun would leave its allocation behind)."""
+    name = f"dinolab-test-multi-{os.getpid()}"
+    args = ["srun", "-N2", "-n2", "--ntasks-per-node=1", "--time=2", "--export=ALL"]
+    args += [f"--partition={cluster.multi_partition}", f"--job-name={name}", *cmd]
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["scancel", "--name", name], capture_output=True, check=False)
+        out, err = proc.communicate(timeout=30)
+        raise AssertionError(f"srun did not finish in {timeout:.0f} s:\n{out}\n{err}") from None
+    assert proc.returncode == 0, f"srun failed (exit {proc.returncode}):\n{out}\n{err}"
+    return sorted(line for line in out.splitlines() if line.strip())
+
+
+def test_multi_partition_runs_one_task_per_node(slurm_cluster):  # noqa: F811
+    assert slurm_cluster.multi_nodes == ("n1", "n2")
+    lines = _srun(slurm_cluster, "bash", "-c", 'echo "$SLURMD_NODENAME $SLURM_PROCID $SLURM_NTASKS"')
+    assert lines == ["n1 0 2", "n2 1 2"]
+
+
+_ALL_REDUCE = """
+import datetime, os
+import torch
+import torch.distributed as dist
+
+rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+x = torch.tensor([float(rank + 1)])
+dist.all_reduce(x)
+print(os.environ["SLURMD_NODENAME"], rank, world, int(x.item()), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_gloo_all_reduce_across_two_nodes(slurm_cluster):  # noqa: F811
+    """The way a 2-node training job starts: rank/world from SLURM, rank 0 (on n1) the master."""
+    python = REPO / ".venv" / "bin" / "python"
+    env = {
+        "MASTER_ADDR": slurm_cluster.multi_nodes[0],  # n1 (127.0.0.2, /etc/hosts)
+        "MASTER_PORT": str(_free_port()),
+        # gloo's own sockets: on loopback, not on whatever address the hostname resolves to.
+        "GLOO_SOCKET_IFNAME": "lo",
+    }
+    lines = _srun(
+        slurm_cluster, str(python if python.exists() else sys.executable), "-c", _ALL_REDUCE, env=env
+    )
+    assert lines == ["n1 0 2 3", "n2 1 2 3"]

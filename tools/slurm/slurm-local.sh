@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Start and stop a real single-node SLURM cluster on this machine (Debian/Ubuntu, root, no systemd
-# needed): munge + MariaDB + slurmdbd (accounting) + slurmctld + slurmd, partitions `debug`
-# (default) and `urgent` (preempts `debug`). See tools/slurm/README.md.
+# Start and stop a real SLURM cluster on this machine (Debian/Ubuntu, root, no systemd needed):
+# munge + MariaDB + slurmdbd (accounting) + slurmctld + three slurmd. Node `localhost`: partitions
+# `debug` (default) and `urgent` (preempts `debug`); nodes `n1`, `n2` (127.0.0.2, 127.0.0.3, added
+# to /etc/hosts): partitions `multi` and `multi-urgent` (preempts `multi`), for multi-node jobs.
+# See tools/slurm/README.md.
 #
 #   sudo tools/slurm/slurm-local.sh install start   # CI: install once, then start
 #   sudo tools/slurm/slurm-local.sh stop
@@ -12,7 +14,12 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CLUSTER=ci
-NODE=localhost
+NODE=localhost     # partitions debug, urgent
+MULTI_NODES=(n1 n2) # partitions multi, multi-urgent; each its own slurmd, loopback address and port
+NODES=("$NODE" "${MULTI_NODES[@]}")
+declare -A NODE_ADDR=([n1]=127.0.0.2 [n2]=127.0.0.3)
+declare -A NODE_PORT=([n1]=6831 [n2]=6832) # localhost's slurmd has the default port, 6818
+MULTI_CPUS=2
 LOG_DIR=/var/log/slurm
 SLURM_DIR=/etc/slurm
 DB_NAME=slurm_acct_db
@@ -22,7 +29,9 @@ PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
 # Advertise at least 4 CPUs (SlurmdParameters=config_overrides), more if the machine has them.
 CPUS="${SLURM_LOCAL_CPUS:-$(($(nproc) > 4 ? $(nproc) : 4))}"
 
-# daemon name -> pid file (the daemon's /proc/PID/comm is the name)
+# daemon -> pid file. The daemon's /proc/PID/comm is the name up to the first "-": slurmd-NODE is
+# the slurmd of node NODE (SlurmdPidFile=/run/slurmd-%n.pid). `slurmd` alone is the single slurmd
+# of the previous (one-node) config: `stop` stops it too.
 declare -A PIDFILE=(
     [munged]=/run/munge/munged.pid
     [mariadbd]=/run/mysqld/mysqld.pid
@@ -30,8 +39,13 @@ declare -A PIDFILE=(
     [slurmctld]=/run/slurmctld.pid
     [slurmd]=/run/slurmd.pid
 )
-START_ORDER=(munged mariadbd slurmdbd slurmctld slurmd)
-STOP_ORDER=(slurmd slurmctld slurmdbd mariadbd munged)
+SLURMDS=()
+for n in "${NODES[@]}"; do
+    PIDFILE[slurmd-$n]=/run/slurmd-$n.pid
+    SLURMDS+=("slurmd-$n")
+done
+START_ORDER=(munged mariadbd slurmdbd slurmctld "${SLURMDS[@]}")
+STOP_ORDER=(slurmd "${SLURMDS[@]}" slurmctld slurmdbd mariadbd munged)
 
 say() { echo "slurm-local: $*"; }
 die() {
@@ -51,7 +65,7 @@ daemon_pid() {
     [ -r "$file" ] || return 1
     pid=$(tr -dc 0-9 <"$file")
     [ -n "$pid" ] && alive "$pid" || return 1
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] || return 1
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "${name%%-*}" ] || return 1
     echo "$pid"
 }
 running() { daemon_pid "$1" >/dev/null; }
@@ -104,7 +118,9 @@ render() {
     tmp=$(mktemp)
     sed -e "s|@CLUSTER@|$CLUSTER|g" -e "s|@CPUS@|$CPUS|g" -e "s|@REAL_MEMORY@|$REAL_MEMORY|g" \
         -e "s|@LOG_DIR@|$LOG_DIR|g" -e "s|@DB_NAME@|$DB_NAME|g" -e "s|@DB_USER@|$DB_USER|g" \
-        -e "s|@DB_PASS@|$DB_PASS|g" "$src" >"$tmp"
+        -e "s|@DB_PASS@|$DB_PASS|g" -e "s|@MULTI_CPUS@|$MULTI_CPUS|g" \
+        -e "s|@N1_ADDR@|${NODE_ADDR[n1]}|g" -e "s|@N1_PORT@|${NODE_PORT[n1]}|g" \
+        -e "s|@N2_ADDR@|${NODE_ADDR[n2]}|g" -e "s|@N2_PORT@|${NODE_PORT[n2]}|g" "$src" >"$tmp"
     if grep -q '@[A-Z_]*@' "$tmp"; then
         rm -f "$tmp"
         die "unfilled placeholder in $src"
@@ -126,10 +142,29 @@ render() {
 write_configs() {
     REAL_MEMORY=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
     [ -n "$REAL_MEMORY" ] || die "could not read RealMemory from 'slurmd -C'"
-    mkdir -p "$SLURM_DIR" "$LOG_DIR" /var/spool/slurmctld /var/spool/slurmd
+    mkdir -p "$SLURM_DIR" "$LOG_DIR" /var/spool/slurmctld "${NODES[@]/#//var/spool/slurmd/}"
     CONFIG_CHANGED=0
     render slurm.conf.in "$SLURM_DIR/slurm.conf" 644
     render slurmdbd.conf.in "$SLURM_DIR/slurmdbd.conf" 600
+}
+
+# /etc/hosts: n1 and n2 must resolve to their loopback addresses (MASTER_ADDR=n1 for
+# torch.distributed; NodeHostname). Appended once, only if the name is not there yet; a name that
+# is there with another address is an error (traffic must stay on loopback).
+ensure_hosts() {
+    local n addr have
+    for n in "${MULTI_NODES[@]}"; do
+        addr=${NODE_ADDR[$n]}
+        have=$(awk -v n="$n" '{ sub(/#.*/, "") } { for (i = 2; i <= NF; i++) if ($i == n) { print $1; exit } }' /etc/hosts)
+        if [ -z "$have" ]; then
+            say "hosts: adding '$addr $n' to /etc/hosts"
+            # Append (never rewrite: /etc/hosts is often a bind mount in containers).
+            [ -z "$(tail -c 1 /etc/hosts)" ] || echo >>/etc/hosts
+            printf '%s %s  # dinolab tools/slurm/slurm-local.sh (node %s)\n' "$addr" "$n" "$n" >>/etc/hosts
+        elif [ "$have" != "$addr" ]; then
+            die "/etc/hosts maps '$n' to $have, the cluster needs $addr (a loopback address): fix /etc/hosts"
+        fi
+    done
 }
 
 start_munged() {
@@ -198,32 +233,64 @@ start_slurmctld() {
     wait_for 30 slurmctld ctld_up || { log_tail "$LOG_DIR/slurmctld.log"; die "slurmctld is not UP (scontrol ping)"; }
 }
 
+# start_slurmd NODE: one slurmd per node, all on this machine (slurmd -N NODE).
 start_slurmd() {
-    say "slurmd: starting (node $NODE, $CPUS CPUs, ${REAL_MEMORY} MB)"
-    slurmd -N "$NODE" </dev/null >>"$LOG_DIR/daemons.out" 2>&1 || { log_tail "$LOG_DIR/slurmd.log"; die "slurmd failed to start"; }
+    local node=$1 cpus=$CPUS where="127.0.0.1, port 6818"
+    [ "$node" = "$NODE" ] || { cpus=$MULTI_CPUS where="${NODE_ADDR[$node]}, port ${NODE_PORT[$node]}"; }
+    say "slurmd: starting node $node ($where, $cpus CPUs, ${REAL_MEMORY} MB)"
+    slurmd -N "$node" </dev/null >>"$LOG_DIR/daemons.out" 2>&1 ||
+        { log_tail "$LOG_DIR/slurmd-$node.log"; die "slurmd of node $node failed to start"; }
 }
 
-node_state() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -n 1; }
+node_state() { sinfo -h -N -n "$1" -o %T 2>/dev/null | head -n 1; }
+node_ready() { [[ "$(node_state "$1")" =~ ^(idle|mixed|allocated|completing)$ ]]; }
+all_nodes_ready() {
+    local n
+    for n in "${NODES[@]}"; do node_ready "$n" || return 1; done
+}
+nodes_summary() {
+    local n sep=""
+    for n in "${NODES[@]}"; do
+        printf '%s%s %s' "$sep" "$n" "$(node_state "$n")"
+        sep=", "
+    done
+}
 
-# Wait until the node accepts jobs; resume it (once) if it is down or drained.
-wait_node() {
-    local state resumed=0 i
+# Wait until every node accepts jobs; resume each (once) if it is down or drained.
+wait_nodes() {
+    local state n i
+    local -A resumed=()
     for ((i = 0; i < 300; i++)); do
-        state=$(node_state)
-        case "$state" in
-        idle | mixed | allocated | completing) return 0 ;;
-        down | drain* | down+* | drained)
-            if [ $resumed -eq 0 ]; then
-                say "node: $state, resuming it"
-                scontrol update NodeName="$NODE" State=RESUME || true
-                resumed=1
-            fi
-            ;;
-        esac
+        all_nodes_ready && return 0
+        for n in "${NODES[@]}"; do
+            state=$(node_state "$n")
+            case "$state" in
+            down | drain* | down+* | drained)
+                if [ -z "${resumed[$n]:-}" ]; then
+                    say "node $n: $state, resuming it"
+                    scontrol update NodeName="$n" State=RESUME || true
+                    resumed[$n]=1
+                fi
+                ;;
+            esac
+        done
         sleep 0.2
     done
-    log_tail "$LOG_DIR/slurmd.log"
-    die "node $NODE is '$state', not idle, after 60 s (see $LOG_DIR/slurmctld.log, slurmd.log)"
+    for n in "${NODES[@]}"; do
+        node_ready "$n" && continue
+        state=$(node_state "$n")
+        log_tail "$LOG_DIR/slurmd-$n.log"
+        say "node $n is '${state:-unknown}', not idle, after 60 s"
+    done
+    die "nodes not idle after 60 s: $(nodes_summary) (see $LOG_DIR/slurmctld.log, slurmd-<node>.log)"
+}
+
+# The slurmd of the previous one-node config (/run/slurmd.pid) still runs: the controller and it
+# know no n1/n2, and it holds localhost's port. Only a restart applies the new config.
+check_old_slurmd() {
+    local pid
+    pid=$(daemon_pid slurmd) || return 0
+    die "an old slurmd (pid $pid, ${PIDFILE[slurmd]}, from the previous one-node config) is running: apply the new config with '$0 stop start'"
 }
 
 cmd_start() {
@@ -231,9 +298,11 @@ cmd_start() {
     command -v slurmctld >/dev/null || die "SLURM is not installed (run: $0 install)"
     local t0=$SECONDS name all=1
     write_configs
+    ensure_hosts
+    check_old_slurmd
     for name in "${START_ORDER[@]}"; do running "$name" || all=0; done
-    if [ $all -eq 1 ] && ctld_up && [[ "$(node_state)" =~ ^(idle|mixed|allocated|completing)$ ]]; then
-        say "start: already running, node $(node_state) (nothing to do)"
+    if [ $all -eq 1 ] && ctld_up && all_nodes_ready; then
+        say "start: already running, nodes $(nodes_summary) (nothing to do)"
         [ "$CONFIG_CHANGED" -eq 0 ] || say "start: configs changed; apply them with '$0 stop start'"
         return
     fi
@@ -242,15 +311,19 @@ cmd_start() {
             say "$name: already running (pid $(daemon_pid "$name"))"
             [ "$CONFIG_CHANGED" -eq 0 ] || [[ $name != slurm* ]] || say "$name: runs with the old config; apply it with '$0 stop start'"
         else
-            "start_$name"
+            case $name in
+            slurmd-*) start_slurmd "${name#slurmd-}" ;;
+            *) "start_$name" ;;
+            esac
         fi
         case $name in
         mariadbd) ensure_database ;;
         slurmdbd) ensure_cluster ;;
         esac
     done
-    wait_node
-    say "start: cluster '$CLUSTER' up in $((SECONDS - t0)) s: node $NODE $(node_state), partitions debug (default), urgent"
+    wait_nodes
+    say "start: cluster '$CLUSTER' up in $((SECONDS - t0)) s: nodes $(nodes_summary);" \
+        "partitions debug (default), urgent on $NODE; multi, multi-urgent on $(IFS=,; echo "${MULTI_NODES[*]}")"
 }
 
 cmd_stop() {
@@ -258,9 +331,11 @@ cmd_stop() {
     local name pid i
     for name in "${STOP_ORDER[@]}"; do
         if ! pid=$(daemon_pid "$name"); then
-            say "$name: not running"
+            # The old one-node slurmd is rarely there: no news is good news.
+            [ "$name" = slurmd ] || say "$name: not running"
             continue
         fi
+        [ "$name" != slurmd ] || say "slurmd: stopping the old one-node slurmd (${PIDFILE[slurmd]})"
         kill -TERM "$pid" 2>/dev/null || true
         for ((i = 0; i < 300; i++)); do
             alive "$pid" || break
@@ -280,13 +355,16 @@ cmd_status() {
     local name pid
     for name in "${START_ORDER[@]}"; do
         if pid=$(daemon_pid "$name"); then
-            printf '%-10s running (pid %s)\n' "$name" "$pid"
+            printf '%-16s running (pid %s)\n' "$name" "$pid"
         elif [ -e "${PIDFILE[$name]}" ] && [ ! -r "${PIDFILE[$name]}" ]; then
-            printf '%-10s unknown (%s is not readable: run as root)\n' "$name" "${PIDFILE[$name]}"
+            printf '%-16s unknown (%s is not readable: run as root)\n' "$name" "${PIDFILE[$name]}"
         else
-            printf '%-10s stopped\n' "$name"
+            printf '%-16s stopped\n' "$name"
         fi
     done
+    if pid=$(daemon_pid slurmd); then
+        printf '%-16s running (pid %s): the old one-node slurmd; restart with: %s stop start\n' slurmd "$pid" "$0"
+    fi
     if running slurmctld && command -v sinfo >/dev/null; then
         sinfo -o '%10P %.5a %.10l %.6D %.8t %.5c %.8m %N' || true
         squeue -o '%.10i %.9P %.20j %.8T %.10M %R' || true
@@ -302,7 +380,8 @@ usage() {
     cat <<EOF
 usage: $0 COMMAND [COMMAND...]
   install   apt-get install ${PACKAGES[*]} (what is missing)
-  start     write /etc/slurm configs, start munged, mariadbd, slurmdbd, slurmctld, slurmd
+  start     write /etc/slurm configs and the n1/n2 lines of /etc/hosts, start munged, mariadbd,
+            slurmdbd, slurmctld, and a slurmd for each node (${NODES[*]})
   stop      stop those daemons (by the PIDs in their pid files)
   status    daemon states, sinfo, squeue
   env       shell exports for the cluster (none needed)

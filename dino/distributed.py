@@ -78,16 +78,23 @@ def rank_device(want: str) -> torch.device:
     )
 
 
+def launched_distributed() -> bool:
+    """Whether a launcher asked for a process group: several processes, or torchrun's world of 1
+    (WORLD_SIZE and MASTER_ADDR set), which then runs the NCCL code path on one GPU."""
+    world = _env_int("WORLD_SIZE", default=1)
+    return world > 1 or (world == 1 and os.environ.get("MASTER_ADDR", "") != "")
+
+
 def setup(want: str) -> DistInfo:
     """Choose this process's device, make it current, then join the process group described by the
-    environment (one process, WORLD_SIZE unset or 1, initialises nothing). NCCL on GPUs, gloo on CPU.
+    environment (a plain single process initialises nothing). NCCL on GPUs, gloo on CPU.
     Safe to call again: a process already in a group keeps it."""
     global _device
     device = rank_device(want)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the group: NCCL binds its communicator to it
     _device = device
-    if not is_initialized() and _env_int("WORLD_SIZE", default=1) > 1:
+    if not is_initialized() and launched_distributed():
         if device.type == "cuda":
             dist.init_process_group(backend="nccl", device_id=device)
         else:

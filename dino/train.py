@@ -218,7 +218,7 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
                                   "scaler": scaler, "loss": loss_fn}, spe)  # fmt: skip
     resumed_from = latest.step if latest else None
     start_step = resumed_from or 0
-    if dist.world_size > 1:
+    if distributed.is_initialized():  # torchrun's world of 1 too: the multi-GPU code path on one GPU
         student = DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None
         )

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from dino import storage
 from launcher import records
@@ -103,10 +104,12 @@ def status_table(sweep: Sweep, runs: list[RunSpec]) -> Table:
             "running": "cyan",
             "requeued": "yellow",
         }.get(state, "")
+        # Plain Text cells: an error such as gloo's "[/…/pair.cc:561] Connection closed by peer"
+        # or an axis value like "[5, 10]" is not rich markup.
         table.add_row(
-            run.name, *(str(run.axes[a]) for a in axes), str(run.seed),
-            f"[{colour}]{state}[/{colour}]" if colour else state, progress, loss, str(rec.get("requeues", 0)),
-            job["job_id"] if job else "-", *(eval_summary(run, p) for p in sweep.evals), note,
+            *map(Text, (run.name, *(str(run.axes[a]) for a in axes), str(run.seed))),
+            Text(state, style=colour), progress, loss, str(rec.get("requeues", 0)),
+            job["job_id"] if job else "-", *(eval_summary(run, p) for p in sweep.evals), Text(note),
         )  # fmt: skip
     table.caption = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     return table

@@ -113,6 +113,16 @@ def _near(word: str, options: set[str] | list[str]) -> str:
     return f" (did you mean {match[0]}?)" if match else ""
 
 
+def _check_gpus(path: str, stage: str, res: Resources) -> None:
+    """One task per GPU: each rank takes cuda:LOCAL_RANK (dino/distributed.py), so a node's tasks
+    beyond its GPUs would have none (found here, not hours later in the queue)."""
+    if res.gpus_per_node and res.tasks_per_node > res.gpus_per_node:
+        raise SweepError(
+            f"{path}: resources.{stage}: tasks_per_node={res.tasks_per_node} > gpus_per_node={res.gpus_per_node}: "
+            "dinolab runs one task per GPU; set tasks_per_node to the GPUs per node"
+        )
+
+
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
     """Read and validate a sweep file. `overrides` are `key=value` edits of the sweep file itself
     (e.g. `root=/tmp/x`, `array_parallelism=2`) or, for any other key, extra base overrides."""
@@ -160,6 +170,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             key = sorted(bad)[0]
             raise SweepError(f"{path}: unknown key 'resources.{stage}.{key}'{_near(key, RESOURCE_KEYS)}")
         resources[stage] = Resources(**(res or {}))
+        _check_gpus(path, stage, resources[stage])
     sweep = Sweep(path=path, resources=resources, **raw)
     sweep.root = os.path.expandvars(str(sweep.root))  # root: /checkpoint/${USER}/dinolab
     sweep.logs_root = os.path.expanduser(os.path.expandvars(str(sweep.logs_root or "")))

@@ -72,7 +72,7 @@ def fake_gpus(monkeypatch):
         torch.distributed, "init_process_group", lambda **kw: calls.append(("init_process_group", kw))
     )
     monkeypatch.setattr(distributed, "_device", None)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_LOCALID", "CUDA_VISIBLE_DEVICES"):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_LOCALID", "CUDA_VISIBLE_DEVICES", "MASTER_ADDR"):
         monkeypatch.delenv(name, raising=False)
     return calls, count
 
@@ -113,6 +113,14 @@ def test_cpu_ranks_join_gloo_without_touching_a_gpu(fake_gpus, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert distributed.setup("cpu").device == torch.device("cpu")
     assert calls == [("init_process_group", {"backend": "gloo"})]
+
+
+def test_torchruns_world_of_one_runs_the_nccl_path(fake_gpus, monkeypatch):
+    calls, _ = fake_gpus
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    distributed.setup("auto")
+    assert calls[1] == ("init_process_group", {"backend": "nccl", "device_id": torch.device("cuda", 0)})
 
 
 def test_one_process_joins_no_group_and_a_missing_gpu_is_named(fake_gpus, monkeypatch):

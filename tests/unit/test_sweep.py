@@ -82,6 +82,10 @@ def test_grid_times_zip_times_seeds_and_stable_ids(tmp_path):
         ),
         ({"zip": {"crops.num_local": [2, 4], "optim.batch_size": [8]}}, "must have the same length"),
         ({"grid": {"train.workers": [1, 2]}}, "two runs have the same config"),
+        (
+            {"resources": {"knn": {"nodes": 2, "tasks_per_node": 8, "gpus_per_node": 4}}},
+            "resources.knn: tasks_per_node=8 > gpus_per_node=4",
+        ),
     ],
 )
 def test_sweep_errors_name_the_file_and_the_key(tmp_path, content, message):
@@ -118,3 +122,23 @@ def test_sbatch_script_matches_the_golden_file():
     for line in ("#SBATCH --array=0-1%2", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --ntasks-per-node=8", "#SBATCH --nodes=2", "#SBATCH --signal=USR2@180"):  # fmt: skip
         assert line in text
+
+
+def test_status_shows_an_error_with_brackets_as_text(tmp_path):
+    """A rank that died takes the others down with gloo's '[/…/pair.cc:561] Connection closed by
+    peer': rich read that as a closing markup tag and `sweep status` crashed (MarkupError)."""
+    from rich.console import Console
+
+    from launcher import records
+    from launcher.status import status_table
+
+    sweep = load_sweep(write_sweep(tmp_path, grid={"model.patch_size": [8]}))
+    (run,) = expand(sweep)
+    error = "RuntimeError: [/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer"
+    records.update_record(run.run_dir, state=records.FAILED, error=f"Traceback ...\n{error}")
+    console = Console(width=400, record=True)
+    console.print(status_table(sweep, [run]))
+    assert (
+        "[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer"
+        in console.export_text()
+    )

@@ -218,6 +218,14 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
                                   "scaler": scaler, "loss": loss_fn}, spe)  # fmt: skip
     resumed_from = latest.step if latest else None
     start_step = resumed_from or 0
+    # Every rank reads the checkpoint itself: on a node-local run.dir the others would silently
+    # start over while rank 0 resumes.
+    found = distributed.all_gather_object(start_step)
+    if len(set(found)) > 1:
+        raise ConfigError(
+            f"the ranks see different checkpoints in run.dir={cfg.run.dir} (newest step by rank: {found}): "
+            "run.dir must be one folder shared by every node (a shared file system or s3://), not a node-local path"
+        )
     if distributed.is_initialized():  # torchrun's world of 1 too: the multi-GPU code path on one GPU
         student = DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None

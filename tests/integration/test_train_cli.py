@@ -71,3 +71,34 @@ def test_two_process_gloo_ddp_matches_one_process_on_the_same_global_batch(tmp_p
     assert sorted(curves[0]) == sorted(curves[1]) == [8, 16]
     for step in (8, 16):  # weights agree to 1e-4: at most one near-tie query may flip
         assert abs(curves[0][step] - curves[1][step]) <= 100 / 63 + 1e-9, curves
+
+
+@pytest.mark.slow
+def test_ranks_that_do_not_share_the_run_folder_are_refused_on_resume(tmp_path):
+    """A node-local run.dir (simulated: one folder per rank) would let rank 0 resume while the other
+    ranks start over; every rank compares the checkpoint it found and all refuse, naming run.dir."""
+    args = [
+        *TINY,
+        "train.workers=0",
+        "optim.batch_size=4",
+        "run.dir=" + str(tmp_path) + "/rank${oc.env:RANK}",
+    ]
+
+    def torchrun(*extra):
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "-m", "launcher.cli", "train", *args, *extra],
+            capture_output=True, text=True, env=env(), cwd=REPO, timeout=600,
+        )  # fmt: skip
+
+    first = torchrun("train.max_steps=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert checkpoint.complete_steps(str(tmp_path / "rank0")) == [4]  # rank 0 alone writes
+    assert checkpoint.complete_steps(str(tmp_path / "rank1")) == []
+    again = torchrun()
+    assert again.returncode != 0
+    # Both ranks exit with the one-line error (torchrun then prints its own ChildFailedError).
+    errors = [line for line in again.stderr.splitlines() if line.startswith("dinolab train: error:")]
+    assert len(errors) == 2 and all("the ranks see different checkpoints in run.dir=" in e for e in errors)
+    assert all("(newest step by rank: [4, 0])" in e and "shared by every node" in e for e in errors)
+    assert checkpoint.complete_steps(str(tmp_path / "rank0")) == [4]  # nothing trained, nothing lost

@@ -12,6 +12,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -280,6 +282,13 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DinoConfig:
 
 def _explain_compose_error(err: Exception, overrides: list[str] | tuple[str, ...]) -> str:
     """Turn Hydra/OmegaConf errors into one line naming the key and the nearest valid name."""
+    from omegaconf.errors import OmegaConfBaseException, ValidationError
+
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, ValidationError):
+        cause = cause.__cause__  # Hydra's "Error merging override" wraps OmegaConf's reason
+    if cause is not None and cause.full_key:
+        return _explain_type_error(cause, overrides)
     msg = str(err).strip().splitlines()[0]
     for ov in overrides:
         key = ov.split("=", 1)[0].lstrip("+~")
@@ -292,8 +301,50 @@ def _explain_compose_error(err: Exception, overrides: list[str] | tuple[str, ...
             near = difflib.get_close_matches(key, valid, n=1)
             hint = f"; did you mean {near[0]}?" if near else ""
             return f"unknown config key '{key}'{hint}"
+    if isinstance(err, OmegaConfBaseException) and err.full_key and err.msg:
+        return f"{err.full_key}: {err.msg.strip().splitlines()[0]}"  # without reference_type=... lines
     full = str(err).strip().replace("\n", " ")
     return full if len(full) < 400 else msg
+
+
+# What a value of a schema type must be, by the type's name as written in the dataclasses above.
+_TYPE_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "tuple[float, float]": "a list of 2 numbers",
+}
+
+
+def _schema_field(key: str) -> tuple[str, Any] | None:
+    """(type name, default) of a dotted schema key, e.g. ('int', 64) for optim.batch_size."""
+    *parents, name = key.split(".")
+    node: Any = DinoConfig()
+    for part in parents:
+        node = getattr(node, part, None)
+    if not dataclasses.is_dataclass(node) or name not in {f.name for f in dataclasses.fields(node)}:
+        return None
+    hint = typing.get_type_hints(type(node))[name]
+    type_name = str(hint) if typing.get_origin(hint) else hint.__name__  # tuple[float, float] / int
+    return type_name, getattr(node, name)
+
+
+def _explain_type_error(cause: Any, overrides: list[str] | tuple[str, ...]) -> str:
+    """`optim.batch_size='abc' is not an integer; expected int, e.g. optim.batch_size=64`: the key,
+    the value as given, the reason and the expected type (OmegaConf's text only when the key is not
+    a schema field)."""
+    key = re.sub(r"(\[\d+\])+$", "", str(cause.full_key))  # crops.global_scale[0] -> crops.global_scale
+    given = [ov.split("=", 1)[1] for ov in overrides if "=" in ov and ov.split("=", 1)[0].lstrip("+~") == key]
+    value = given[-1] if given else cause.value
+    schema = _schema_field(key)
+    if schema is None:
+        return f"{key}={value!r}: {(cause.msg or str(cause)).strip().splitlines()[0]}"
+    type_name, default = schema
+    words = _TYPE_WORDS.get(type_name, f"of type {type_name}")
+    example = json.dumps(list(default) if isinstance(default, tuple) else default).replace(" ", "").strip('"')
+    hint = f", e.g. {key}={example}" if example else ""
+    return f"{key}={value!r} is not {words}; expected {type_name}{hint}"
 
 
 def to_dict(cfg: DinoConfig) -> dict[str, Any]:

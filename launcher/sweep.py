@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import itertools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     try:
         raw = yaml.safe_load(storage.read_text(path)) or {}
     except yaml.YAMLError as err:
-        raise SweepError(f"{path}: not valid YAML: {err}") from None
+        raise SweepError(_yaml_error(path, err)) from None
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: expected a mapping at the top level")
     extra_base = []
@@ -150,7 +151,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             stage = key.split(".", 1)[1]
             stages[stage] = [*(stages.get(stage) or []), *values]  # a "[...]" value parses to a list
         elif key in SWEEP_KEYS and key not in ("base", "grid", "zip", "resources", "eval_overrides"):
-            raw[key] = yaml.safe_load(value)
+            try:
+                raw[key] = yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                raise SweepError(_yaml_error(f"{path}: {ov}", err)) from None
         else:
             extra_base.append(ov)
     unknown = set(raw) - SWEEP_KEYS
@@ -172,8 +176,8 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         resources[stage] = Resources(**(res or {}))
         _check_gpus(path, stage, resources[stage])
     sweep = Sweep(path=path, resources=resources, **raw)
-    sweep.root = os.path.expandvars(str(sweep.root))  # root: /checkpoint/${USER}/dinolab
-    sweep.logs_root = os.path.expanduser(os.path.expandvars(str(sweep.logs_root or "")))
+    sweep.root = expand_env(str(sweep.root), path, "root")  # root: /checkpoint/${USER:-me}/dinolab
+    sweep.logs_root = os.path.expanduser(expand_env(str(sweep.logs_root or ""), path, "logs_root"))
     if storage.is_remote(sweep.logs_root):
         raise SweepError(
             f"{path}: logs_root: '{sweep.logs_root}' must be a shared filesystem path, not a URL"
@@ -201,6 +205,49 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if not sweep.seeds:
         raise SweepError(f"{path}: seeds must list at least one seed")
     return sweep
+
+
+def _yaml_error(path: str, err: yaml.YAMLError) -> str:
+    """One line: `file: line L, column C: not valid YAML: <the parser's problem> (while ...)`."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or getattr(err, "context", None)
+    if mark is None or not problem:
+        return f"{path}: not valid YAML: {' '.join(str(err).split())}"
+    text = f"{path}: line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {problem}"
+    context, where = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and context != problem:
+        text += f" ({context}" + (f" at line {where.line + 1}, column {where.column + 1})" if where else ")")
+    return text
+
+
+# $NAME, ${NAME} or ${NAME:-default}; the default is used when NAME is unset or empty, as in a shell.
+_ENV_VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_]\w*)(?::-(?P<default>[^${}]*))?\}|(?P<bare>[A-Za-z_]\w*))")
+
+
+def expand_env(value: str, path: str, key: str) -> str:
+    """Expand environment variables in a sweep file's path value (`root`, `logs_root`). Unlike
+    os.path.expandvars an unset variable without a default is an error, not a literal `${USER}`
+    that would end up in folder names (and in OmegaConf's interpolation of tracking.uri)."""
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match["braced"] or match["bare"], match["default"]
+        current = os.environ.get(name)
+        if default is not None:
+            return current or default
+        if current is None:
+            raise SweepError(
+                f"{path}: {key}: environment variable {name} is not set; "
+                f"set it or give a default: ${{{name}:-name}}"
+            )
+        return current
+
+    expanded = _ENV_VAR.sub(replace, value)
+    if "${" in expanded:
+        raise SweepError(
+            f"{path}: {key}: cannot expand '{value}'; write environment variables as $NAME, ${{NAME}} "
+            "or ${NAME:-default}"
+        )
+    return expanded
 
 
 def _tracking_uri(sweep: Sweep) -> str:

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 
 from dino.config import ConfigError, compose, config_hash, semantic_diff, to_dict
@@ -55,6 +58,51 @@ def test_unknown_group_value_lists_the_options():
 def test_wrong_type_names_the_key():
     with pytest.raises(ConfigError, match="optim.epochs"):
         compose(["optim.epochs=many"])
+
+
+WRONG_TYPES = [
+    (
+        "optim.batch_size=abc",
+        "optim.batch_size='abc' is not an integer; expected int, e.g. optim.batch_size=64",
+    ),
+    (
+        "optim.batch_size=1.5",
+        "optim.batch_size='1.5' is not an integer; expected int, e.g. optim.batch_size=64",
+    ),
+    ("optim.lr=fast", "optim.lr='fast' is not a number; expected float, e.g. optim.lr=0.0005"),
+    (
+        "train.compile=maybe",
+        "train.compile='maybe' is not true or false; expected bool, e.g. train.compile=false",
+    ),
+    ("train.precision=[1]", "train.precision='[1]' is not a string; expected str, e.g. train.precision=bf16"),
+    (
+        "crops.global_scale=[a,b]",
+        "crops.global_scale='[a,b]' is not a list of 2 numbers; expected tuple[float, float], "
+        "e.g. crops.global_scale=[0.4,1.0]",
+    ),
+]
+
+
+@pytest.mark.parametrize("override, message", WRONG_TYPES, ids=[o for o, _ in WRONG_TYPES])
+def test_wrong_type_gives_the_key_the_value_and_the_expected_type(override, message):
+    """Hydra's own line is only "Error merging override optim.batch_size=abc": the reason was lost."""
+    with pytest.raises(ConfigError) as err:
+        compose(["model=vit_test", override])
+    assert str(err.value) == message
+
+
+@pytest.mark.slow
+def test_wrong_type_through_the_cli_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "train", "model=vit_test", "optim.batch_size=abc"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "dinolab train: error: optim.batch_size='abc' is not an integer; expected int, e.g. optim.batch_size=64"
+    ]
+    assert not list(tmp_path.iterdir())  # refused before a run folder was made
 
 
 def test_a_key_added_later_keeps_old_run_ids_at_its_old_behaviour():

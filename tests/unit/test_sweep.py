@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import yaml
 
 from launcher.executors import sbatch_preview
 from launcher.plan import submitit_folder
-from launcher.sweep import SweepError, expand, load_sweep
+from launcher.sweep import SweepError, expand, expand_env, load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -86,6 +87,18 @@ def test_grid_times_zip_times_seeds_and_stable_ids(tmp_path):
             {"resources": {"knn": {"nodes": 2, "tasks_per_node": 8, "gpus_per_node": 4}}},
             "resources.knn: tasks_per_node=8 > gpus_per_node=4",
         ),
+        (
+            {"grid": {"optim.batch_size": [8, "abc"]}},
+            "run batch_sizeabc: optim.batch_size='abc' is not an integer; expected int, e.g. optim.batch_size=64",
+        ),
+        (
+            {"base": ["model=vit_test", "train.compile=maybe"]},
+            "train.compile='maybe' is not true or false; expected bool, e.g. train.compile=false",
+        ),
+        (
+            {"root": "/r/${oc.env:USER}"},
+            "root: cannot expand '/r/${oc.env:USER}'; write environment variables as",
+        ),
     ],
 )
 def test_sweep_errors_name_the_file_and_the_key(tmp_path, content, message):
@@ -142,3 +155,109 @@ def test_status_shows_an_error_with_brackets_as_text(tmp_path):
         "[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer"
         in console.export_text()
     )
+
+
+def bad_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\nbase: [model=vit_test\ngrid: {model.patch_size: [8]}\n")
+    return path
+
+
+def test_yaml_syntax_error_is_one_line_with_line_and_column(tmp_path):
+    """PyYAML's own message is 8 lines of context; the first (and only) line now says it all."""
+    path = bad_yaml(tmp_path)
+    with pytest.raises(SweepError) as err:
+        load_sweep(path)
+    assert str(err.value) == (
+        f"{path}: line 3, column 5: not valid YAML: expected ',' or ']', but got ':' "
+        "(while parsing a flow sequence at line 2, column 7)"
+    )
+    with pytest.raises(SweepError) as err:
+        load_sweep(REPO / "sweeps" / "quickstart.yaml", ["root=[a"])
+    assert "root=[a: line 1, column 3: not valid YAML: expected ',' or ']'" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "value, expanded",
+    [
+        ("/c/$USER/x", "/c/alice/x"),
+        ("/c/${USER}/x", "/c/alice/x"),
+        ("/c/${USER:-ci}/x", "/c/alice/x"),
+        ("/c/${DINOLAB_UNSET:-ci}/x", "/c/ci/x"),
+        ("/c/${DINOLAB_EMPTY:-ci}/x", "/c/ci/x"),  # as in a shell, :- also replaces an empty value
+        ("/c/${DINOLAB_EMPTY}x", "/c/x"),
+        ("s3://b/${DINOLAB_UNSET:-}dino", "s3://b/dino"),
+    ],
+)
+def test_environment_variables_and_defaults_in_paths(monkeypatch, value, expanded):
+    monkeypatch.setenv("USER", "alice")
+    monkeypatch.setenv("DINOLAB_EMPTY", "")
+    monkeypatch.delenv("DINOLAB_UNSET", raising=False)
+    assert expand_env(value, "s.yaml", "root") == expanded
+
+
+def patch_size_copy(tmp_path: Path, root: str | None = None) -> Path:
+    text = (REPO / "sweeps" / "patch_size.yaml").read_text()
+    assert "root: /checkpoint/${USER}/dinolab" in text
+    path = tmp_path / "patch_size.yaml"
+    path.write_text(text.replace("/checkpoint/${USER}/dinolab", root) if root else text)
+    return path
+
+
+def unset_user_message(path: Path) -> str:
+    return f"{path}: root: environment variable USER is not set; set it or give a default: ${{USER:-name}}"
+
+
+def test_unset_user_names_the_variable_and_the_file(tmp_path, monkeypatch):
+    """Containers, CI and cron have no $USER: OmegaConf said "Interpolation key 'USER' not found"
+    about tracking.uri, a key that is not in the sweep file."""
+    monkeypatch.delenv("USER", raising=False)
+    path = patch_size_copy(tmp_path)
+    with pytest.raises(SweepError) as err:
+        load_sweep(path)
+    assert str(err.value) == unset_user_message(path)
+    with pytest.raises(SweepError, match="logs_root: environment variable USER is not set"):
+        load_sweep(path, ["root=/r", "logs_root=/shared/$USER"])
+    assert load_sweep(path, ["root=/r"]).root == "/r"  # a root given on the command line needs no USER
+
+
+def test_a_default_for_an_unset_user(tmp_path, monkeypatch):
+    monkeypatch.delenv("USER", raising=False)
+    path = patch_size_copy(tmp_path, "/checkpoint/${USER:-ci}/dinolab")
+    sweep = load_sweep(path)
+    assert sweep.root == "/checkpoint/ci/dinolab"
+    assert sweep.tracking_uri == "sqlite:////checkpoint/ci/dinolab/mlflow.db"
+    runs = expand(sweep)
+    assert [r.run_dir for r in runs] == [f"/checkpoint/ci/dinolab/patch_size/{r.label}" for r in runs]
+    assert all(r.config.tracking.uri == sweep.tracking_uri for r in runs)
+    monkeypatch.setenv("USER", "alice")  # where USER is set it wins over the default
+    assert load_sweep(path).root == "/checkpoint/alice/dinolab"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["yaml_syntax", "wrong_type", "unset_user", "user_default"])
+def test_sweep_plan_through_the_cli(tmp_path, monkeypatch, case):
+    """The real `dinolab sweep plan`: a user's mistake is one line on stderr, exit code 2."""
+    monkeypatch.delenv("USER", raising=False)  # the child process inherits os.environ
+    if case == "yaml_syntax":
+        path = bad_yaml(tmp_path)
+        line = f"{path}: line 3, column 5: not valid YAML: expected ',' or ']', but got ':'"
+    elif case == "wrong_type":
+        path = write_sweep(tmp_path, grid={"optim.batch_size": ["abc"]})
+        line = f"{path}: run batch_sizeabc: optim.batch_size='abc' is not an integer; expected int, e.g. optim.batch_size=64"
+    elif case == "unset_user":
+        path = patch_size_copy(tmp_path)
+        line = unset_user_message(path)
+    else:
+        path = patch_size_copy(tmp_path, "/checkpoint/${USER:-ci}/dinolab")
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "sweep", "plan", str(path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert "Traceback" not in proc.stderr
+    if case == "user_default":
+        assert proc.returncode == 0, proc.stderr
+        assert "2 runs in /checkpoint/ci/dinolab/patch_size" in proc.stdout
+    else:
+        assert proc.returncode == 2
+        (only,) = proc.stderr.strip().splitlines()
+        assert only.startswith(f"dinolab sweep: error: {line}")

@@ -78,7 +78,7 @@ class CheckpointWriter:
     ) -> None:
         start = time.monotonic()
         try:
-            path = checkpoint.publish(self.run_dir, step, data, self.config_hash, self.keep_last)
+            published = checkpoint.publish(self.run_dir, step, data, self.config_hash, self.keep_last)
             for run_log, content in snapshots:
                 storage.atomic_write_bytes(run_log.path, content)
                 run_log.published(len(content))  # closing the log uploads only what comes after
@@ -91,8 +91,9 @@ class CheckpointWriter:
             return
         self._failure = None
         self.last_complete = step
-        log.info(
-            "checkpoint %s (%.1f MB; %.2f s serialising in the loop, %.2f s writing in the background)",
-            path, len(data) / 1e6, serialize_s, time.monotonic() - start,
-        )  # fmt: skip
-        self.on_complete(step, path)
+        if published.written:  # otherwise publish() said that it kept the valid checkpoint there
+            log.info(
+                "checkpoint %s (%.1f MB; %.2f s serialising in the loop, %.2f s writing in the background)",
+                published.path, len(data) / 1e6, serialize_s, time.monotonic() - start,
+            )  # fmt: skip
+        self.on_complete(step, published.path)

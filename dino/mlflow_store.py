@@ -1,7 +1,9 @@
 """The MLflow store: clients, the SQLite write lock, experiments and runs.
 
 Used by the training tracker, the sweep launcher (which creates the experiment and every run before
-a job starts) and the reports. MLflow is imported lazily: it costs about a second.
+a job starts) and the reports, which only read: they check `missing_store` first, since MLflow
+creates a missing SQLite or file store (and its folders) as soon as it opens it. MLflow is imported
+lazily: it costs about a second.
 
 SQLite stores are shared by all the processes of a machine (a local sweep runs several jobs at
 once), and SQLite plus MLflow's schema migration are not safe to race: the first two processes to
@@ -17,6 +19,7 @@ import fcntl
 import os
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 # dinolab retries failed tracking calls itself, in the background; MLflow's own HTTP retries (7, with
 # exponential backoff: minutes) would only hold a batch back long after the server is up again.
@@ -31,6 +34,23 @@ PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVAL
 def sqlite_path(uri: str) -> str | None:
     """The database file of a `sqlite:///relative` or `sqlite:////absolute` URI (None otherwise)."""
     return os.path.abspath(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def local_store_path(uri: str) -> str | None:
+    """The database file (`sqlite:///`) or folder (`file:`) of a store on this machine; None for a
+    server."""
+    if path := sqlite_path(uri):
+        return path
+    if uri.startswith("file:"):
+        return os.path.abspath(urlsplit(uri).path)
+    return None
+
+
+def missing_store(uri: str) -> str | None:
+    """The path of a local store that does not exist (None when it does, or for a server). Readers
+    check it first: MLflow creates a store (and its folders) on first use, even to read."""
+    path = local_store_path(uri)
+    return path if path is not None and not os.path.exists(path) else None
 
 
 def sqlite_uri(folder: str) -> str:

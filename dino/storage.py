@@ -9,7 +9,9 @@ Object stores: credentials and the endpoint come from the environment (`AWS_ACCE
 `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`, `AWS_PROFILE`) and are never written anywhere by dinolab;
 `configure()` adds non-secret fsspec options (endpoint, region) from the config. Missing credentials, a
 missing bucket and an unreachable endpoint raise `StorageError` with a message that says which;
-connection failures are retried a few times first.
+connection failures are retried a few times first. Before the first write to a bucket the endpoint
+is reached with a plain TCP connection (s3fs answers "no such bucket" for an endpoint it cannot
+reach, after botocore's retries), so a refused connection is reported as such, in seconds.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import contextlib
 import logging
 import os
 import posixpath
+import socket
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from typing import IO, Any, TypeVar
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -34,6 +38,8 @@ T = TypeVar("T")
 # with AWS_MAX_ATTEMPTS / AWS_RETRY_MODE); DINOLAB_STORAGE_RETRIES overrides it.
 RETRIES = max(1, int(os.environ.get("DINOLAB_STORAGE_RETRIES", "3")))
 RETRY_WAIT_S = 1.0
+# How long one TCP connection to the endpoint may take before it counts as unreachable.
+CONNECT_TIMEOUT_S = 5.0
 # Object-store options dinolab always sets: listings are read fresh (another process may have written
 # a checkpoint since), and the endpoint of `AWS_ENDPOINT_URL` is honoured by botocore itself.
 _DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"s3": {"use_listings_cache": False}}
@@ -68,6 +74,80 @@ def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
 def _endpoint() -> str:
     configured = _options.get("s3", {}).get("client_kwargs", {}).get("endpoint_url")
     return configured or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
+
+
+def _resolved_endpoint(fs: fsspec.AbstractFileSystem) -> str:
+    """The S3 endpoint as botocore resolved it (config, environment, AWS profile or AWS itself)."""
+    try:
+        return fs.connect().meta.endpoint_url
+    except Exception:  # noqa: BLE001 - only for a message
+        return _endpoint()
+
+
+def _advice() -> str:
+    """Where the endpoint comes from, for an "unreachable" error."""
+    if _options.get("s3", {}).get("client_kwargs", {}).get("endpoint_url"):
+        return "check storage.endpoint_url and the network"
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        return "check AWS_ENDPOINT_URL and the network"
+    return "check the network, or set storage.endpoint_url or AWS_ENDPOINT_URL"
+
+
+def _unreachable(what: str, path: str, endpoint: str, reason: str) -> StorageError:
+    attempts = f"{RETRIES} attempt{'s' if RETRIES > 1 else ''}"
+    return StorageError(
+        f"cannot reach the S3 endpoint {endpoint} to {what} {path} ({reason}; {attempts}): {_advice()}"
+    )
+
+
+def _connect_error(endpoint: str) -> str:
+    """Why a TCP connection to `endpoint` fails ("" when it connects)."""
+    url = urlsplit(endpoint)
+    host = url.hostname or ""
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:
+        return f"no valid port in {endpoint!r}"
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            return ""
+    except ConnectionRefusedError:
+        return "connection refused"
+    except socket.gaierror:
+        return f"unknown host '{host}'"
+    except TimeoutError:
+        return f"no answer within {CONNECT_TIMEOUT_S:g} s"
+    except OSError as err:
+        return err.strerror or str(err)
+
+
+def _behind_proxy(fs: fsspec.AbstractFileSystem, endpoint: str) -> bool:
+    """True when botocore talks to `endpoint` through an HTTP proxy (HTTPS_PROXY etc., or the
+    client's config), so a direct connection says nothing."""
+    import urllib.request
+
+    url = urlsplit(endpoint)
+    if getattr(fs.connect().meta.config, "proxies", None):
+        return True
+    return url.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(url.hostname or "")
+
+
+def _check_reachable(fs: fsspec.AbstractFileSystem, what: str, path: str) -> None:
+    """Raise StorageError when the object store's endpoint refuses or does not answer a TCP
+    connection (retried like any connection failure)."""
+    if type(fs).__name__ != "S3FileSystem":
+        return
+    endpoint = _resolved_endpoint(fs)
+    if _behind_proxy(fs, endpoint):  # the endpoint itself may be closed to us: the proxy reaches it
+        return
+    for attempt in range(1, RETRIES + 1):
+        reason = _connect_error(endpoint)
+        if not reason:
+            return
+        if attempt == RETRIES:
+            raise _unreachable(what, path, endpoint, reason)
+        log.info("S3 endpoint %s: %s; retrying (%d/%d)", endpoint, reason, attempt, RETRIES)
+        time.sleep(RETRY_WAIT_S * 2 ** (attempt - 1))
 
 
 def _error_kind(err: BaseException) -> str:
@@ -123,10 +203,8 @@ def _call(what: str, path: str, fn: Callable[[], T]) -> T:
             if kind != "connection":
                 raise
             if attempt == RETRIES:
-                raise StorageError(
-                    f"cannot {what} {path}: the object store at {_endpoint()} is unreachable "
-                    f"({type(err).__name__}: {err}; {RETRIES} attempts). Check AWS_ENDPOINT_URL and the network."
-                ) from None
+                endpoint = _resolved_endpoint(_fs(path)[0])
+                raise _unreachable(what, path, endpoint, f"{type(err).__name__}: {err}") from None
             log.warning("%s %s failed (%s); retrying (%d/%d)", what, path, err, attempt, RETRIES)
             time.sleep(RETRY_WAIT_S * 2 ** (attempt - 1))
     raise AssertionError("unreachable")
@@ -140,6 +218,7 @@ def _check_bucket(path: str) -> None:
     bucket = p.split("/", 1)[0]
     if bucket in _checked_buckets:
         return
+    _check_reachable(fs, "write", path)
     if not _call("check the bucket of", path, lambda: fs.exists(bucket)):
         if _no_credentials():
             raise _credentials_error("write", path)

@@ -1,8 +1,9 @@
 """MLflow -> one tidy DataFrame: a row per run of a sweep, with its axes, seed, state and metrics.
 
 Reads only the tracking store (`mlflow.search_runs`), so a report can be made on a laptop pointed at
-the cluster's `mlflow server`. Metric values are the latest logged ones: the final training step,
-the evaluation of the newest checkpoint.
+the cluster's `mlflow server`; a local store (SQLite, file) that does not exist is an error, never
+created. Metric values are the latest logged ones: the final training step, the evaluation of the
+newest checkpoint.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class ReportError(ValueError):
 def search(uri: str, experiment: str) -> pd.DataFrame:
     import mlflow
 
+    from dino.mlflow_store import missing_store
+
+    if missing_store(uri):  # opening it would create it: a report creates nothing
+        raise ReportError(f"no MLflow store at {uri}: nothing has been tracked there")
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         raise ReportError(f"no experiment '{experiment}' in {uri} (has the sweep been submitted?)")

@@ -13,6 +13,9 @@ The table has one row per ablation value (mean ± std over finished seeds, n), t
 (pending/running/preempted/failed/finished, and collapse or divergence flags), the best value in bold.
 Metrics: knn_top1@20 (default), knn_top1@10/100/200, knn_top5@k, linear_top1, linear_best_top1 (best
 over epochs, as the paper reports), img_per_s, memory_gib, gpu_hours, epoch, loss, teacher_entropy.
+
+A report only reads: a sweep that has not run (no SQLite store yet), an unknown experiment or one
+without runs is one line and exit code 2, and nothing is created.
 """
 
 
@@ -41,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _source(args: argparse.Namespace) -> tuple[str, str, list[str], str]:
     """(tracking URI, experiment, default axes, sweep folder or "")."""
+    from dino.mlflow_store import missing_store
     from launcher.errors import UserError
 
     if args.sweep_file:
@@ -50,6 +54,9 @@ def _source(args: argparse.Namespace) -> tuple[str, str, list[str], str]:
         uri = args.tracking_uri or sweep.tracking_uri
         if not uri:
             raise UserError(f"sweep {args.sweep_file} has tracking_uri none: nothing was tracked")
+        if missing_store(uri):  # a report creates nothing (MLflow would create the store and its folder)
+            submit = " ".join(["dinolab sweep submit", args.sweep_file, *args.overrides])
+            raise UserError(f"no MLflow store at {uri}: the sweep has not run (submit it first: {submit})")
         return uri, args.experiment or sweep.name, [*sweep.grid, *sweep.zip], sweep.folder
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not (uri and args.experiment):

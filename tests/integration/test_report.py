@@ -100,3 +100,30 @@ def test_html_page_holds_tables_and_plots(fake_sweep, tmp_path):
 def test_unknown_experiment_is_one_clear_error(fake_sweep):
     proc = dinolab("report", "--experiment", "nope", "--tracking-uri", fake_sweep)
     assert proc.returncode == 2 and "no experiment 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_report_of_a_sweep_that_never_ran_creates_nothing(tmp_path):
+    """A report only reads: on a sweep that was never submitted it says so in one line (exit 2)
+    instead of letting MLflow create an empty store (and the sweep's root) to read from."""
+    sweep_file = tmp_path / "fresh.yaml"
+    sweep_file.write_text(
+        "name: fresh\nroot: " + str(tmp_path / "root") + "\nbase: [model=vit_test]\n"
+        "grid:\n  teacher.momentum: [0.9, 0.996]\nseeds: [0]\n"
+    )
+    proc = dinolab("report", str(sweep_file))
+    store = f"sqlite:///{tmp_path / 'root' / 'mlflow.db'}"
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        f"dinolab report: error: no MLflow store at {store}: the sweep has not run "
+        f"(submit it first: dinolab sweep submit {sweep_file})\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.yaml"]  # no root, no mlflow.db
+
+    db = tmp_path / "elsewhere" / "mlflow.db"  # the same without a sweep file
+    proc = dinolab("report", "--experiment", "fresh", "--tracking-uri", f"sqlite:///{db}")
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        proc.stderr
+        == f"dinolab report: error: no MLflow store at sqlite:///{db}: nothing has been tracked there\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.yaml"]

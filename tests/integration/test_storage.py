@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -110,10 +111,57 @@ def test_unreachable_endpoint_is_retried_then_reported(s3_env, monkeypatch):
     monkeypatch.setattr(storage, "RETRY_WAIT_S", 0.1)
     s3_env.stop_proxy()
     try:
-        with pytest.raises(storage.StorageError, match="unreachable.*AWS_ENDPOINT_URL"):
+        with pytest.raises(
+            storage.StorageError, match="cannot reach the S3 endpoint .*2 attempts.*AWS_ENDPOINT_URL"
+        ):
             storage.read_bytes("s3://dinolab-test/anything")
     finally:
         s3_env.start_proxy()
+
+
+def _closed_port() -> int:
+    """A port nothing listens on: bound, then closed (a connection to it is refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_endpoint_is_not_a_missing_bucket(s3_env, monkeypatch):
+    """s3fs answers "no such bucket" for an endpoint it cannot reach (after ~24 s of botocore
+    retries); the bucket check reaches the endpoint first and says so, in seconds."""
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setattr(storage, "RETRIES", 3)  # the default
+    monkeypatch.setattr(storage, "_options", {})
+    monkeypatch.setattr(storage, "_checked_buckets", set())
+    storage.configure(endpoint)
+    start = time.monotonic()
+    with pytest.raises(storage.StorageError) as err:
+        storage.makedirs("s3://bucket/x")
+    took = time.monotonic() - start
+    assert str(err.value) == (
+        f"cannot reach the S3 endpoint {endpoint} to write s3://bucket/x (connection refused; 3 attempts): "
+        "check storage.endpoint_url and the network"
+    )
+    assert took < 10, f"{took:.1f} s to report a refused connection"  # 3 s of waits between the attempts
+
+    result = dinolab("train", *TINY, "run.dir=s3://bucket/x", f"storage.endpoint_url={endpoint}")
+    assert result.returncode == 2, result.stderr
+    line = f"dinolab train: error: cannot reach the S3 endpoint {endpoint} to write s3://bucket/x (connection refused;"
+    assert result.stderr.startswith(line), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr  # one line
+
+
+def test_missing_bucket_at_a_configured_endpoint_is_named(s3_env, monkeypatch):
+    """The endpoint answers (the real S3 server, named by storage.endpoint_url): the bucket is missing."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")  # the config wins
+    result = dinolab(
+        "train", *TINY, "run.dir=s3://no-such-bucket-3/x", f"storage.endpoint_url={s3_env.endpoint}"
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        "dinolab train: error: cannot write s3://no-such-bucket-3/x: bucket 'no-such-bucket-3' does not "
+        f"exist at {s3_env.endpoint}. Create it first or fix the path.\n"
+    )
 
 
 def _wait_for(predicate, timeout_s: float, what: str) -> None:

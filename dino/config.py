@@ -44,6 +44,7 @@ NON_SEMANTIC_KEYS = (
     "train.checkpoint_every_minutes",
     "train.keep_last",
     "train.progress",
+    "train.wait_for_lock",
     "train.device",
     "train.compile",
     "monitor.",
@@ -184,6 +185,9 @@ class TrainConfig:
     """Complete checkpoints kept; older ones are removed once a newer one is complete."""
     progress: bool = True
     """Show a live progress bar when the console is a terminal."""
+    wait_for_lock: bool = False
+    """When another process trains this run.dir: wait for it to end (true) instead of refusing to
+    start (false). A requeued job whose previous allocation is still ending always waits."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from dino import checkpoint, distributed, rng, shards, storage
+from dino import checkpoint, distributed, rng, run_lock, shards, storage
 from dino.augment import MultiCropAugment, sample_seed
 from dino.batch_augment import BatchMultiCrop
 from dino.checkpoint_writer import CheckpointWriter
@@ -74,18 +75,22 @@ def run(
     cfg: DinoConfig,
     should_stop: Callable[[], bool] | None = None,
     on_progress: Callable[[dict[str, float]], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train (or continue training) the run described by `cfg`; see the module docstring.
 
-    `on_progress(metrics)` is called on rank 0 after every metric reduction and checkpoint (the
-    launcher keeps its run record's step, loss and heartbeat current with it).
+    `on_start()` is called on rank 0 once this process holds the run folder (dino/run_lock.py) and
+    before it writes anything; `on_progress(metrics)` on rank 0 after every metric reduction and
+    checkpoint (the launcher keeps its run record's step, loss and heartbeat current with them).
     """
     dist = distributed.setup(cfg.train.device)  # the rank's device, then its process group
     device = dist.device
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
     logs: dict[str, storage.AppendLog] = {}
+    lock = _lock_run_dir(cfg, dist, should_stop or (lambda: False))  # before any write: one writer
     if dist.is_main:
-        storage.makedirs(cfg.run.dir)  # an object store: checks the bucket exists
+        if on_start is not None:
+            on_start()
         logs = {
             name: storage.AppendLog(storage.join(cfg.run.dir, name))
             for name in ("train.log", "metrics.jsonl")
@@ -93,8 +98,9 @@ def run(
     setup_logging(logs["train.log"].local_path if logs else None)
     try:
         prepare_run_dir(cfg, dist.is_main)  # before tracking: a folder of another config is refused
+        guard = lock.check if lock is not None else (lambda: None)
         return _tracked(
-            cfg, device, dist, logs, should_stop or (lambda: False), on_progress or (lambda m: None)
+            cfg, device, dist, logs, should_stop or (lambda: False), on_progress or (lambda m: None), guard
         )
     finally:
         distributed.destroy()
@@ -104,9 +110,41 @@ def run(
                 run_log.close()
             except storage.StorageError as err:
                 log.error("%s", err)
+        if lock is not None:
+            lock.release()
 
 
-def _tracked(cfg, device, dist, logs, should_stop, on_progress) -> TrainResult:
+def _lock_run_dir(
+    cfg: DinoConfig, dist: distributed.DistInfo, give_up: Callable[[], bool]
+) -> run_lock.RunLock | None:
+    """Rank 0 takes the run folder's lock (the others share it); when it is held elsewhere every
+    rank raises RunLocked naming the holder. `train.wait_for_lock`, or a holder that is an earlier
+    allocation of this same SLURM job (a requeue overlapping it), waits instead."""
+    lock, refusal = None, ""
+    if dist.is_main:
+        storage.makedirs(cfg.run.dir)  # an object store: checks the bucket exists
+        lock = run_lock.RunLock(cfg.run.dir)
+        wait = True if cfg.train.wait_for_lock else run_lock.same_slurm_job
+
+        def waiting(holder: str) -> None:
+            print(
+                f"dinolab train: {cfg.run.dir} is being trained by {holder}; waiting for it",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        try:
+            lock.acquire(wait=wait, on_wait=waiting, give_up=give_up)
+        except run_lock.RunLocked as err:
+            refusal = str(err)
+    refusal = distributed.all_gather_object(refusal)[0]  # rank 0's outcome, on every rank
+    if refusal:
+        distributed.destroy()
+        raise run_lock.RunLocked(refusal)
+    return lock
+
+
+def _tracked(cfg, device, dist, logs, should_stop, on_progress, guard) -> TrainResult:
     """Train with the tracker open; its MLflow run ends FINISHED, KILLED (stopped to be requeued)
     or FAILED."""
     tracker = build_tracker(cfg, dist.is_main)
@@ -114,7 +152,7 @@ def _tracked(cfg, device, dist, logs, should_stop, on_progress) -> TrainResult:
     try:
         tracker.set_tags({"dinolab.config_hash": config_hash(cfg)})
         tracker.log_artifact(storage.join(cfg.run.dir, "config.yaml"))
-        result = _train(cfg, device, dist, tracker, logs, should_stop, on_progress)
+        result = _train(cfg, device, dist, tracker, logs, should_stop, on_progress, guard)
         status = "FINISHED" if result.finished else "KILLED"
         if result.finished and logs:
             tracker.log_artifact(logs["metrics.jsonl"].local_path, "")
@@ -182,7 +220,9 @@ def build_models(cfg: DinoConfig, device: torch.device):
     return student, teacher, loss_fn.to(device), optimizer, scaler
 
 
-def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainResult:
+def _train(cfg, device, dist, tracker, logs, should_stop, on_progress, guard) -> TrainResult:
+    """`guard()` raises when this process no longer holds the run folder (a remote lease taken over):
+    called before each checkpoint, so a process that lost the folder never writes into it again."""
     run_hash = config_hash(cfg)
     log.info("run %s (config %s) on %s, %d process(es)", cfg.run.dir, run_hash, device, dist.world_size)
     # Randomness after initialisation (drop path) gets a per-rank stream, set below.
@@ -262,6 +302,7 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress) -> TrainR
         rng_states = distributed.all_gather_object(rng.capture())
         if not dist.is_main:
             return
+        guard()
         payload = {
             "student": student_module.state_dict(),
             "teacher": teacher.state_dict(),

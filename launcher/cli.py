@@ -31,6 +31,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from dino.config import ConfigError
     from dino.data import DatasetNotFoundError
     from dino.distributed import DeviceError
+    from dino.run_lock import LockLost, RunLocked
     from dino.storage import StorageError
     from dino.train import ConfigMismatchError
     from dino.train_metrics import NonFiniteLossError
@@ -44,6 +45,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ConfigError,
         DatasetNotFoundError,
         DeviceError,
+        RunLocked,
+        LockLost,
         ConfigMismatchError,
         NonFiniteLossError,
         CheckpointError,

@@ -49,12 +49,13 @@ class TrainJob(submitit.helpers.Checkpointable):
         )  # local executor parallelism (local_slots.py)
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
+        self._started = False
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_stop", "_thread")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_stop", "_thread", "_started")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _stop=None, _thread=None)
+        self.__dict__.update(state, _stop=None, _thread=None, _started=False)
 
     def __call__(self) -> dict[str, Any]:
         from dino.config import compose
@@ -69,7 +70,9 @@ class TrainJob(submitit.helpers.Checkpointable):
             slot = acquire(self.slots_dir, self.local_slots)
         cfg = compose(self.overrides)
         main = rank == 0
-        if main:
+
+        def started() -> None:  # once this job holds the run folder: a refused job leaves the record
+            self._started = True
             prior = records.read_record(self.run_dir)
             records.update_record(self.run_dir, state=records.RUNNING, job_id=job_id, error="", pid=os.getpid(),
                                   requeues=prior.get("requeues", 0), started=time.time())  # fmt: skip
@@ -87,8 +90,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         def work() -> None:
             try:
                 outcome["result"] = run(
-                    cfg, should_stop=self._stop.is_set, on_progress=report if main else None
-                )
+                    cfg, should_stop=self._stop.is_set, on_progress=report if main else None,
+                    on_start=started if main else None,
+                )  # fmt: skip
             except BaseException as err:  # noqa: BLE001 - reported below, in the main thread
                 outcome["error"] = err
                 outcome["traceback"] = traceback.format_exc()
@@ -100,7 +104,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         if slot is not None:
             slot.close()
         if "error" in outcome:
-            if main:
+            from dino.run_lock import RunLocked
+
+            # Refused because another process trains the run: its record is the holder's, not ours.
+            if main and not isinstance(outcome["error"], RunLocked):
                 records.update_record(self.run_dir, state=records.FAILED, error=outcome["traceback"][-2000:])
             raise outcome["error"]
         result = outcome["result"]
@@ -116,7 +123,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         if self._thread is not None:
             self._thread.join()
         record = records.read_record(self.run_dir)
-        if record.get("state") != records.COMPLETED:
+        if self._started and record.get("state") != records.COMPLETED:  # not a job still waiting for the lock
             records.update_record(self.run_dir, state=records.REQUEUED, requeues=record.get("requeues", 0) + 1,
                                   requeued_at_step=record.get("step", 0))  # fmt: skip
         print(f"dinolab: requeueing {self.run_dir} at step {record.get('step')}", file=sys.stderr, flush=True)

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from dino import checkpoint
 from launcher import records, tracking_runs
+from launcher.errors import UserError
 from launcher.executors import build_executor
 from launcher.jobs import EvalJob, TrainJob
 from launcher.sweep import RunSpec, Sweep
@@ -51,14 +52,33 @@ class Todo:
     evals: list[str] = field(default_factory=list)  # evaluations still to run after (or without) pretraining
 
 
+class SchedulerError(UserError):
+    """SLURM did not answer or refused (sbatch, squeue, scancel); the message is its own."""
+
+
+def _slurm_message(stderr: str) -> str:
+    """The last line SLURM wrote, without the tool's prefix."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no message)"
+
+
 def _slurm_state(job_id: str) -> str:
-    """squeue's state of a job ("" once it left the queue, or where there is no SLURM client)."""
+    """squeue's state of a job ("" once it left the queue, or where there is no SLURM client).
+    A controller that does not answer is an error: a job it cannot see may still run."""
     try:
         out = subprocess.run(
             ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60
         )
-    except (FileNotFoundError, subprocess.TimeoutExpired):
+    except FileNotFoundError:
         return ""
+    except subprocess.TimeoutExpired:
+        raise SchedulerError(
+            f"squeue -j {job_id} did not answer in 60 s: is the SLURM controller up?"
+        ) from None
+    if out.returncode != 0 and "Invalid job id" not in out.stderr:
+        raise SchedulerError(
+            f"squeue failed (exit {out.returncode}) asking for job {job_id}: {_slurm_message(out.stderr)}"
+        )
     states = {s.strip() for s in out.stdout.split()}
     return next(iter(states)) if states else ""
 
@@ -163,11 +183,48 @@ def submit(sweep: Sweep, todos: list[Todo], executor: str, only: str | None = No
     train = [t for t in todos if t.action in wanted]
     eval_only = [t for t in todos if t.action == FINISHED and t.evals and not only]
     out = Submitted(skipped=[t for t in todos if t not in train and t not in eval_only])
+    before = {t.run.run_dir: records.snapshot(t.run.run_dir) for t in [*train, *eval_only]}
+    created: list[str] = []
+    try:
+        _submit_arrays(sweep, train, eval_only, executor, out, created)
+    except Exception as err:
+        # All or nothing: a refused array leaves no job queued, no record changed, no MLflow run.
+        for job in [j for _, j in out.pretrain] + [j for _, _, j in out.evals]:
+            with contextlib.suppress(Exception):  # the refusal is what the user must see
+                _cancel_job({"executor": executor, "job_id": str(job.job_id)}, {})
+        for run_dir, files in before.items():
+            records.restore(run_dir, files)
+        tracking_runs.rollback(sweep, created)
+        if isinstance(err, SubmitRefused):
+            raise SchedulerError(f"{sweep.path}: {err}; nothing was submitted") from None
+        raise
+    return out
+
+
+class SubmitRefused(RuntimeError):
+    """sbatch (or the local executor) refused an array; the message names the stage and the reason."""
+
+
+def _submit_array(ex: Any, stage: str, executor: str, jobs: list[Any]) -> list[Any]:
+    """Submit `jobs` as one array; SubmitRefused with the scheduler's own message when refused."""
+    import submitit
+
+    try:
+        with ex.batch():
+            return [ex.submit(job) for job in jobs]
+    except (submitit.core.utils.FailedJobError, OSError) as err:
+        res = ex._executor.parameters if executor == "slurm" else {}
+        where = f" (partition {res['partition']})" if res.get("partition") else ""
+        raise SubmitRefused(
+            f"{executor} refused the {stage} array{where}: {_slurm_message(str(err))}"
+        ) from None
+
+
+def _submit_arrays(sweep, train, eval_only, executor, out, created) -> None:
     folder = submitit_folder(sweep)
     local_slots = sweep.array_parallelism if executor == "local" else 0
-
     # Experiment, parent and child MLflow runs exist before any job starts (no races between jobs).
-    tracking_runs.prepare(sweep, [t.run for t in [*train, *eval_only]])
+    tracking_runs.prepare(sweep, [t.run for t in [*train, *eval_only]], created)
     for todo in train:  # fresh record state for the runs about to be (re)submitted
         # Evaluations chained to an earlier attempt wait on a pretraining that will never succeed.
         for job in records.read_jobs(todo.run.run_dir):
@@ -176,11 +233,8 @@ def submit(sweep: Sweep, todos: list[Todo], executor: str, only: str | None = No
         records.update_record(todo.run.run_dir, state=records.PENDING, error="", evals={})
     if train:
         ex = build_executor(sweep, "pretrain", executor, folder)
-        with ex.batch():
-            jobs = [
-                ex.submit(TrainJob(t.run.overrides, t.run.run_dir, local_slots, slots_folder(sweep)))
-                for t in train
-            ]
+        jobs = _submit_array(ex, "pretrain", executor,
+                             [TrainJob(t.run.overrides, t.run.run_dir, local_slots, slots_folder(sweep)) for t in train])  # fmt: skip
         for todo, job in zip(train, jobs, strict=True):
             _record_submission(todo.run, "pretrain", job, executor)
             out.pretrain.append((todo.run, job))
@@ -199,25 +253,20 @@ def submit(sweep: Sweep, todos: list[Todo], executor: str, only: str | None = No
                     dependency=f"aftercorr:{array_id}",
                 )
                 ex.update_parameters(slurm_additional_parameters=extra)
-            with ex.batch():
-                jobs = [ex.submit(EvalJob(protocol, t.run.run_dir, overrides, executor != "slurm", local_slots, slots_folder(sweep)))
-                        for t, _ in chained]  # fmt: skip
+            jobs = _submit_array(ex, protocol, executor,
+                                 [EvalJob(protocol, t.run.run_dir, overrides, executor != "slurm", local_slots,
+                                          slots_folder(sweep)) for t, _ in chained])  # fmt: skip
             for (todo, _), job in zip(chained, jobs, strict=True):
                 _record_submission(todo.run, protocol, job, executor)
                 out.evals.append((todo.run, protocol, job))
         if alone:
             ex = build_executor(sweep, protocol, executor, folder)
-            with ex.batch():
-                jobs = [
-                    ex.submit(
-                        EvalJob(protocol, t.run.run_dir, overrides, False, local_slots, slots_folder(sweep))
-                    )
-                    for t in alone
-                ]
+            jobs = _submit_array(ex, protocol, executor,
+                                 [EvalJob(protocol, t.run.run_dir, overrides, False, local_slots, slots_folder(sweep))
+                                  for t in alone])  # fmt: skip
             for todo, job in zip(alone, jobs, strict=True):
                 _record_submission(todo.run, protocol, job, executor)
                 out.evals.append((todo.run, protocol, job))
-    return out
 
 
 def wait(sweep: Sweep, runs: list[RunSpec], submitted: Submitted, console) -> bool:
@@ -273,7 +322,13 @@ def _result(job: Any) -> None:
 
 def _cancel_job(job: dict[str, Any], record: dict[str, Any]) -> None:
     if job["executor"] == "slurm":
-        subprocess.run(["scancel", job["job_id"]], check=False)
+        out = subprocess.run(["scancel", job["job_id"]], capture_output=True, text=True, check=False)
+        if (
+            out.returncode != 0
+            and "Invalid job id" not in out.stderr
+            and "already completing" not in out.stderr
+        ):
+            raise SchedulerError(f"scancel {job['job_id']} failed: {_slurm_message(out.stderr)}")
         return
     for pid in (record.get("pid"), int(job["job_id"])):
         if pid:

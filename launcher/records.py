@@ -46,6 +46,26 @@ def update_record(run_dir: str, **changes: Any) -> dict[str, Any]:
     return record
 
 
+def snapshot(run_dir: str) -> dict[str, str | None]:
+    """The run's two record files as they are (None: absent), for `restore`."""
+    files = {}
+    for name in (RECORD, JOBS):
+        path = storage.join(run_dir, name)
+        files[name] = storage.read_text(path) if storage.exists(path) else None
+    return files
+
+
+def restore(run_dir: str, files: dict[str, str | None]) -> None:
+    """Put back what `snapshot` saw (a submission that did not happen leaves no trace)."""
+    for name, text in files.items():
+        path = storage.join(run_dir, name)
+        if text is None:
+            if storage.exists(path):
+                storage.remove(path)
+        else:
+            storage.atomic_write_text(path, text)
+
+
 def read_jobs(run_dir: str) -> list[dict[str, Any]]:
     return _read(storage.join(run_dir, JOBS), [])
 

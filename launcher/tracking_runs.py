@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from dino import mlflow_store, storage
-from dino.tracking import read_link, write_link
+from dino.tracking import LINK, read_link, write_link
 from launcher.sweep import RunSpec, Sweep
 
 
@@ -34,14 +34,15 @@ def run_tags(sweep: Sweep, run: RunSpec, parent_id: str) -> dict[str, str]:
     return tags
 
 
-def prepare(sweep: Sweep, runs: list[RunSpec]) -> dict[str, str]:
+def prepare(sweep: Sweep, runs: list[RunSpec], created: list[str] | None = None) -> dict[str, str]:
     """Experiment, parent run and a child run for each of `runs` that has none yet; returns
-    {run_id: MLflow run id}. Nothing to do when the sweep has no tracking store."""
+    {run_id: MLflow run id} and appends the folders whose MLflow run it created to `created` (for
+    `rollback`). Nothing to do when the sweep has no tracking store."""
     uri = sweep.tracking_uri
     if not uri:
         return {}
     try:
-        return _prepare(sweep, runs, uri)
+        return _prepare(sweep, runs, uri, created if created is not None else [])
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise TrackingUnavailable(
@@ -50,7 +51,7 @@ def prepare(sweep: Sweep, runs: list[RunSpec]) -> dict[str, str]:
         ) from None
 
 
-def _prepare(sweep: Sweep, runs: list[RunSpec], uri: str) -> dict[str, str]:
+def _prepare(sweep: Sweep, runs: list[RunSpec], uri: str, created: list[str]) -> dict[str, str]:
     client = mlflow_store.client(uri)
     artifacts = storage.join(sweep.root, "mlartifacts", sweep.name) if storage.is_remote(sweep.root) else None
     experiment_id = mlflow_store.ensure_experiment(client, uri, sweep.name, artifacts)
@@ -60,6 +61,7 @@ def _prepare(sweep: Sweep, runs: list[RunSpec], uri: str) -> dict[str, str]:
                 "dinolab.axes": ",".join([*sweep.grid, *sweep.zip])}  # fmt: skip
         parent = mlflow_store.create_run(client, uri, experiment_id, sweep.name, tags)
         write_link(sweep.folder, uri, experiment_id, parent)
+        created.append(sweep.folder)
     ids = {}
     for run in runs:
         child = _linked_run(client, run.run_dir, uri)
@@ -68,8 +70,23 @@ def _prepare(sweep: Sweep, runs: list[RunSpec], uri: str) -> dict[str, str]:
                 client, uri, experiment_id, run.name, run_tags(sweep, run, parent), status="SCHEDULED"
             )
             write_link(run.run_dir, uri, experiment_id, child)
+            created.append(run.run_dir)
         ids[run.run_id] = child
     return ids
+
+
+def rollback(sweep: Sweep, created: list[str]) -> None:
+    """Delete the MLflow runs `prepare` created for a submission that did not happen, and their
+    links: the next submit creates them again, and MLflow shows no run waiting for a job that never
+    existed."""
+    if not sweep.tracking_uri or not created:
+        return
+    client = mlflow_store.client(sweep.tracking_uri)
+    for folder in created:
+        link = read_link(folder)
+        if link is not None:
+            client.delete_run(link["run_id"])
+            storage.remove(storage.join(folder, LINK))
 
 
 def _linked_run(client: Any, folder: str, uri: str) -> str | None:

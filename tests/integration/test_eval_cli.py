@@ -87,20 +87,28 @@ def test_user_errors_are_one_clear_line(tiny_run, tmp_path, args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
-def test_two_process_gloo_knn_equals_one_process(tiny_run, tmp_path):
+def one_and_two_processes(tiny_run, tmp_path, protocol: str, args: list[str]):
+    """`dinolab eval <protocol>` on two copies of the run: one process, and torchrun with 2 gloo
+    processes. Returns (single run dir, DDP run dir, the DDP process)."""
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
     for folder in (single_dir, ddp_dir):
         shutil.copytree(tiny_run, folder, ignore=shutil.ignore_patterns("eval"))
-    args = ["workers=0", "shard_size=16", "batch_size=8", "device=cpu"]
-    single = dinolab("eval", "knn", f"run.dir={single_dir}", *args)
+    single = dinolab("eval", protocol, f"run.dir={single_dir}", *args)
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "launcher.cli", "eval", "knn", f"run.dir={ddp_dir}", *args],
+         "-m", "launcher.cli", "eval", protocol, f"run.dir={ddp_dir}", *args],
         capture_output=True, text=True, env=env(), cwd=REPO, timeout=600,
     )  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    return single_dir, ddp_dir, ddp
+
+
+@pytest.mark.slow
+def test_two_process_gloo_knn_equals_one_process(tiny_run, tmp_path):
+    single_dir, ddp_dir, ddp = one_and_two_processes(
+        tiny_run, tmp_path, "knn", ["workers=0", "shard_size=16", "batch_size=8", "device=cpu"]
+    )
     assert ddp.stdout.count("k-NN (000000016)") == 1  # rank 0 prints
     (a,), (b,) = results(single_dir, "knn").values(), results(ddp_dir, "knn").values()
     assert a["top1"] == b["top1"] and a["top5"] == b["top5"]
@@ -113,19 +121,9 @@ def test_two_process_gloo_linear_probe_equals_one_process(tiny_run, tmp_path):
     Batch 9 of 64 images leaves a last batch of one image: rank 1 has nothing in it and still steps."""
     from dino import checkpoint
 
-    single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
-    for folder in (single_dir, ddp_dir):
-        shutil.copytree(tiny_run, folder, ignore=shutil.ignore_patterns("eval"))
     args = ["workers=0", "shard_size=16", "batch_size=8", "device=cpu", "linear.epochs=2",
             "linear.batch_size=9", "linear.lr=0.5", "linear.n_last_blocks=2"]  # fmt: skip
-    single = dinolab("eval", "linear", f"run.dir={single_dir}", *args)
-    assert single.returncode == 0, single.stderr
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "launcher.cli", "eval", "linear", f"run.dir={ddp_dir}", *args],
-        capture_output=True, text=True, env=env(), cwd=REPO, timeout=600,
-    )  # fmt: skip
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single_dir, ddp_dir, ddp = one_and_two_processes(tiny_run, tmp_path, "linear", args)
     assert ddp.stdout.count("linear probe (000000016)") == 1  # rank 0 prints
     (a,), (b,) = results(single_dir, "linear").values(), results(ddp_dir, "linear").values()
     assert a["num_train"] == b["num_train"] == 64 and b["finished"]

@@ -88,15 +88,15 @@ def run(
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
     logs: dict[str, storage.AppendLog] = {}
     lock = _lock_run_dir(cfg, dist, should_stop or (lambda: False))  # before any write: one writer
-    if dist.is_main:
-        if on_start is not None:
-            on_start()
-        logs = {
-            name: storage.AppendLog(storage.join(cfg.run.dir, name))
-            for name in ("train.log", "metrics.jsonl")
-        }
-    setup_logging(logs["train.log"].local_path if logs else None)
     try:
+        if dist.is_main:
+            if on_start is not None:
+                on_start()
+            logs = {
+                name: storage.AppendLog(storage.join(cfg.run.dir, name))
+                for name in ("train.log", "metrics.jsonl")
+            }
+        setup_logging(logs["train.log"].local_path if logs else None)
         prepare_run_dir(cfg, dist.is_main)  # before tracking: a folder of another config is refused
         guard = lock.check if lock is not None else (lambda: None)
         return _tracked(
@@ -120,9 +120,8 @@ def _lock_run_dir(
     """Rank 0 takes the run folder's lock (the others share it); when it is held elsewhere every
     rank raises RunLocked naming the holder. `train.wait_for_lock`, or a holder that is an earlier
     allocation of this same SLURM job (a requeue overlapping it), waits instead."""
-    lock, refusal = None, ""
+    lock, refusal, failure = None, "", None
     if dist.is_main:
-        storage.makedirs(cfg.run.dir)  # an object store: checks the bucket exists
         lock = run_lock.RunLock(cfg.run.dir)
         wait = True if cfg.train.wait_for_lock else run_lock.same_slurm_job
 
@@ -134,12 +133,21 @@ def _lock_run_dir(
             )
 
         try:
+            storage.makedirs(cfg.run.dir)  # an object store: checks the bucket exists
             lock.acquire(wait=wait, on_wait=waiting, give_up=give_up)
         except run_lock.RunLocked as err:
             refusal = str(err)
-    refusal = distributed.all_gather_object(refusal)[0]  # rank 0's outcome, on every rank
+        except BaseException as err:
+            failure = err
+            refusal = f"rank 0 could not start: {err}"
+    # Rank 0's outcome on every rank: none of them waits forever in a collective rank 0 never joins.
+    refusal = distributed.all_gather_object(refusal)[0]
     if refusal:
         distributed.destroy()
+        if failure is not None:
+            raise failure
+        if refusal.startswith("rank 0 could not start"):
+            raise RuntimeError(refusal)
         raise run_lock.RunLocked(refusal)
     return lock
 

@@ -41,9 +41,12 @@ def verify(run_dir: Path, last_step: int) -> None:
 
 
 def test_two_trainers_started_together_one_trains_the_other_is_refused(tmp_path):
-    run_dir = tmp_path / "run"
-    for round_, max_steps in enumerate((4, 8, 12, 16)):  # 16 = the whole run (2 epochs of 8 steps)
-        procs = [start(run_dir, f"train.max_steps={max_steps}") for _ in range(2)]
+    # 1,536 images: 192 steps an epoch, 384 in all, in 4 rounds of 96 steps (seconds of training,
+    # far more than the start-up skew of two processes started together: the loser always meets the
+    # winner still training).
+    run_dir, longer = tmp_path / "run", "data.num_samples=1536"
+    for round_, max_steps in enumerate((96, 192, 288, 384)):
+        procs = [start(run_dir, longer, f"train.max_steps={max_steps}") for _ in range(2)]
         outs = [p.communicate(timeout=300) for p in procs]
         codes = sorted(p.returncode for p in procs)
         assert codes == [0, 2], (round_, codes, [o[1][-1500:] for o in outs])

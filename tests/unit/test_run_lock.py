@@ -59,20 +59,37 @@ def test_wait_for_lock_waits_for_the_holder_to_end(tmp_path):
 
 
 def test_processes_started_at_the_same_instant_get_exactly_one_lock(tmp_path):
-    """Many rounds of 4 processes released by one barrier: each round exactly one holder."""
+    """Rounds of 4 processes released by one barrier (each spins on a file the test creates once all
+    are ready); the holder keeps the lock until the test releases it: each round exactly one holder,
+    however slow the machine."""
     code = (
-        "import sys, time\n"
+        "import sys, time, pathlib\n"
         "from dino.run_lock import RunLock, RunLocked\n"
-        "while time.time() < float(sys.argv[2]): pass\n"
-        "lock = RunLock(sys.argv[1])\n"
-        "try:\n    lock.acquire(); print('held', flush=True); time.sleep(1)\n"
+        "folder, ready, go, release = sys.argv[1:5]\n"
+        "lock = RunLock(folder)\n"
+        "pathlib.Path(ready).touch()\n"
+        "while not pathlib.Path(go).exists(): pass\n"
+        "try:\n"
+        "    lock.acquire(); print('held', flush=True)\n"
+        "    while not pathlib.Path(release).exists(): time.sleep(0.05)\n"
         "except RunLocked: print('refused', flush=True)\n"
     )
     for round_ in range(6):
-        folder = tmp_path / f"round{round_}"
-        go = time.time() + 4  # after every interpreter started: they contend together
-        procs = [subprocess.Popen([sys.executable, "-c", code, str(folder), str(go)], stdout=subprocess.PIPE,
-                                  text=True) for _ in range(4)]  # fmt: skip
+        folder, go, release = (
+            tmp_path / f"round{round_}",
+            tmp_path / f"go{round_}",
+            tmp_path / f"release{round_}",
+        )
+        ready = [tmp_path / f"ready{round_}-{i}" for i in range(4)]
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(folder), str(r), str(go), str(release)],
+                                  stdout=subprocess.PIPE, text=True) for r in ready]  # fmt: skip
+        deadline = time.time() + 120
+        while not all(r.exists() for r in ready) and time.time() < deadline:
+            time.sleep(0.05)
+        go.touch()
+        while sum(p.poll() is not None for p in procs) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        release.touch()
         outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
         assert outcomes == ["held", "refused", "refused", "refused"], (round_, outcomes)
 

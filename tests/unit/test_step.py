@@ -139,6 +139,18 @@ def test_fast_step_matches_the_plain_reference_step(tiny_cfg):
         for (name, a), b in zip(
             fast_model.state_dict().items(), plain_model.state_dict().values(), strict=True
         ):
+            if name.endswith("attn.qkv.bias"):
+                # The key bias gets only rounding noise as gradient (softmax ignores a constant added
+                # to every key), which AdamW turns into steps of about lr whose sign depends on the
+                # kernels' summation order (one element differed by 2.05e-6 on an Intel Xeon):
+                # queries and values tightly, keys within the few lr-sized steps taken.
+                q, k, v = a.chunk(3)
+                q_ref, k_ref, v_ref = b.chunk(3)
+                torch.testing.assert_close(
+                    torch.cat([q, v]), torch.cat([q_ref, v_ref]), atol=2e-6, rtol=1e-5, msg=name
+                )
+                torch.testing.assert_close(k, k_ref, atol=1e-4, rtol=0, msg=name)
+                continue
             torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5, msg=name)
     torch.testing.assert_close(fast.loss_fn.center, loss_fn.center, atol=1e-7, rtol=0)
 

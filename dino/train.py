@@ -166,7 +166,14 @@ def _tracked(cfg, device, dist, logs, should_stop, on_progress, guard) -> TrainR
             tracker.log_artifact(logs["metrics.jsonl"].local_path, "")
         return result
     finally:
-        tracker.close(status)
+        try:
+            tracker.close(status)
+        except storage.StorageError as err:
+            if status != "FAILED":
+                raise
+            # The run already failed (an outage cut a checkpoint): that error is the one to show,
+            # not the tracker's failure to reach the same store while closing.
+            log.error("%s", err)
 
 
 def augment_on_device(cfg: DinoConfig, device: torch.device) -> bool:

@@ -11,6 +11,7 @@ valid checkpoint is never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -140,7 +141,6 @@ def publish(run_dir: str, step: int, data: bytes, config_hash: str, keep_last: i
             log.info("checkpoint %s is already complete and valid: kept, nothing written", path)
             return Published(path, written=False)
     storage.remove(path)
-    storage.atomic_write_bytes(storage.join(path, STATE_FILE), data)
     marker = {
         "step": step,
         "size": len(data),
@@ -149,7 +149,13 @@ def publish(run_dir: str, step: int, data: bytes, config_hash: str, keep_last: i
         "code_version": code_version(),
         "time": time.time(),
     }
-    storage.atomic_write_text(storage.join(path, MARKER_FILE), json.dumps(marker, indent=1))
+    try:
+        storage.atomic_write_bytes(storage.join(path, STATE_FILE), data)
+        storage.atomic_write_text(storage.join(path, MARKER_FILE), json.dumps(marker, indent=1))
+    except storage.WriteError:
+        with contextlib.suppress(Exception):  # a full disk: give back what the partial copy holds
+            storage.remove(path)
+        raise
     prune(run_dir, keep_last, upto=step)
     return Published(path, written=True)
 

@@ -19,6 +19,8 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from dino.bad_images import MODES as BAD_IMAGE_MODES
+
 # Architecture name -> timm model name and the kwargs that shape it.
 ARCHS: dict[str, tuple[str, dict[str, int]]] = {
     "vit_test": ("vit_tiny_patch16_224", {"embed_dim": 64, "depth": 2, "num_heads": 2}),
@@ -48,6 +50,7 @@ NON_SEMANTIC_KEYS = (
     "train.device",
     "train.compile",
     "monitor.",
+    "data.on_bad_image",  # switching fail -> skip must resume the same run
 )
 
 
@@ -159,6 +162,9 @@ class DataConfig:
     augment_device: str = "auto"
     """Where the multi-crop augmentation runs: cpu (per image in the loader workers), gpu (workers only
     decode; batched on the training device, dino/batch_augment.py) or auto (gpu when CUDA is used)."""
+    on_bad_image: str = "skip"
+    """imagefolder, webdataset: an image that cannot be decoded is skipped (the next readable image is
+    used in its place, warned and counted as skipped_images) or makes the run fail, naming the file."""
 
 
 @dataclass
@@ -431,6 +437,7 @@ def validate(cfg: DinoConfig) -> None:
     _choice("train.device", cfg.train.device, DEVICES)
     _choice("data.name", cfg.data.name, DATASETS)
     _choice("data.augment_device", cfg.data.augment_device, AUGMENT_DEVICES)
+    _choice("data.on_bad_image", cfg.data.on_bad_image, BAD_IMAGE_MODES)
     _positive("model.patch_size", cfg.model.patch_size)
     for key in ("crops.global_size", "crops.local_size"):
         size = getattr(cfg.crops, key.split(".")[1])

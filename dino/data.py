@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from dino import storage
 from dino.augment import MultiCropAugment, sample_seed
+from dino.bad_images import BadImages
 from dino.config import DataConfig, DinoConfig
 
 FASHION_MNIST_FILES = {
@@ -99,7 +100,13 @@ class FashionMNIST(Dataset):
 class ImageFolder(Dataset):
     """<root>/<class>/<image> with classes in sorted order; images decoded to uint8 RGB tensors."""
 
-    def __init__(self, root: str, max_decode_size: int = 0) -> None:
+    def __init__(
+        self,
+        root: str,
+        max_decode_size: int = 0,
+        on_bad_image: str = "skip",
+        option: str = "data.on_bad_image",
+    ) -> None:
         if not storage.isdir(root):
             raise DatasetNotFoundError(
                 f"data.root={root} is not a folder: data=imagefolder expects <root>/<class>/<image>"
@@ -119,11 +126,15 @@ class ImageFolder(Dataset):
                 f"{', '.join(IMAGE_EXTENSIONS)}"
             )
         self.max_decode_size = max_decode_size
+        self.bad_images = BadImages(on_bad_image, option)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.bad_images.read(index, len(self), self._load, lambda i: self.samples[i][0])
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         return decode_image(storage.read_bytes(path), self.max_decode_size), label
 
@@ -152,11 +163,11 @@ def build_dataset(data: DataConfig, seed: int = 0, split: str | None = None) -> 
     elif data.name == "fashion_mnist":
         dataset = FashionMNIST(data.root, split)
     elif data.name == "imagefolder":
-        dataset = ImageFolder(data.root, data.max_decode_size)
+        dataset = ImageFolder(data.root, data.max_decode_size, data.on_bad_image)
     elif data.name == "webdataset":
         from dino.shards import ShardedDataset
 
-        dataset = ShardedDataset(data.root, data.max_decode_size)
+        dataset = ShardedDataset(data.root, data.max_decode_size, on_bad_image=data.on_bad_image)
     else:
         raise ValueError(f"data.name={data.name!r} is unknown")
     if data.limit and split == data.split and data.limit < len(dataset):

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from dino.storage import AppendLog, WriteError
+
 log = logging.getLogger("dino.train")
 
 
-def setup_logging(log_file: str | None = None) -> None:
-    """INFO to stderr and, for a local run directory, to <run.dir>/train.log."""
+class _RunLogHandler(logging.Handler):
+    """Log lines appended whole to the run's train.log; a line that cannot be written (no space
+    left) is kept as the log's `failure`, which the train loop raises (a handler must not)."""
+
+    def __init__(self, run_log: AppendLog) -> None:
+        super().__init__()
+        self.run_log = run_log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(WriteError):  # kept in run_log.failure
+            self.run_log.append(self.format(record) + "\n")
+
+
+def setup_logging(run_log: AppendLog | None = None) -> None:
+    """INFO to stderr and, for a training run, to its train.log."""
     root = logging.getLogger("dino")
     root.setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
@@ -21,8 +37,8 @@ def setup_logging(log_file: str | None = None) -> None:
             root.removeHandler(handler)
             handler.close()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file:
-        handlers.append(logging.FileHandler(log_file))
+    if run_log is not None:
+        handlers.append(_RunLogHandler(run_log))
     for handler in handlers:
         handler.setFormatter(fmt)
         handler._dinolab = True  # type: ignore[attr-defined]

@@ -21,6 +21,7 @@ How a dead holder's lock is freed, without guessing from a timeout:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -206,11 +207,16 @@ class RunLock:
                 return {}
         # Ours: describe ourselves for the next process that is refused.
         self._holder = holder_description()
-        file.seek(0)
-        file.truncate()
-        file.write(json.dumps(self._holder))
-        file.flush()
-        os.fsync(file.fileno())
+        try:
+            file.seek(0)
+            file.truncate()
+            file.write(json.dumps(self._holder))
+            file.flush()
+            os.fsync(file.fileno())
+        except OSError as err:  # a full disk: refuse to start rather than train without the lock
+            with contextlib.suppress(OSError):  # the buffered write fails again; the file closes anyway
+                file.close()  # releases the flock
+            raise storage.WriteError(f"cannot write {self.path}: {err.strerror or err}") from None
         self._file = file
         return None
 

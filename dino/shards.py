@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from torch.utils.data._utils.collate import default_collate
 
 from dino import storage
+from dino.bad_images import BadImages
 from dino.data import decode_image
 
 log = logging.getLogger("dino.shards")
@@ -59,8 +60,14 @@ def shard_name(i: int) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _encoded(dataset: Dataset, index: int) -> tuple[str, bytes, int]:
-    """(extension, encoded image, label): a folder's files as they are, tensors as PNG."""
+# Side at which `pack` test-decodes a folder's images: JPEG draft mode decodes at 1/8 scale, several
+# times cheaper than full size, and still reads every byte (a file cut short fails).
+CHECK_DECODE_SIZE = 64
+
+
+def _encoded(dataset: Dataset, index: int) -> tuple[str, bytes, int] | None:
+    """(extension, encoded image, label): a folder's files as they are (None for an unreadable one
+    under --on-bad-image skip), tensors as PNG."""
     from PIL import Image
 
     from dino.data import ImageFolder
@@ -70,8 +77,11 @@ def _encoded(dataset: Dataset, index: int) -> tuple[str, bytes, int]:
         base, offset = base.dataset, base.indices[index]
     if isinstance(base, ImageFolder):
         path, label = base.samples[offset]
+        data = storage.read_bytes(path)
+        if not base.bad_images.readable(path, lambda: decode_image(data, CHECK_DECODE_SIZE)):
+            return None
         ext = path.rsplit(".", 1)[-1].lower().replace("jpeg", "jpg")
-        return ext, storage.read_bytes(path), label
+        return ext, data, label
     image, label = dataset[index]
     array = image.permute(1, 2, 0).numpy()
     if (array == array[..., :1]).all():
@@ -90,7 +100,8 @@ def pack(
     source: str = "",
     on_shard: Callable[[int, int], None] = lambda done, total: None,
 ) -> dict:
-    """Write `dataset` as shards under `out`; refuses a folder that already holds a packed dataset."""
+    """Write `dataset` as shards under `out`; refuses a folder that already holds a packed dataset.
+    A folder's unreadable images are left out under `skip` (listed in the index as `skipped`)."""
     import webdataset as wds
 
     if storage.exists(storage.join(out, INDEX)):
@@ -99,22 +110,34 @@ def pack(
     n = len(dataset)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     num_shards = math.ceil(n / shard_size)
-    shards, max_label = [], -1
+    shards, skipped, max_label = [], [], -1
     for s in range(num_shards):
         members = order[s * shard_size : (s + 1) * shard_size]
-        buffer = io.BytesIO()
+        buffer, count = io.BytesIO(), 0
         with wds.TarWriter(buffer, encoder=False, mtime=0) as writer:
             for index in members:
-                ext, data, label = _encoded(dataset, index)
+                encoded = _encoded(dataset, index)
+                if encoded is None:
+                    skipped.append(index)
+                    continue
+                ext, data, label = encoded
                 max_label = max(max_label, label)
                 writer.write({"__key__": f"{index:09d}", ext: data, "cls": str(label).encode()})
+                count += 1
         storage.atomic_write_bytes(storage.join(out, shard_name(s)), buffer.getvalue())
-        shards.append({"name": shard_name(s), "count": len(members), "bytes": buffer.tell()})
+        shards.append({"name": shard_name(s), "count": count, "bytes": buffer.tell()})
         on_shard(s + 1, num_shards)
-    index = {"format": FORMAT, "num_samples": n, "seed": seed, "source": source, "classes": classes or [str(c) for c in range(max_label + 1)],
-             "shards": shards}  # fmt: skip
+    index = {"format": FORMAT, "num_samples": n - len(skipped), "seed": seed, "source": source, "classes": classes or [str(c) for c in range(max_label + 1)],
+             "shards": shards, "skipped": [_source_name(dataset, i) for i in sorted(skipped)]}  # fmt: skip
     storage.atomic_write_text(storage.join(out, INDEX), json.dumps(index, indent=1))
     return index
+
+
+def _source_name(dataset: Dataset, index: int) -> str:
+    base, offset = dataset, index
+    if isinstance(base, torch.utils.data.Subset):
+        base, offset = base.dataset, base.indices[index]
+    return base.samples[offset][0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,8 +179,11 @@ class ShardedDataset(Dataset):
     Keeps the last `cache_shards` shards in memory, so sequential access reads each shard once.
     """
 
-    def __init__(self, root: str, max_decode_size: int = 0, cache_shards: int = 2) -> None:
+    def __init__(
+        self, root: str, max_decode_size: int = 0, cache_shards: int = 2, on_bad_image: str = "skip"
+    ) -> None:
         self.root, self.max_decode_size, self.cache_shards = root, max_decode_size, cache_shards
+        self.bad_images = BadImages(on_bad_image)
         self.index = read_index(root)
         self.classes = self.index["classes"]
         counts = [s["count"] for s in self.index["shards"]]
@@ -187,9 +213,24 @@ class ShardedDataset(Dataset):
         s = int(np.searchsorted(self.starts, position, side="right")) - 1
         return self.shard(s)[position - int(self.starts[s])]
 
-    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+    def name(self, position: int) -> str:
+        """Where the image at `position` is packed: `<shard URL>:<key>.<ext>`."""
+        s = int(np.searchsorted(self.starts, position, side="right")) - 1
         sample = self.sample(position)
-        return decode_image(sample.data, self.max_decode_size), sample.label
+        return f"{storage.join(self.root, self.index['shards'][s]['name'])}:{sample.key}.{sample.ext}"
+
+    def decoded(self, position: int) -> tuple[torch.Tensor, Sample]:
+        """(image, sample) at `position`, or under data.on_bad_image=skip at the next readable one."""
+
+        def load(p: int) -> tuple[torch.Tensor, Sample]:
+            sample = self.sample(p)
+            return decode_image(sample.data, self.max_decode_size), sample
+
+        return self.bad_images.read(position, len(self), load, self.name)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        image, sample = self.decoded(position)
+        return image, sample.label
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
@@ -259,8 +300,7 @@ class ShardStream(IterableDataset):
             epoch = step // self.steps_per_epoch
             batch = []
             for position in self.batch_positions(step):
-                sample = self.shards.sample(position)
-                image = decode_image(sample.data, self.shards.max_decode_size)
+                image, sample = self.shards.decoded(position)
                 if self.augment is None:  # augmentation happens batched on the device
                     batch.append((image, sample.label))
                     continue

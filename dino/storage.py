@@ -51,6 +51,15 @@ class StorageError(RuntimeError):
     """A path that cannot be reached or used (credentials, bucket, endpoint); the message says which."""
 
 
+class WriteError(StorageError):
+    """A local file that could not be written (no space left, quota, read-only file system); nothing
+    half-written is left behind: temporary files are removed and appends are cut back."""
+
+
+def _write_error(path: str, err: OSError) -> WriteError:
+    return WriteError(f"cannot write {path}: {err.strerror or err}")
+
+
 def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
@@ -301,28 +310,68 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         _check_bucket(path)
         _call("write", path, lambda: fs.pipe_file(p, data))  # one PUT: visible only once complete
         return
-    folder = os.path.dirname(p)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
     tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        with contextlib.suppress(OSError):
-            os.fsync(f.fileno())
-    os.replace(tmp, p)
+    try:
+        folder = os.path.dirname(p)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            with contextlib.suppress(OSError):
+                os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException as err:
+        with contextlib.suppress(OSError):  # a full disk must not keep the half-written copy
+            os.remove(tmp)
+        if isinstance(err, OSError):
+            raise _write_error(path, err) from None
+        raise
 
 
 def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def append_text(path: str, text: str) -> None:
-    """Append to a local log file (object stores have no append: use `AppendLog`)."""
-    if is_remote(path):
-        raise StorageError(f"cannot append to {path}: object stores have no append (use storage.AppendLog)")
-    with open(_fs(path)[1], "a") as f:
-        f.write(text)
+def _append_whole(local_path: str, text: str, name: str) -> None:
+    """Append `text` to a local file entirely or not at all: a write that fails part way (no space
+    left) is cut back to the old end, so the file never ends in half a line the next append extends."""
+    fd = os.open(local_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        data = memoryview(text.encode())
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise _write_error(name, err) from None
+    finally:
+        os.close(fd)
+
+
+def _drop_partial_line(local_path: str, name: str) -> None:
+    """Cut a last line without its newline (a process killed while appending, before dinolab cut
+    appends back itself) so that the next line starts on a line of its own."""
+    if not os.path.exists(local_path) or os.path.getsize(local_path) == 0:
+        return
+    with open(local_path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        keep = end
+        while keep > 0:
+            start = max(0, keep - 65536)
+            f.seek(start)
+            chunk = f.read(keep - start)
+            if keep == end and chunk.endswith(b"\n"):
+                return
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            keep = start
+        f.truncate(keep)
+    log.warning("%s ended in a partial line (%d bytes, an interrupted write): removed", name, end - keep)
 
 
 def remove(path: str) -> None:
@@ -349,24 +398,38 @@ class AppendLog:
     the remote content, so a resumed run continues the same file) and published whole by `sync()`:
     at every checkpoint and at exit. What a killed process appended after its last sync is lost from
     the remote copy, which is fine for a run log: the resumed run repeats those steps.
+
+    Every append is whole or nothing (`WriteError` otherwise, also kept in `failure` for `check()`:
+    the log handler cannot raise), and a partial last line found on opening is removed.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.remote = is_remote(path)
+        self.failure: WriteError | None = None
         if not self.remote:
             self.local_path = _fs(path)[1]
             makedirs(parent(self.local_path) or ".")
+            _drop_partial_line(self.local_path, path)
             return
         handle, self.local_path = tempfile.mkstemp(prefix="dinolab-", suffix="-" + posixpath.basename(path))
         with os.fdopen(handle, "wb") as f:
             if exists(path):
                 f.write(read_bytes(path))
+        _drop_partial_line(self.local_path, path)
         self._synced_size = os.path.getsize(self.local_path)
 
     def append(self, text: str) -> None:
-        with open(self.local_path, "a") as f:
-            f.write(text)
+        try:
+            _append_whole(self.local_path, text, self.path)
+        except WriteError as err:
+            self.failure = self.failure or err
+            raise
+
+    def check(self) -> None:
+        """Raise the first append that failed (lines that could not be written are not dropped silently)."""
+        if self.failure is not None:
+            raise self.failure
 
     def snapshot(self) -> bytes:
         """The staged content as it is now."""

@@ -19,7 +19,7 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from dino import checkpoint, distributed, rng, run_lock, shards, storage
+from dino import bad_images, checkpoint, distributed, rng, run_lock, shards, storage
 from dino.augment import MultiCropAugment, sample_seed
 from dino.batch_augment import BatchMultiCrop
 from dino.checkpoint_writer import CheckpointWriter
@@ -82,7 +82,16 @@ def run(
     `on_start()` is called on rank 0 once this process holds the run folder (dino/run_lock.py) and
     before it writes anything; `on_progress(metrics)` on rank 0 after every metric reduction and
     checkpoint (the launcher keeps its run record's step, loss and heartbeat current with them).
+    A write the disk refuses stops the run with `storage.WriteError` naming the file and the
+    checkpoint the same command resumes from.
     """
+    try:
+        return _run(cfg, should_stop, on_progress, on_start)
+    except storage.WriteError as err:  # a full disk: what failed, and where the run resumes from
+        raise storage.WriteError(f"{err}. {_resume_point(cfg.run.dir)}") from None
+
+
+def _run(cfg, should_stop, on_progress, on_start) -> TrainResult:
     dist = distributed.setup(cfg.train.device)  # the rank's device, then its process group
     device = dist.device
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
@@ -96,7 +105,7 @@ def run(
                 name: storage.AppendLog(storage.join(cfg.run.dir, name))
                 for name in ("train.log", "metrics.jsonl")
             }
-        setup_logging(logs["train.log"].local_path if logs else None)
+        setup_logging(logs.get("train.log"))
         prepare_run_dir(cfg, dist.is_main)  # before tracking: a folder of another config is refused
         guard = lock.check if lock is not None else (lambda: None)
         return _tracked(
@@ -112,6 +121,20 @@ def run(
                 log.error("%s", err)
         if lock is not None:
             lock.release()
+
+
+def _resume_point(run_dir: str) -> str:
+    """Where the same command resumes, for an error that stops the run."""
+    try:
+        steps = checkpoint.complete_steps(run_dir)
+    except Exception:  # noqa: BLE001 - only for a message
+        steps = []
+    if not steps:
+        return "There is no complete checkpoint yet; the same command starts the run again once it can write."
+    return (
+        f"The newest complete checkpoint is step {steps[-1]} ({checkpoint.checkpoint_path(run_dir, steps[-1])}); "
+        "free space and run the same command again to resume from it."
+    )
 
 
 def _lock_run_dir(
@@ -244,6 +267,7 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress, guard) ->
     student, teacher, loss_fn, optimizer, scaler = build_models(cfg, device)
 
     base, dataset, batch_augment = build_pipeline(cfg, device)
+    bad = bad_images.of(base)  # image files: unreadable ones are skipped (counted) or fail the run
     batched = batch_augment is not None
     log.info(
         "augmentation: %s",
@@ -372,9 +396,12 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress, guard) ->
                 result = monitor(teacher.backbone, step)
                 extra = result.metrics()
                 window.pause(result.seconds)
+            if bad is not None:  # by this process's loader since it started, summed over ranks
+                extra["skipped_images"] = distributed.sum_across(torch.tensor(float(bad.count))).item()
             last = window.reduce(step, extra)  # raises on a non-finite loss, before anything is saved
             if dist.is_main:
                 logs["metrics.jsonl"].append(json.dumps(last) + "\n")
+                logs["train.log"].check()  # a log line the disk refused stops the run like a metric
                 tracker.log_metrics({k: v for k, v in last.items() if k != "step"}, step)
             progress.update(step, last)
             if due_steps or due_time or final or stop_now:
@@ -389,6 +416,11 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress, guard) ->
     finally:
         progress.close()
         writer.wait()  # whatever happened, the save in flight ends before the process may exit
+    if bad is not None and last.get("skipped_images"):
+        log.warning(
+            "%d unreadable image(s) were skipped and replaced by the next readable one; the warnings "
+            "above name them", last["skipped_images"],
+        )  # fmt: skip
     writer.close()  # raises if the newest checkpoint could not be written
     # Rank 0 alone writes checkpoints; the others return only once it is complete (a job that ends
     # or is requeued then never leaves a rank ahead of the newest checkpoint).

@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    from dino.bad_images import UnreadableImageError
     from dino.checkpoint import CheckpointError
     from dino.checkpoint_writer import CheckpointWriteError
     from dino.config import ConfigError
@@ -52,7 +53,20 @@ def user_errors() -> tuple[type[BaseException], ...]:
         CheckpointError,
         CheckpointWriteError,
         StorageError,
+        UnreadableImageError,
     )
+
+
+def one_line(err: BaseException) -> str:
+    """The error's own message. An error raised in a DataLoader worker comes back with the worker's
+    traceback as its message ("Caught X in DataLoader worker process 0. Original Traceback ..."):
+    its last line is the message the worker raised."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+    return last[len(prefix) :] if last.startswith(prefix) else last
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except user_errors() as err:
-        print(f"dinolab {args.command}: error: {err}", file=sys.stderr)
+        print(f"dinolab {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

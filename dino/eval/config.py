@@ -174,8 +174,9 @@ def _plain(obj: Any) -> dict[str, Any]:
 
 def data_identity(data: EvalDataConfig) -> dict[str, Any]:
     """The data config as it identifies cached features and results: without the pretraining-only
-    `augment_device` (added later; including it would orphan every existing cache)."""
-    return {k: v for k, v in _plain(data).items() if k != "augment_device"}
+    `augment_device` and `on_bad_image` (which cannot change a result: a failed image gives none), both
+    added later; including them would orphan every existing cache."""
+    return {k: v for k, v in _plain(data).items() if k not in ("augment_device", "on_bad_image")}
 
 
 def compose_eval(

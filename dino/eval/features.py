@@ -156,12 +156,15 @@ def eval_dataset(cfg: EvalConfig, run_cfg: DinoConfig, split: str) -> Dataset:
         offset = SYNTHETIC_TEST_SEED_OFFSET if split == "test" else 0
         return build_dataset(cfg.data, seed + offset)
     if cfg.data.name == "imagefolder":
-        return ImageFolder(cfg.data.root if split == "train" else cfg.data.val_root, cfg.data.max_decode_size)
+        root = cfg.data.root if split == "train" else cfg.data.val_root
+        return ImageFolder(root, cfg.data.max_decode_size, cfg.data.on_bad_image)
     if cfg.data.name == "webdataset":
         from dino.shards import ShardedDataset
 
         return ShardedDataset(
-            cfg.data.root if split == "train" else cfg.data.val_root, cfg.data.max_decode_size
+            cfg.data.root if split == "train" else cfg.data.val_root,
+            cfg.data.max_decode_size,
+            on_bad_image=cfg.data.on_bad_image,
         )
     return build_dataset(cfg.data, seed, split=split)
 

@@ -27,6 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled pack order (default 0)")
     p.add_argument("--limit", type=int, default=0, help="pack only the first N images (default all)")
     p.add_argument("--root", default="/usr/share/datasets/fashion-mnist", help="fashion_mnist: idx folder")
+    p.add_argument(
+        "--on-bad-image",
+        choices=("skip", "fail"),
+        default="skip",
+        help="an image folder's file that cannot be decoded is left out (listed in index.json as "
+        "skipped) or stops the pack, naming it (default skip)",
+    )
     p.set_defaults(func=run_command)
 
 
@@ -45,7 +52,7 @@ def run_command(args: argparse.Namespace) -> int:
         dataset = FashionMNIST(args.root, split)
         classes = None
     else:
-        dataset = ImageFolder(args.source)
+        dataset = ImageFolder(args.source, on_bad_image=args.on_bad_image, option="--on-bad-image")
         classes = dataset.classes
     if args.limit:
         dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
@@ -65,4 +72,7 @@ def run_command(args: argparse.Namespace) -> int:
         f"{len(index['shards'])} shards ({total_bytes / 1e6:.1f} MB) at {args.out} "
         f"in {time.monotonic() - start:.1f} s"
     )
+    if index["skipped"]:
+        names = ", ".join(index["skipped"][:5]) + (", ..." if len(index["skipped"]) > 5 else "")
+        print(f"left out {len(index['skipped'])} unreadable image(s), listed in index.json: {names}")
     return 0

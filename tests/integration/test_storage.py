@@ -47,6 +47,25 @@ def test_append_log_continues_the_published_file(store_root):
     second.close()
 
 
+def test_append_log_drops_a_partial_last_line_before_appending(store_root, caplog):
+    """A file left ending in half a line (a process killed mid-append) is cut back to its last whole
+    line on opening, so the next line does not extend the broken one."""
+    path = storage.join(store_root, "metrics.jsonl")
+    storage.atomic_write_text(path, '{"step": 1}\n{"step": 2}\n{"st')
+    with caplog.at_level("WARNING", logger="dino.storage"):
+        log = storage.AppendLog(path)
+    assert f"{path} ended in a partial line (4 bytes, an interrupted write): removed" in caplog.text
+    log.append('{"step": 3}\n')
+    log.close()
+    assert storage.read_text(path) == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+    one_line = storage.join(store_root, "one.log")
+    storage.atomic_write_text(one_line, "no newline at all")
+    log = storage.AppendLog(one_line)
+    log.append("whole\n")
+    log.close()
+    assert storage.read_text(one_line) == "whole\n"
+
+
 def test_append_log_uploads_only_what_was_not_published(store_root, monkeypatch):
     """The checkpoint writer publishes log snapshots with each checkpoint; closing the log afterwards
     uploads again only if something was appended since."""

@@ -56,7 +56,7 @@ NON_SEMANTIC_KEYS = (
 
 # Keys added after runs existed, with the value that reproduces the old behaviour: left out of the
 # run id (and of resume comparisons) at that value, so existing runs keep their ids and folders.
-LATER_KEYS = {"data.augment_device": "auto"}
+LATER_KEYS = {"data.augment_device": "auto", "train.init_weights": "", "train.init_weights_key": "teacher"}
 AUGMENT_DEVICES = ("auto", "cpu", "gpu")
 
 
@@ -194,6 +194,12 @@ class TrainConfig:
     wait_for_lock: bool = False
     """When another process trains this run.dir: wait for it to end (true) instead of refusing to
     start (false). A requeued job whose previous allocation is still ending always waits."""
+    init_weights: str = ""
+    """Start student and teacher from this weights file (dino/weights.py formats: the reference's .pth
+    or checkpoint.pth, timm, a dinolab checkpoint or export): the backbone, and the head when the file
+    holds one. A fresh run's step 0, not a resume; part of the run's identity."""
+    init_weights_key: str = "teacher"
+    """Which network of a file that holds both: teacher or student."""
 
 
 @dataclass

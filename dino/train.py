@@ -247,6 +247,8 @@ def build_models(cfg: DinoConfig, device: torch.device):
     (identical on every rank). `train.compile` compiles the backbones in place (state dict keys stay)."""
     torch.manual_seed(cfg.train.seed)
     student, teacher = build_student_teacher(cfg)
+    if cfg.train.init_weights:
+        _init_from(cfg, student, teacher)
     student, teacher = student.to(device), teacher.to(device)
     num_crops = 2 + cfg.crops.num_local
     loss_fn = DINOLoss(cfg.head.out_dim, num_crops, cfg.teacher.student_temp, cfg.teacher.center_momentum)
@@ -256,6 +258,23 @@ def build_models(cfg: DinoConfig, device: torch.device):
         student.backbone.compile()
         teacher.backbone.compile()
     return student, teacher, loss_fn.to(device), optimizer, scaler
+
+
+def _init_from(cfg: DinoConfig, student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    """train.init_weights: the file's backbone (and head, when it holds one) into both networks,
+    strictly; a file without a head keeps the freshly initialised one."""
+    from dino import weights
+
+    loaded = weights.read(cfg.train.init_weights, cfg.train.init_weights_key)
+    backbone = weights.backbone_for(loaded, cfg.model.name, cfg.model.patch_size, cfg.crops.global_size)
+    for net in (student, teacher):
+        net.backbone.load_state_dict(backbone.state_dict(), strict=True)
+        if loaded.head is not None:
+            weights.load_head(loaded, net.head)
+    log.info(
+        "initialised from %s (%s, %s%s; sha256 %s)", loaded.path, loaded.format, loaded.key,
+        ", with its head" if loaded.head is not None else ", backbone only", loaded.sha256[:12],
+    )  # fmt: skip
 
 
 def _train(cfg, device, dist, tracker, logs, should_stop, on_progress, guard) -> TrainResult:

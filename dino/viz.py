@@ -52,8 +52,8 @@ def compose_viz(overrides: list[str] | tuple[str, ...]) -> VizConfig:
     return cfg
 
 
-def cls_attention(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """[batch, heads, grid_h, grid_w]: the last block's attention from CLS to every patch token."""
+def last_block_attention(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, tokens, tokens]: the softmax attention of the backbone's last block."""
     block = backbone.blocks[-1]
     captured: dict[str, torch.Tensor] = {}
     hook = block.norm1.register_forward_hook(lambda _m, _i, out: captured.__setitem__("x", out))
@@ -68,10 +68,16 @@ def cls_attention(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-        weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def cls_attention(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, grid_h, grid_w]: the last block's attention from CLS to every patch token."""
+    weights = last_block_attention(backbone, images)
+    b, heads = weights.shape[:2]
     patch = backbone.patch_embed.patch_size
     grid_h, grid_w = images.shape[-2] // patch[0], images.shape[-1] // patch[1]
-    return weights[:, :, 0, backbone.num_prefix_tokens :].reshape(b, attn.num_heads, grid_h, grid_w)
+    return weights[:, :, 0, backbone.num_prefix_tokens :].reshape(b, heads, grid_h, grid_w)
 
 
 def figure_layout(num_heads: int) -> tuple[int, int, tuple[int, int]]:

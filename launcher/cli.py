@@ -14,7 +14,7 @@ import sys
 from launcher.errors import UserError
 
 # Subcommand modules, in the order `dinolab --help` lists them.
-COMMANDS = ("train", "eval", "viz", "bench", "data", "sweep", "report")
+COMMANDS = ("train", "eval", "viz", "export", "bench", "data", "sweep", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

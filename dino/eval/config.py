@@ -83,10 +83,26 @@ class EvalRunConfig:
 
 
 @dataclass
+class EvalModelConfig:
+    name: str = ""
+    """weights=: the backbone (vit_test, vit_tiny, vit_small, vit_base); empty: the one whose width
+    and depth the file's tensors have."""
+    patch_size: int = 0
+    """weights=: patch size; 0: read from the file."""
+
+
+@dataclass
 class EvalConfig:
     run: EvalRunConfig = field(default_factory=EvalRunConfig)
     checkpoint: str = ""
     """A checkpoint folder (<run>/checkpoints/<step>); empty: the run's newest complete checkpoint."""
+    weights: str = ""
+    """A weights file instead of a run: the reference's released .pth or checkpoint.pth, a timm
+    .safetensors/.pth, a dinolab state.pt or export (dino/weights.py); needs data=. Results go to
+    run.dir (default runs/weights/<file>-<hash>)."""
+    weights_key: str = "teacher"
+    """Which network of a file that holds both: teacher or student."""
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
     baseline: str = "none"
     """none (the checkpoint's teacher), random (same architecture, random init) or pixels."""
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
@@ -187,7 +203,7 @@ def compose_eval(
     Without `run_data` the run is looked up from `run.dir`/`checkpoint` by the caller (see
     `dino.eval.features.resolve_target`), which calls this again with it.
     """
-    pairs = split_overrides(overrides)
+    pairs = [("model.name", v) if k == "model" else (k, v) for k, v in split_overrides(overrides)]
     preset = [v for k, v in pairs if k == "data"]
     pairs = [(k, v) for k, v in pairs if k != "data"]
     data: dict[str, Any] = dict(run_data or {})
@@ -212,8 +228,10 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def validate_eval(cfg: EvalConfig) -> None:
     """Raise `ConfigError` naming the key for the first impossible setting."""
-    if not cfg.run.dir and not cfg.checkpoint:
-        raise ConfigError("name the run to evaluate: run.dir=<run folder> or checkpoint=<checkpoint folder>")
+    if not cfg.run.dir and not cfg.checkpoint and not cfg.weights:
+        raise ConfigError(
+            "name the run to evaluate: run.dir=<run folder>, checkpoint=<checkpoint folder> or weights=<file>"
+        )
     _choice("baseline", cfg.baseline, BASELINES)
     _choice("device", cfg.device, DEVICES)
     for key in ("batch_size", "shard_size", "linear.epochs", "linear.batch_size", "linear.n_last_blocks"):

@@ -31,13 +31,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import InterpolationMode, v2
 
-from dino import checkpoint, distributed, storage
+from dino import checkpoint, distributed, storage, weights
 from dino.augment import IMAGENET_MEAN, IMAGENET_STD
 from dino.checkpoint import CheckpointError
 from dino.config import ConfigError, DinoConfig, from_dict
 from dino.config import config_hash as run_config_hash
 from dino.data import FashionMNIST, ImageFolder, SyntheticDataset, build_dataset
-from dino.eval.config import EvalConfig, _plain, compose_eval, data_identity, run_dir_of_checkpoint
+from dino.eval.config import (
+    EvalConfig,
+    _plain,
+    compose_eval,
+    data_identity,
+    run_dir_of_checkpoint,
+    split_overrides,
+)
 from dino.models import build_backbone
 
 log = logging.getLogger("dino.eval")
@@ -84,6 +91,8 @@ def teacher_backbone(state: dict[str, Any], run_cfg: DinoConfig) -> nn.Module:
 def resolve(overrides: list[str] | tuple[str, ...]) -> tuple[EvalConfig, Target]:
     """Parse overrides, find the checkpoint (refusing incomplete ones) and build the target."""
     first = compose_eval(overrides)
+    if first.weights:
+        return _resolve_weights(first, overrides)
     ckpt = None
     if first.checkpoint:
         ckpt = checkpoint.load(first.checkpoint)  # refuses a partial or corrupt checkpoint
@@ -105,6 +114,38 @@ def resolve(overrides: list[str] | tuple[str, ...]) -> tuple[EvalConfig, Target]
     cfg = compose_eval([*overrides, f"run.dir={run_dir}"], run_data)
     validate_data(cfg)
     return cfg, build_target(cfg, run_dir, run_cfg, ckpt)
+
+
+def _resolve_weights(first: EvalConfig, overrides: list[str] | tuple[str, ...]) -> tuple[EvalConfig, Target]:
+    """A weights file as the target: its own results folder, the architecture from the file."""
+    if first.checkpoint or first.baseline != "none":
+        raise ConfigError("weights= evaluates a file: leave checkpoint= and baseline= out")
+    if not any(k == "data" or k.startswith("data.") for k, _ in split_overrides(overrides)):
+        raise ConfigError(
+            "weights= needs the evaluation data: data=fashion_mnist, or data=imagefolder data.root=<train> "
+            "data.val_root=<val> (a weights file carries no dataset)"
+        )
+    loaded = weights.read(first.weights, first.weights_key)
+    backbone = weights.backbone_for(loaded, first.model.name, first.model.patch_size)
+    run_cfg = DinoConfig()
+    run_cfg.model.name = loaded.architecture.matches()[0] if not first.model.name else first.model.name
+    run_cfg.model.patch_size = first.model.patch_size or loaded.architecture.patch_size
+    run_cfg.crops.global_size = loaded.architecture.img_size
+    run_dir = first.run.dir or storage.join("runs", "weights", loaded.identity)
+    cfg = compose_eval([*overrides, f"run.dir={run_dir}"])
+    validate_data(cfg)
+    provenance = {
+        "run_dir": run_dir,
+        "checkpoint": None,
+        "step": loaded.step,
+        "config_hash": None,
+        "baseline": "none",
+        "weights": loaded.path,
+        "weights_sha256": loaded.sha256,
+        "weights_format": loaded.format,
+        "weights_key": loaded.key,
+    }
+    return cfg, Target(f"weights-{loaded.sha256[:12]}", run_dir, run_cfg, backbone, provenance)
 
 
 def build_target(
@@ -295,7 +336,9 @@ def features_folder(
 ) -> str:
     identity = {
         # Not the paths: a run folder that moved keeps its cache.
-        "target": {k: v for k, v in target.provenance.items() if k not in ("run_dir", "checkpoint")},
+        "target": {
+            k: v for k, v in target.provenance.items() if k not in ("run_dir", "checkpoint", "weights")
+        },
         "data": data_identity(cfg.data),
         "split": split,
         "kind": kind,

@@ -7,6 +7,8 @@ import os
 
 EPILOG = """\
 overrides: run.dir=<run> (its newest complete checkpoint's teacher) or checkpoint=<run>/checkpoints/<step>;
+or weights=<file> [weights_key=teacher|student] [model=<name> model.patch_size=<n>] data=<preset> for a
+file from elsewhere (the reference's .pth, timm .safetensors; results in run.dir, default runs/weights/);
 baseline=random|pixels for the same protocol on a randomly initialised backbone or on raw pixels;
 data=<preset> and data.<key>=... (default: the run's own data; imagefolder needs data.val_root);
 image_size, seed, device, batch_size, shard_size, workers;
@@ -38,7 +40,10 @@ def _console():
 
 
 def _provenance(record: dict) -> str:
-    if record.get("baseline", "none") != "none":
+    if record.get("weights"):
+        step = f", step/epoch {record['step']}" if record.get("step") is not None else ""
+        what = f"weights {record['weights']} ({record['weights_format']}, {record['weights_key']}{step}, sha256 {record['weights_sha256'][:12]})"
+    elif record.get("baseline", "none") != "none":
         what = f"baseline {record['baseline']} (architecture of {record['run_dir']}, config {record['config_hash']})"
     else:
         what = f"checkpoint {record['checkpoint']} (step {record['step']}, config {record['config_hash']})"

@@ -18,7 +18,7 @@ from torch import nn
 from dino import checkpoint, distributed, storage
 from dino.checkpoint import CheckpointError
 from dino.config import ConfigError, from_dict
-from dino.eval.config import EvalRunConfig, merge_overrides, run_dir_of_checkpoint, split_overrides
+from dino.eval.config import EvalRunConfig, merge_overrides, split_overrides
 from dino.eval.features import eval_transform, teacher_backbone
 
 PANEL_INCHES = 2.5
@@ -31,6 +31,10 @@ class VizConfig:
     run: EvalRunConfig = field(default_factory=EvalRunConfig)
     checkpoint: str = ""
     """A checkpoint folder; empty: the run's newest complete checkpoint."""
+    weights: str = ""
+    """A weights file instead of a run (the reference's .pth, timm, dinolab exports: dino/weights.py)."""
+    weights_key: str = "teacher"
+    """Which network of a file that holds both: teacher or student."""
     image: str = ""
     """The image file to look at (any format PIL reads)."""
     out: str = "attention.png"
@@ -43,8 +47,10 @@ class VizConfig:
 
 def compose_viz(overrides: list[str] | tuple[str, ...]) -> VizConfig:
     cfg = merge_overrides(VizConfig, split_overrides(overrides))
-    if not cfg.run.dir and not cfg.checkpoint:
-        raise ConfigError("name the run: run.dir=<run folder> or checkpoint=<checkpoint folder>")
+    if not cfg.run.dir and not cfg.checkpoint and not cfg.weights:
+        raise ConfigError(
+            "name the run: run.dir=<run folder>, checkpoint=<checkpoint folder> or weights=<file>"
+        )
     if not cfg.image:
         raise ConfigError("image=<file> is required")
     if not storage.exists(cfg.image):
@@ -142,20 +148,12 @@ class AttentionResult:
 def attention_figure(overrides: list[str] | tuple[str, ...]) -> AttentionResult:
     """`dinolab viz attention`: the newest complete (or named) checkpoint's teacher on one image."""
     cfg = compose_viz(overrides)
-    if cfg.checkpoint:
-        ckpt = checkpoint.load(cfg.checkpoint)
-    else:
-        ckpt = checkpoint.load_latest(cfg.run.dir)
-        if ckpt is None:
-            raise CheckpointError(f"no complete checkpoint in {storage.join(cfg.run.dir, 'checkpoints')}")
-    run_cfg = from_dict(ckpt.state["config"])
-    size = cfg.image_size or run_cfg.crops.global_size
-    if size % run_cfg.model.patch_size:
-        raise ConfigError(
-            f"image_size={size} must be a multiple of model.patch_size={run_cfg.model.patch_size}"
-        )
+    backbone, patch_size, global_size, (path, step, config) = _backbone(cfg)
+    size = cfg.image_size or global_size
+    if size % patch_size:
+        raise ConfigError(f"image_size={size} must be a multiple of model.patch_size={patch_size}")
     device = distributed.rank_device(cfg.device)
-    backbone = teacher_backbone(ckpt.state, run_cfg).to(device)
+    backbone = backbone.to(device)
     raw = load_image(cfg.image)
     normed = eval_transform(size)(raw)
     attention = cls_attention(backbone, normed[None].to(device))[0].float().cpu()
@@ -165,8 +163,7 @@ def attention_figure(overrides: list[str] | tuple[str, ...]) -> AttentionResult:
     shown = (
         normed * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
     ).clamp(0, 1)
-    run_dir = cfg.run.dir or run_dir_of_checkpoint(ckpt.path)
-    title = f"{run_dir} step {ckpt.step} (config {ckpt.marker.get('config_hash')}): last block, CLS attention"
+    title = f"{path} step {step} (config {config}): last block, CLS attention"
     fig = render(shown, attention, title)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
@@ -175,6 +172,24 @@ def attention_figure(overrides: list[str] | tuple[str, ...]) -> AttentionResult:
     plt.close(fig)
     storage.atomic_write_bytes(cfg.out, buffer.getvalue())
     _, _, size_px = figure_layout(attention.shape[0])
-    return AttentionResult(
-        cfg.out, attention.shape[0], size_px, ckpt.path, ckpt.step, ckpt.marker.get("config_hash")
-    )
+    return AttentionResult(cfg.out, attention.shape[0], size_px, path, step, config)
+
+
+def _backbone(cfg: VizConfig) -> tuple[nn.Module, int, int, tuple[str, int | None, str | None]]:
+    """(teacher backbone, patch size, training crop size, (source, step, config hash)) of the checkpoint
+    or weights file the config names."""
+    if cfg.weights:
+        from dino import weights
+
+        loaded = weights.read(cfg.weights, cfg.weights_key)
+        arch = loaded.architecture
+        return weights.backbone_for(loaded), arch.patch_size, arch.img_size, (loaded.path, loaded.step, None)
+    if cfg.checkpoint:
+        ckpt = checkpoint.load(cfg.checkpoint)
+    else:
+        ckpt = checkpoint.load_latest(cfg.run.dir)
+        if ckpt is None:
+            raise CheckpointError(f"no complete checkpoint in {storage.join(cfg.run.dir, 'checkpoints')}")
+    run_cfg = from_dict(ckpt.state["config"])
+    source = (ckpt.path, ckpt.step, ckpt.marker.get("config_hash"))
+    return teacher_backbone(ckpt.state, run_cfg), run_cfg.model.patch_size, run_cfg.crops.global_size, source

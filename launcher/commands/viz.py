@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 EPILOG = """\
-overrides: run.dir=<run> (newest complete checkpoint) or checkpoint=<run>/checkpoints/<step>;
+overrides: run.dir=<run> (newest complete checkpoint), checkpoint=<run>/checkpoints/<step>, or weights=<file>
+[weights_key=teacher|student] (the reference's .pth, timm .safetensors, dinolab exports);
 image=<file> (required), out=<png> (default attention.png), image_size (default: the run's
 crops.global_size), device=auto|cpu|cuda.
 """

@@ -59,3 +59,16 @@ def test_attention_png_has_the_expected_size(tmp_path):
         attention_figure([f"run.dir={tmp_path / 'run'}", f"image={tmp_path / 'nope.jpg'}"])
     with pytest.raises(ConfigError, match="unknown config key 'img'; did you mean image"):
         attention_figure([f"run.dir={tmp_path / 'run'}", "img=x.png"])
+
+
+def test_attention_of_a_reference_weights_file(tmp_path):
+    from tests.unit.test_weights import FIXTURES
+
+    image = tmp_path / "photo.png"
+    Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(image)
+    out = tmp_path / "attn.png"
+    path = FIXTURES / "full_checkpoint.pth"
+    result = attention_figure([f"weights={path}", f"image={image}", f"out={out}", "device=cpu"])
+    assert (result.num_heads, result.checkpoint, result.step) == (2, str(path), 5)  # the reference's epoch
+    with Image.open(out) as png:
+        assert png.size == figure_layout(2)[2]

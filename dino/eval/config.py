@@ -58,8 +58,12 @@ class LinearConfig:
     """Stop after this epoch (0: run all); run again with a higher value to continue."""
     batch_size: int = 256
     """Images per step (global)."""
-    lr: float = 0.001
-    """Learning rate per 256 images (lr = linear.lr * batch_size / 256)."""
+    lr: Any = 0.001
+    """Learning rate per 256 images (lr = linear.lr * batch_size / 256); a list ([0.0001,0.001,0.01])
+    trains one head per value on the same frozen features in one pass and reports the one that is best
+    on a held-out part of the train split (`val_fraction`), never chosen on the test split."""
+    val_fraction: float = 0.1
+    """With a list of lr: the part of the train split held out (fixed by `seed`) to choose the lr."""
     momentum: float = 0.9
     """SGD momentum."""
     weight_decay: float = 0.0
@@ -245,7 +249,11 @@ def validate_eval(cfg: EvalConfig) -> None:
     if not cfg.knn.k or any(k <= 0 for k in cfg.knn.k):
         raise ConfigError(f"knn.k={cfg.knn.k} must be a non-empty list of positive integers")
     _positive("knn.temperature", cfg.knn.temperature)
-    _positive("linear.lr", cfg.linear.lr)
+    lrs = cfg.linear.lr if isinstance(cfg.linear.lr, list) else [cfg.linear.lr]
+    if not lrs or not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in lrs):
+        raise ConfigError(f"linear.lr={cfg.linear.lr} must be a positive number or a non-empty list of them")
+    if not 0 < cfg.linear.val_fraction < 1:
+        raise ConfigError(f"linear.val_fraction={cfg.linear.val_fraction} must be in (0, 1)")
     if not 0 <= cfg.linear.momentum < 1:
         raise ConfigError(f"linear.momentum={cfg.linear.momentum} must be in [0, 1)")
     lo, hi = cfg.linear.scale

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import InterpolationMode, v2
 
 from dino import checkpoint, distributed, storage
@@ -102,8 +102,26 @@ def build_head(dim: int, classes: int, seed: int) -> nn.Linear:
     return head
 
 
+def learning_rates(cfg: EvalConfig) -> list[float]:
+    """`linear.lr` as a list (one value: today's single probe)."""
+    lr = cfg.linear.lr
+    return [float(v) for v in lr] if isinstance(lr, list) else [float(lr)]
+
+
+def split_for_choice(num_train: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(fit, held out) indices of the train split for choosing among learning rates: a fixed random
+    `fraction` held out, drawn from `seed` alone."""
+    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + 17))
+    held = max(1, round(fraction * num_train))
+    return sorted(order[held:].tolist()), sorted(order[:held].tolist())
+
+
 def probe_id(cfg: EvalConfig) -> str:
     semantic = {k: v for k, v in _plain(cfg.linear).items() if k not in NON_SEMANTIC}
+    lrs = learning_rates(cfg)
+    if len(lrs) == 1:  # a single lr (or a one-element list) is today's probe: same identity, no held-out part
+        semantic["lr"] = lrs[0]  # a float, as the field's type made it before lists were allowed
+        semantic.pop("val_fraction")
     semantic.update(seed=cfg.seed, image_size=cfg.image_size)
     if cfg.linear.max_train or cfg.linear.max_test:
         # Subsets were the first N images before they were evenly spaced: a new probe, not a resume.
@@ -155,34 +173,40 @@ def rank_batches(
 
 
 def probe_step(
-    head: nn.Linear,
-    optimizer: torch.optim.Optimizer,
+    heads: list[nn.Linear],
+    optimizers: list[torch.optim.Optimizer],
     encode: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor | None,
     labels: torch.Tensor | None,
     global_n: int,
     device: torch.device,
-) -> float:
-    """One SGD step of the probe on a global batch of `global_n` images of which this rank holds
-    `images` (or none). Summed gradients and loss over ranks, divided by the global batch: the update
-    one process makes on the whole batch. Returns the batch's mean loss."""
-    optimizer.zero_grad(set_to_none=False)
-    loss = torch.zeros((), device=device)
+) -> list[float]:
+    """One SGD step of every probe head (one per learning rate) on a global batch of `global_n` images
+    of which this rank holds `images` (or none): the features are computed once for all heads.
+    Summed gradients and losses over ranks, divided by the global batch: the update one process makes
+    on the whole batch. Returns each head's mean loss on the batch."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=False)
+    losses = [torch.zeros((), device=device) for _ in heads]
     if images is not None:
         with torch.no_grad():
             feats = encode(images.to(device, non_blocking=True))
-        loss = F.cross_entropy(head(feats), labels.to(device), reduction="sum")
-        loss.backward()
-    params = list(head.parameters())
+        targets = labels.to(device)
+        for i, head in enumerate(heads):
+            losses[i] = F.cross_entropy(head(feats), targets, reduction="sum")
+            losses[i].backward()
+    params = [p for head in heads for p in head.parameters()]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    # One all-reduce per step: the gradients and the loss, flattened together.
-    total = distributed.sum_across(torch.cat([*(g.flatten() for g in grads), loss.detach().reshape(1)]))
+    # One all-reduce per step: every head's gradients and losses, flattened together.
+    flat = [*(g.flatten() for g in grads), *(loss.detach().reshape(1) for loss in losses)]
+    total = distributed.sum_across(torch.cat(flat))
     offset = 0
     for p in params:
         p.grad = total[offset : offset + p.numel()].view_as(p) / global_n
         offset += p.numel()
-    optimizer.step()
-    return float(total[-1]) / global_n
+    for optimizer in optimizers:
+        optimizer.step()
+    return [float(v) / global_n for v in total[offset:]]
 
 
 def evaluate(
@@ -226,66 +250,88 @@ def evaluate_linear(
     train_base = eval_dataset(cfg, target.run_cfg, "train")
     classes = num_classes(train_base)
     train_images = evenly_spaced_subset(train_base, lin.max_train)
+    lrs = learning_rates(cfg)
+    val_x = val_y = None
+    if len(lrs) > 1:  # choose among the lrs on a held-out part of the train split, never on test
+        fit, held = split_for_choice(len(train_images), lin.val_fraction, cfg.seed)
+        train = split_features(
+            cfg, target, "train", limit=lin.max_train, kind="blocks", n_last=lin.n_last_blocks,
+            avgpool=lin.avgpool, device=device, encoder=encode,
+        )  # fmt: skip
+        val_x, val_y = train.features[held].to(device), train.labels[held].to(device)
+        train_images = Subset(train_images, fit)
     num_train = len(train_images)
     views = SeededViews(train_images, train_transform(size, lin.scale), cfg.seed)
 
-    head = build_head(test_x.shape[1], classes, cfg.seed).to(device)
-    base_lr = lin.lr * lin.batch_size / 256
-    optimizer = torch.optim.SGD(
-        head.parameters(), lr=base_lr, momentum=lin.momentum, weight_decay=lin.weight_decay
-    )
+    heads = [build_head(test_x.shape[1], classes, cfg.seed).to(device) for _ in lrs]
+    base_lrs = [lr * lin.batch_size / 256 for lr in lrs]
+    optimizers = [
+        torch.optim.SGD(head.parameters(), lr=lr, momentum=lin.momentum, weight_decay=lin.weight_decay)
+        for head, lr in zip(heads, base_lrs, strict=True)
+    ]
 
     name = f"{target.key}-{data_id(cfg)}-{probe_id(cfg)}"
     state_dir = storage.join(target.eval_dir, "linear", name)
-    history: list[dict[str, float]] = []
+    histories: list[list[dict[str, float]]] = [[] for _ in lrs]
     start_epoch, resumed_from = 0, None
     latest = checkpoint.load_latest(state_dir)
     if latest is not None:
-        head.load_state_dict(latest.state["head"], strict=True)
-        optimizer.load_state_dict(latest.state["optimizer"])
-        history = list(latest.state["history"])
+        state = latest.state
+        # A single probe keeps the layout of before grids (head, optimizer, history).
+        saved = zip(state["heads"], state["optimizers"], state["histories"], strict=True) if "heads" in state else [(state["head"], state["optimizer"], state["history"])]  # fmt: skip
+        for i, (head_state, optimizer_state, history) in enumerate(saved):
+            heads[i].load_state_dict(head_state, strict=True)
+            optimizers[i].load_state_dict(optimizer_state)
+            histories[i] = list(history)
         start_epoch = resumed_from = latest.step
         log.info("linear probe resumed from %s (epoch %d)", latest.path, latest.step)
     end_epoch = min(lin.epochs, lin.max_epochs or lin.epochs)
     started = time.monotonic()
     epoch = start_epoch
     while epoch < end_epoch:
-        lr = cosine_lr(base_lr, epoch, lin.epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        epoch_lrs = [cosine_lr(base, epoch, lin.epochs) for base in base_lrs]
+        for optimizer, lr in zip(optimizers, epoch_lrs, strict=True):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         batches = epoch_batches(num_train, lin.batch_size, cfg.seed, epoch)
-        loss_sum = 0.0
+        loss_sums = [0.0] * len(heads)
         for images, labels, global_n in rank_batches(
             views, batches, dist.rank, dist.world_size, cfg.workers, device
         ):
-            loss_sum += probe_step(head, optimizer, encode, images, labels, global_n, device)
+            losses = probe_step(heads, optimizers, encode, images, labels, global_n, device)
+            loss_sums = [a + b for a, b in zip(loss_sums, losses, strict=True)]
         epoch += 1
-        top1, top5 = evaluate(head, test_x, test_y)
-        history.append(
-            {"epoch": epoch, "lr": lr, "loss": loss_sum / max(len(batches), 1), "top1": top1, "top5": top5}
-        )
-        log.info(
-            "linear probe epoch %d/%d: loss %.4f top-1 %.2f top-5 %.2f",
-            epoch,
-            lin.epochs,
-            history[-1]["loss"],
-            top1,
-            top5,
-        )
+        for i, head in enumerate(heads):
+            top1, top5 = evaluate(head, test_x, test_y)
+            row = {"epoch": epoch, "lr": epoch_lrs[i], "loss": loss_sums[i] / max(len(batches), 1), "top1": top1, "top5": top5}  # fmt: skip
+            if val_x is not None:
+                row["val_top1"] = evaluate(head, val_x, val_y)[0]
+            histories[i].append(row)
+            log.info(
+                "linear probe epoch %d/%d%s: loss %.4f top-1 %.2f top-5 %.2f%s", epoch, lin.epochs,
+                f" (lr {lrs[i]:g})" if len(lrs) > 1 else "", row["loss"], top1, top5,
+                f" held-out top-1 {row['val_top1']:.2f}" if "val_top1" in row else "",
+            )  # fmt: skip
         if dist.is_main:
-            payload = {
-                "head": head.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": epoch,
-                "history": history,
-                "config": _plain(cfg),
-                "target": target.provenance,
-            }
+            payload: dict[str, Any] = {"step": epoch, "config": _plain(cfg), "target": target.provenance}
+            if len(heads) == 1:
+                payload.update(head=heads[0].state_dict(), optimizer=optimizers[0].state_dict(), history=histories[0])  # fmt: skip
+            else:
+                payload.update(
+                    heads=[h.state_dict() for h in heads],
+                    optimizers=[o.state_dict() for o in optimizers],
+                    histories=histories,
+                )
             checkpoint.save(state_dir, epoch, payload, probe_id(cfg), keep_last=2)
         distributed.barrier()
         if should_stop is not None and should_stop():
             break
 
+    # The reported head: the only one, or the lr whose final held-out accuracy is best (first on ties).
+    chosen = 0
+    if len(lrs) > 1 and histories[0]:
+        chosen = max(range(len(lrs)), key=lambda i: (histories[i][-1]["val_top1"], -i))
+    history = histories[chosen]
     last = history[-1] if history else {"top1": float("nan"), "top5": float("nan"), "epoch": 0}
     best = max(history, key=lambda h: h["top1"]) if history else last
     record = {
@@ -309,11 +355,20 @@ def evaluate_linear(
         "seconds": time.monotonic() - started,
         "time": time.time(),
     }
+    if len(lrs) > 1:
+        record["lr_grid"] = {
+            "chosen_lr": lrs[chosen],
+            "chosen_on": f"held-out {lin.val_fraction:g} of the train split ({len(val_y)} images)",
+            "heads": [
+                {"lr": lr, **{k: h[-1][k] for k in ("val_top1", "top1", "top5")}} if h else {"lr": lr}
+                for lr, h in zip(lrs, histories, strict=True)
+            ],
+        }
     path = storage.join(target.eval_dir, "linear", f"{name}.json")
     write_result(path, record)
     return LinearResult(
         epoch, lin.epochs, last["top1"], best["top1"], int(best["epoch"]), path, state_dir, resumed_from, record,
-        {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
+        {k: v.detach().cpu().clone() for k, v in heads[chosen].state_dict().items()},
     )  # fmt: skip
 
 

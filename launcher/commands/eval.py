@@ -13,7 +13,8 @@ baseline=random|pixels for the same protocol on a randomly initialised backbone 
 data=<preset> and data.<key>=... (default: the run's own data; imagefolder needs data.val_root);
 image_size, seed, device, batch_size, shard_size, workers;
 knn.k=[10,20,100,200] knn.temperature=0.07 knn.query_chunk knn.bank_chunk knn.max_train knn.max_test;
-linear.epochs=100 linear.max_epochs linear.batch_size=256 linear.lr=0.001 linear.n_last_blocks=4
+linear.epochs=100 linear.max_epochs linear.batch_size=256 linear.lr=0.001 (or a list: one head per lr,
+chosen on linear.val_fraction=0.1 of the train split) linear.n_last_blocks=4
 linear.avgpool=false linear.max_train linear.max_test. Results: <run>/eval/<protocol>/*.json.
 """
 
@@ -103,6 +104,16 @@ def run_command(args: argparse.Namespace) -> int:
     )
     table.add_row("best over epochs", str(best["epoch"]), f"{best['top1']:.2f}", f"{best['top5']:.2f}")
     console.print(table)
+    grid = record.get("lr_grid")
+    if grid:
+        lrs = Table(title=f"learning rates, chosen on the {grid['chosen_on']}")
+        for col in ("lr", "held-out top-1 %", "test top-1 %", ""):
+            lrs.add_column(col, justify="right")
+        for head in grid["heads"]:
+            if "top1" in head:
+                mark = "chosen" if head["lr"] == grid["chosen_lr"] else ""
+                lrs.add_row(f"{head['lr']:g}", f"{head['val_top1']:.2f}", f"{head['top1']:.2f}", mark)
+        console.print(lrs)
     state = "finished" if result.finished else f"stopped at epoch {result.epoch} (run again to continue)"
     console.print(f"{state}; written to {result.path}")
     if result.finished:
@@ -111,6 +122,11 @@ def run_command(args: argparse.Namespace) -> int:
             "linear_top5": final["top5"],
             "linear_best_top1": best["top1"],
         }
+        if grid:
+            metrics["linear_lr"] = grid["chosen_lr"]
+            for head in grid["heads"]:
+                metrics[f"linear_grid_lr{head['lr']:g}_val_top1"] = head["val_top1"]
+                metrics[f"linear_grid_lr{head['lr']:g}_top1"] = head["top1"]
         _track(record, metrics, result.path, "linear")
     return 0
 

@@ -144,3 +144,45 @@ def test_each_rank_decodes_only_its_part_of_every_global_batch():
         indices = [i for _, i in batch]
         assert sorted(i for rank in range(3) for i in seen[rank][b]) == sorted(indices)
         assert seen[0][b] == indices[0::3]
+
+
+def test_a_one_element_lr_grid_is_todays_single_probe(trained_run, tmp_path):
+    single_dir, grid_dir = tmp_path / "single", tmp_path / "grid"
+    shutil.copytree(trained_run, single_dir)
+    shutil.copytree(trained_run, grid_dir)
+    single = evaluate_linear(*resolve(probe_args(single_dir, "linear.epochs=2")))
+    cfg, target = resolve(probe_args(grid_dir, "linear.epochs=2", "linear.lr=[0.5]"))
+    assert lin.probe_id(cfg) == lin.probe_id(resolve(probe_args(single_dir, "linear.epochs=2"))[0])
+    grid = evaluate_linear(cfg, target)
+    for key, value in single.weights.items():
+        assert torch.equal(value, grid.weights[key]), key
+    assert grid.record["history"] == single.record["history"] and "lr_grid" not in grid.record
+    assert grid.record["num_train"] == 64  # nothing held out for a single lr
+
+
+@pytest.mark.slow
+def test_an_lr_grid_trains_every_head_on_the_same_features_and_chooses_on_held_out_data(
+    trained_run, tmp_path
+):
+    run_dir, resumed_dir = tmp_path / "g", tmp_path / "resumed"
+    shutil.copytree(trained_run, run_dir)
+    shutil.copytree(trained_run, resumed_dir)
+    grid = ["linear.epochs=2", "linear.lr=[0.005,0.5,50.0]", "linear.val_fraction=0.25"]
+    result = evaluate_linear(*resolve(probe_args(run_dir, *grid)))
+    saved = json.loads(Path(result.path).read_text())
+    heads = saved["lr_grid"]["heads"]
+    assert [h["lr"] for h in heads] == [0.005, 0.5, 50.0]
+    best = max(heads, key=lambda h: h["val_top1"])
+    assert saved["lr_grid"]["chosen_lr"] == best["lr"]  # chosen on the held-out part, not on test
+    assert saved["final"]["top1"] == best["top1"] and saved["num_train"] == 48  # 16 of 64 held out
+    assert "held-out 0.25 of the train split (16 images)" == saved["lr_grid"]["chosen_on"]
+    assert len({h["top1"] for h in heads} | {h["val_top1"] for h in heads}) > 2  # the heads differ
+
+    # Resumable as a whole: all heads are in the probe's checkpoint.
+    stopped = evaluate_linear(*resolve(probe_args(resumed_dir, *grid, "linear.max_epochs=1")))
+    assert not stopped.finished
+    resumed = evaluate_linear(*resolve(probe_args(resumed_dir, *grid)))
+    assert resumed.resumed_from == 1
+    assert json.loads(Path(resumed.path).read_text())["lr_grid"] == saved["lr_grid"]
+    for key, value in result.weights.items():
+        assert torch.equal(value, resumed.weights[key]), key

@@ -175,7 +175,7 @@ def test_an_lr_grid_trains_every_head_on_the_same_features_and_chooses_on_held_o
     best = max(heads, key=lambda h: h["val_top1"])
     assert saved["lr_grid"]["chosen_lr"] == best["lr"]  # chosen on the held-out part, not on test
     assert saved["final"]["top1"] == best["top1"] and saved["num_train"] == 48  # 16 of 64 held out
-    assert "held-out 0.25 of the train split (16 images)" == saved["lr_grid"]["chosen_on"]
+    assert saved["lr_grid"]["chosen_on"] == "held-out 0.25 of the train split (16 images)"
     assert len({h["top1"] for h in heads} | {h["val_top1"] for h in heads}) > 2  # the heads differ
 
     # Resumable as a whole: all heads are in the probe's checkpoint.

@@ -39,6 +39,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--paper", action="store_true", help="add the DINO paper's numbers for matching rows")
     p.add_argument("--runs", action="store_true", help="also print one row per run")
+    p.add_argument(
+        "--with",
+        dest="with_weights",
+        action="append",
+        default=[],
+        metavar="PATH[,PATH]",
+        help="add a row per weights file (or its eval run.dir) from its `dinolab eval ... weights=` "
+        "results on the sweep's data, e.g. the released ViT-S/16",
+    )
     p.set_defaults(func=run_command)
 
 
@@ -85,7 +94,8 @@ def run_command(args: argparse.Namespace) -> int:
     except KeyError as err:
         raise UserError(str(err.args[0])) from None
     summary = tables.summarize(df, by, columns)
-    text = tables.render(summary, by, columns, args.format, with_paper=args.paper)
+    shown = _with_weights(args, summary, by, columns)
+    text = tables.render(shown, by, columns, args.format, with_paper=args.paper)
     if len(by) == 2 and args.format != "csv":
         text += "\n\n" + tables.pivot(summary, by, columns[0], args.format)
     if args.runs:
@@ -97,14 +107,36 @@ def run_command(args: argparse.Namespace) -> int:
     else:
         print(text)
     if args.html:
-        write_html(args.html, uri, experiment, df, summary, by, columns, args.paper)
+        write_html(args.html, uri, experiment, df, summary, by, columns, args.paper, shown)
         print(f"HTML report written to {args.html}", file=sys.stderr)
     for path in filter(None, (args.output, args.html)):
         _attach(folder, path)
     return 0
 
 
-def write_html(path, uri, experiment, df, summary, by, columns, with_paper) -> None:
+def _with_weights(args: argparse.Namespace, summary, by, columns):
+    """The summary with a row per `--with` weights file (the plots and pivot keep the runs only)."""
+    paths = [p for value in args.with_weights for p in value.split(",") if p]
+    if not paths:
+        return summary
+    import pandas as pd
+
+    from dino.eval.config import _plain
+    from launcher.errors import UserError
+    from launcher.sweep import expand, load_sweep
+    from reports.weights_rows import WeightsRowError, weights_rows
+
+    if not args.sweep_file:
+        raise UserError("--with needs the sweep file (its evaluation data selects the results)")
+    data = _plain(expand(load_sweep(args.sweep_file, args.overrides))[0].config.data)
+    try:
+        rows = weights_rows(paths, by, columns, data)
+    except WeightsRowError as err:
+        raise UserError(str(err)) from None
+    return pd.concat([summary, rows], ignore_index=True)
+
+
+def write_html(path, uri, experiment, df, summary, by, columns, with_paper, shown=None) -> None:
     import math
 
     from mlflow.tracking import MlflowClient
@@ -114,7 +146,8 @@ def write_html(path, uri, experiment, df, summary, by, columns, with_paper) -> N
 
     client = MlflowClient(uri)
     main = columns[0]
-    sections = [("Ablation", tables.render(summary, by, columns, "html", with_paper=with_paper))]
+    table = shown if shown is not None else summary
+    sections = [("Ablation", tables.render(table, by, columns, "html", with_paper=with_paper))]
     if len(by) == 2:
         sections.append((f"{main.header}: {by[0]} × {by[1]}", tables.pivot(summary, by, main, "html")))
     sections.append(("Runs", tables.runs_table(df, by, columns, "html")))

@@ -7,6 +7,7 @@ and the HTML page must hold the plots.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -127,3 +128,32 @@ def test_report_of_a_sweep_that_never_ran_creates_nothing(tmp_path):
         == f"dinolab report: error: no MLflow store at sqlite:///{db}: nothing has been tracked there\n"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.yaml"]
+
+
+def test_report_with_a_weights_file_adds_its_row_beside_the_runs(fake_sweep, tmp_path):
+    from tests.unit.test_weights import FIXTURES
+
+    results = tmp_path / "released"
+    backbone = FIXTURES / "backbone_pretrain.pth"
+    proc = dinolab(
+        "eval", "knn", f"weights={backbone}", "data=synthetic", "data.image_size=32", "workers=0",
+        f"run.dir={results}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = (json.loads(p.read_text()) for p in (results / "eval" / "knn").glob("*.json"))
+    sweep = tmp_path / "multicrop-fake.yaml"
+    sweep.write_text(
+        f"name: multicrop-fake\nroot: {Path(fake_sweep.removeprefix('sqlite:///')).parent}\n"
+        "base: [model=vit_test, data=synthetic, data.image_size=32]\ngrid: {crops.num_local: [0, 2, 6]}\n"
+    )
+    shown = dinolab("report", str(sweep), "--with", str(results))
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    row = next(line for line in shown.stdout.splitlines() if "weights: backbone_pretrain" in line)
+    assert f"| {record['top1']['20']:.1f} " in row.replace("**", "")
+    assert f"weights {backbone} (k-NN on {record['num_test']} test images)" in row
+    assert shown.stdout.count("| 0 ") + shown.stdout.count("| 2 ") + shown.stdout.count("| 6 ") >= 3
+
+    other = dinolab("report", str(sweep), "data=fashion_mnist", "--with", str(results))
+    assert other.returncode == 2 and other.stderr.strip().splitlines()[-1].startswith(
+        f"dinolab report: error: --with {results}: no k-NN or finished linear result on data fashion_mnist"
+    )

@@ -111,6 +111,10 @@ class MLflowTracker:
             path = local
         self._put("artifact", [os.path.abspath(path), artifact_path])
 
+    def finish(self, status: str = "FINISHED") -> None:
+        """Set the run's status (a run that only holds evaluations: a weights file's)."""
+        self._put("status", status)
+
     def close(self, status: str = "FINISHED") -> None:
         """Send the final status (training only: an evaluation leaves the run's status alone); wait
         up to flush_timeout_s, then spool what is left to disk."""

@@ -107,6 +107,11 @@ class EvalConfig:
     weights_key: str = "teacher"
     """Which network of a file that holds both: teacher or student."""
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    tracking_uri: str = ""
+    """weights=: also log the result to this MLflow store (sqlite:////abs/mlflow.db or a server URL),
+    one MLflow run per weights file and key (a run folder's evaluations go to the run's own MLflow run)."""
+    tracking_experiment: str = "weights"
+    """weights=: the MLflow experiment of those runs."""
     baseline: str = "none"
     """none (the checkpoint's teacher), random (same architecture, random init) or pixels."""
     data: EvalDataConfig = field(default_factory=EvalDataConfig)

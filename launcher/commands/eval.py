@@ -87,7 +87,7 @@ def run_command(args: argparse.Namespace) -> int:
         metrics = {
             f"knn_top{n}_k{k}": v for n, acc in ((1, result.top1), (5, result.top5)) for k, v in acc.items()
         }
-        _track(result.record, metrics, result.path, "knn")
+        _track(result.record, metrics, result.path, "knn", args.overrides)
         return 0
     from dino.eval.linear import run_linear
 
@@ -127,18 +127,43 @@ def run_command(args: argparse.Namespace) -> int:
             for head in grid["heads"]:
                 metrics[f"linear_grid_lr{head['lr']:g}_val_top1"] = head["val_top1"]
                 metrics[f"linear_grid_lr{head['lr']:g}_top1"] = head["top1"]
-        _track(record, metrics, result.path, "linear")
+        _track(record, metrics, result.path, "linear", args.overrides)
     return 0
 
 
-def _track(record: dict, metrics: dict[str, float], path: str, protocol: str) -> None:
+def _track(record: dict, metrics: dict[str, float], path: str, protocol: str, overrides: list[str]) -> None:
     """Log an evaluation into its run's MLflow run (when the run is tracked) at the checkpoint's step;
-    baselines under `baseline_<kind>/` so they never pass for the run's own result."""
+    baselines under `baseline_<kind>/` so they never pass for the run's own result. A weights file's
+    evaluation goes to its own MLflow run (tagged dinolab.kind=weights) when tracking_uri= is given."""
     from dino.tracking import open_run_tracker
 
     baseline = record.get("baseline", "none")
     prefix = "" if baseline == "none" else f"baseline_{baseline}/"
-    tracker = open_run_tracker(record["run_dir"])
+    tracker = (
+        _weights_tracker(record, overrides) if record.get("weights") else open_run_tracker(record["run_dir"])
+    )
     tracker.log_metrics({prefix + k: v for k, v in metrics.items()}, int(record.get("step") or 0))
     tracker.log_artifact(path, f"eval/{protocol}")
     tracker.close()
+
+
+def _weights_tracker(record: dict, overrides: list[str]):
+    """The MLflow run of a weights file's evaluations (tied to its results folder by tracking.json)."""
+    from dino.eval.config import compose_eval
+    from dino.tracking import NullTracker
+
+    cfg = compose_eval(overrides)
+    if not cfg.tracking_uri or cfg.tracking_uri == "none":
+        return NullTracker()
+    from dino.mlflow_tracker import MLflowTracker
+
+    name = os.path.basename(record["run_dir"].rstrip("/"))
+    tracker = MLflowTracker(
+        cfg.tracking_uri, record["run_dir"], cfg.tracking_experiment, name, training=False
+    )
+    tracker.set_tags({"dinolab.kind": "weights", "dinolab.weights_sha256": record["weights_sha256"],
+                      "dinolab.weights_format": record["weights_format"]})  # fmt: skip
+    tracker.log_params({"weights": record["weights"], "weights_key": record["weights_key"],
+                        "data.name": record["data"]["name"], "data.root": record["data"].get("root", "")})  # fmt: skip
+    tracker.finish()  # only evaluations: nothing runs on
+    return tracker

@@ -23,8 +23,9 @@ pytestmark = pytest.mark.slow
 @pytest.mark.skipif(not FASHION_MNIST_ROOT.exists(), reason="needs apt-get install dataset-fashion-mnist")
 def test_eval_knn_of_the_reference_backbone_file_on_fashion_mnist(tmp_path):
     path = FIXTURES / "backbone_pretrain.pth"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["eval", "knn", f"weights={path}", "data=fashion_mnist", "knn.max_train=2000", "knn.max_test=500",
-            "workers=0", f"run.dir={tmp_path / 'w'}"]  # fmt: skip
+            "workers=0", f"run.dir={tmp_path / 'w'}", f"tracking_uri={uri}"]  # fmt: skip
     proc = dinolab(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sha = weights.read(str(path)).sha256
@@ -35,8 +36,17 @@ def test_eval_knn_of_the_reference_backbone_file_on_fashion_mnist(tmp_path):
     assert (record["num_train"], record["num_test"], record["image_size"]) == (2000, 500, 32)
     assert 20 < record["top1"]["20"] <= 100  # a trained backbone's features, far above chance (10 %)
 
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    (tracked,) = client.search_runs([client.get_experiment_by_name("weights").experiment_id])
+    assert tracked.info.status == "FINISHED" and tracked.data.tags["dinolab.kind"] == "weights"
+    assert tracked.data.tags["dinolab.weights_sha256"] == sha and tracked.data.params["weights"] == str(path)
+    assert tracked.data.metrics["knn_top1_k20"] == record["top1"]["20"]
+
     again = dinolab(*args)  # the cached features are found by the file's hash
     assert again.returncode == 0 and "shards to compute" not in again.stderr, again.stderr[-2000:]
+    assert len(client.search_runs([tracked.info.experiment_id])) == 1  # the same MLflow run again
 
     no_data = dinolab("eval", "knn", f"weights={path}")
     assert no_data.returncode == 2 and no_data.stderr.strip().splitlines()[-1].startswith(

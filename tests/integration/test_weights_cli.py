@@ -94,3 +94,21 @@ def test_export_loads_into_plain_timm_and_back_into_dinolab(tmp_path):
         f"{out} exists; nothing was written (dinolab never overwrites an export)"
     )
     assert out.read_bytes() == before
+
+
+def test_export_names_a_sweep_run_by_its_name(tmp_path):
+    from launcher.sweep import expand, load_sweep
+
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(
+        f"name: s\nroot: {tmp_path / 'runs'}\nbase: [{', '.join(TINY)}]\ngrid: {{teacher.momentum: [0.996, 0.9]}}\n"
+    )
+    runs = {r.name: r.run_dir for r in expand(load_sweep(sweep))}
+    proc = dinolab("export", str(sweep), "-o", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "name one run with --run (the sweep has 2:" in proc.stderr
+    name = sorted(runs)[0]
+    proc = dinolab("export", str(sweep), "--run", name, "-o", str(tmp_path / "x"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().endswith(
+        f"no complete checkpoint in {runs[name]}/checkpoints: nothing to export"
+    )

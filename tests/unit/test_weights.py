@@ -112,3 +112,21 @@ def test_train_init_weights_starts_both_networks_from_the_reference_checkpoint(t
     with pytest.raises(weights.WeightsError, match="does not fit model=vit_test model.patch_size=16"):
         wrong = tiny_cfg("model.patch_size=16", f"train.init_weights={FIXTURES / 'backbone_pretrain.pth'}")
         build_models(wrong, torch.device("cpu"))
+
+
+def test_a_timm_checkpoint_with_a_classifier_loads_without_it(tmp_path):
+    import timm
+
+    classifier = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=10, embed_dim=64, depth=2, num_heads=2,
+        patch_size=8, img_size=32,
+    ).eval()  # fmt: skip
+    torch.save({"state_dict": classifier.state_dict()}, tmp_path / "timm_train_checkpoint.pth")
+    loaded = weights.read(str(tmp_path / "timm_train_checkpoint.pth"))
+    assert loaded.format == "backbone state dict" and not any(k.startswith("head.") for k in loaded.backbone)
+    backbone = weights.backbone_for(loaded)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            backbone(x), classifier.forward_head(classifier.forward_features(x), pre_logits=True)
+        )

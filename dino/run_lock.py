@@ -221,7 +221,7 @@ class RunLock:
         return None
 
     def _fs(self):
-        return storage._fs(self.path)
+        return storage.filesystem(self.path)
 
     def _read_remote(self) -> tuple[dict[str, Any], str]:
         """(lease content, its ETag); ({}, "") when there is none."""

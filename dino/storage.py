@@ -80,6 +80,12 @@ def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(path, **options)
 
 
+def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(fsspec file system, path within it) with dinolab's options, for what the small API above
+    does not cover (the run lock's conditional PUTs)."""
+    return _fs(path)
+
+
 def _endpoint() -> str:
     configured = _options.get("s3", {}).get("client_kwargs", {}).get("endpoint_url")
     return configured or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"

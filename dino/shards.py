@@ -72,9 +72,7 @@ def _encoded(dataset: Dataset, index: int) -> tuple[str, bytes, int] | None:
 
     from dino.data import ImageFolder
 
-    base, offset = dataset, index
-    if isinstance(base, torch.utils.data.Subset):
-        base, offset = base.dataset, base.indices[index]
+    base, offset = _unwrap(dataset, index)
     if isinstance(base, ImageFolder):
         path, label = base.samples[offset]
         data = storage.read_bytes(path)
@@ -133,10 +131,16 @@ def pack(
     return index
 
 
+def _unwrap(dataset: Dataset, index: int) -> tuple[Dataset, int]:
+    """(the dataset under a `Subset`, the index there)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return dataset.dataset, dataset.indices[index]
+    return dataset, index
+
+
 def _source_name(dataset: Dataset, index: int) -> str:
-    base, offset = dataset, index
-    if isinstance(base, torch.utils.data.Subset):
-        base, offset = base.dataset, base.indices[index]
+    """The file an image folder's image came from."""
+    base, offset = _unwrap(dataset, index)
     return base.samples[offset][0]
 
 

@@ -146,8 +146,10 @@ def test_report_with_a_weights_file_adds_its_row_beside_the_runs(fake_sweep, tmp
         f"name: multicrop-fake\nroot: {Path(fake_sweep.removeprefix('sqlite:///')).parent}\n"
         "base: [model=vit_test, data=synthetic, data.image_size=32]\ngrid: {crops.num_local: [0, 2, 6]}\n"
     )
-    shown = dinolab("report", str(sweep), "--with", str(results))
+    page = tmp_path / "report.html"
+    shown = dinolab("report", str(sweep), "--with", str(results), "--html", str(page))
     assert shown.returncode == 0, shown.stderr[-3000:]
+    assert "<td>weights: backbone_pretrain</td>" in page.read_text()  # the page's table has the row too
     row = next(line for line in shown.stdout.splitlines() if "weights: backbone_pretrain" in line)
     assert f"| {record['top1']['20']:.1f} " in row.replace("**", "")
     assert f"weights {backbone} (k-NN on {record['num_test']} test images)" in row

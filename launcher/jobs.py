@@ -157,7 +157,7 @@ class EvalJob(submitit.helpers.Checkpointable):
         main = rank == 0
         if self.wait_for_pretrain:
             while (state := records.read_record(self.run_dir).get("state")) != records.COMPLETED:
-                if state in (records.FAILED, "cancelled"):
+                if state in (records.FAILED, records.CANCELLED):
                     raise RuntimeError(
                         f"pretraining of {self.run_dir} {state}; {self.protocol} evaluation not run"
                     )
@@ -181,9 +181,7 @@ class EvalJob(submitit.helpers.Checkpointable):
         return {"run_dir": self.run_dir, "protocol": self.protocol}
 
     def _set_eval_state(self, state: str) -> None:
-        evals = records.read_record(self.run_dir).get("evals", {})
-        evals[self.protocol] = state
-        records.update_record(self.run_dir, evals=evals)
+        records.set_eval_state(self.run_dir, self.protocol, state)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(dataclasses.replace(self))

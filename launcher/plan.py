@@ -231,6 +231,7 @@ def _submit_arrays(sweep, train, eval_only, executor, out, created) -> None:
             if job["stage"] != "pretrain" and job_is_live(job):
                 _cancel_job(job, records.read_record(todo.run.run_dir))
         records.update_record(todo.run.run_dir, state=records.PENDING, error="", evals={})
+        records.reset_evals(todo.run.run_dir)
     if train:
         ex = build_executor(sweep, "pretrain", executor, folder)
         jobs = _submit_array(ex, "pretrain", executor,
@@ -344,6 +345,6 @@ def cancel(runs: list[RunSpec]) -> list[str]:
             if not job_is_live(job):
                 continue
             _cancel_job(job, records.read_record(run.run_dir))
-            records.update_record(run.run_dir, state="cancelled")
+            records.update_record(run.run_dir, state=records.CANCELLED)
             lines.append(f"cancelled {run.label} {job['stage']} job {job['job_id']}")
     return lines or ["no live jobs"]

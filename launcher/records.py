@@ -1,9 +1,11 @@
 """Run records: what a job reports (`record.json`) and what the launcher submitted (`jobs.json`).
 
-Two files with one writer each, so a job starting while `submit` is still writing can never lose an
-update: the job owns `record.json` (state, step, loss, requeues, heartbeat, error), the launcher owns
-`jobs.json` (every submission: stage, job id, executor, log paths, time). Both are written atomically
-through `dino.storage`.
+Files with one writer each, so a job starting while `submit` is still writing can never lose an
+update: the pretraining job owns `record.json` (state, step, loss, requeues, heartbeat, error), each
+evaluation job its own `record-<protocol>.json` (k-NN and linear jobs of one run may finish together;
+in one shared file one could overwrite the other's state), the launcher owns `jobs.json` (every
+submission: stage, job id, executor, log paths, time). All are written atomically through
+`dino.storage`; `read_record` shows the evaluation states as the record's `evals`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,15 @@ from dino import storage
 RECORD = "record.json"
 JOBS = "jobs.json"
 
-# Run states, as the job reports them.
+# Run states, as the job reports them (and `cancelled`, as `sweep cancel` sets it).
 PENDING, RUNNING, REQUEUED, COMPLETED, FAILED = "pending", "running", "requeued", "completed", "failed"
+CANCELLED = "cancelled"
+EVAL_PROTOCOLS = ("knn", "linear")
+
+
+def eval_record(protocol: str) -> str:
+    """File name of one evaluation's state."""
+    return f"record-{protocol}.json"
 
 
 def _read(path: str, default: Any) -> Any:
@@ -32,7 +41,29 @@ def _read(path: str, default: Any) -> Any:
 
 
 def read_record(run_dir: str) -> dict[str, Any]:
-    return _read(storage.join(run_dir, RECORD), {})
+    """record.json, with `evals` ({protocol: state}) read from each evaluation's own file (older
+    runs kept them in record.json itself, still read)."""
+    record = _read(storage.join(run_dir, RECORD), {})
+    evals = dict(record.get("evals", {}))
+    for protocol in EVAL_PROTOCOLS:
+        own = _read(storage.join(run_dir, eval_record(protocol)), {})
+        if own.get("state"):
+            evals[protocol] = own["state"]
+    if evals or "evals" in record:
+        record["evals"] = evals
+    return record
+
+
+def set_eval_state(run_dir: str, protocol: str, state: str) -> None:
+    """The state of one evaluation of the run (its job is the file's only writer)."""
+    content = {"state": state, "heartbeat": time.time(), "host": socket.gethostname()}
+    storage.atomic_write_text(storage.join(run_dir, eval_record(protocol)), json.dumps(content, indent=1))
+
+
+def reset_evals(run_dir: str) -> None:
+    """Forget the evaluation states (a run about to be trained again will be evaluated again)."""
+    for protocol in EVAL_PROTOCOLS:
+        storage.remove(storage.join(run_dir, eval_record(protocol)))
 
 
 def update_record(run_dir: str, **changes: Any) -> dict[str, Any]:
@@ -49,7 +80,7 @@ def update_record(run_dir: str, **changes: Any) -> dict[str, Any]:
 def snapshot(run_dir: str) -> dict[str, str | None]:
     """The run's two record files as they are (None: absent), for `restore`."""
     files = {}
-    for name in (RECORD, JOBS):
+    for name in (RECORD, JOBS, *map(eval_record, EVAL_PROTOCOLS)):
         path = storage.join(run_dir, name)
         files[name] = storage.read_text(path) if storage.exists(path) else None
     return files

@@ -26,6 +26,7 @@ from dino import checkpoint, code_version, storage
 from dino.checkpoint import CheckpointError
 from dino.config import ARCHS, from_dict
 from dino.eval.features import teacher_backbone
+from dino.eval.results import read_results
 
 log = logging.getLogger("dino.export")
 FORMATS = {"timm": ".safetensors", "reference": ".pth"}
@@ -51,11 +52,9 @@ def _results(run_dir: str, step: int) -> dict[str, Any]:
     """The run's own evaluations of this step (not baselines): headline numbers by protocol."""
     found: dict[str, Any] = {}
     for protocol in ("knn", "linear"):
-        folder = storage.join(run_dir, "eval", protocol)
-        for name in storage.listdir(folder):
-            if not name.startswith(f"{step:09d}-") or not name.endswith(".json"):
+        for name, record in read_results(run_dir, protocol):
+            if not name.startswith(f"{step:09d}-"):
                 continue
-            record = json.loads(storage.read_text(storage.join(folder, name)))
             if protocol == "knn":
                 found.setdefault("knn", []).append(
                     {"data": record["data"]["name"], "num_test": record["num_test"], "top1": record["top1"]}

@@ -21,6 +21,7 @@ like (embed dim, depth and patch size read from the tensors' shapes).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import math
@@ -95,6 +96,7 @@ class Weights:
         )
 
 
+@functools.cache  # a model built on the meta device per name, once per process
 def _shape_of(name: str) -> tuple[int, int]:
     with torch.device("meta"):
         model = build_backbone(name, 16, 224)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from dino import storage
+from dino.eval.results import read_results
 from launcher import records
 from launcher.plan import _slurm_state, job_is_live
 from launcher.sweep import RunSpec, Sweep
@@ -43,13 +42,9 @@ def run_state(run: RunSpec) -> str:
 def eval_summary(run: RunSpec, protocol: str) -> str:
     """Headline of the newest result JSON of a protocol (e.g. k-NN top-1 at k=20), or its state."""
     state = records.read_record(run.run_dir).get("evals", {}).get(protocol, "")
-    folder = storage.join(run.run_dir, "eval", protocol)
-    files = [n for n in storage.listdir(folder) if n.endswith(".json")] if state == "completed" else []
-    if files:
-        # the newest result: results carry their finish time
-        results = [json.loads(storage.read_text(storage.join(folder, n))) for n in files]
-        result = max(results, key=lambda r: r.get("time", 0))
-        headline = _headline(result)
+    results = read_results(run.run_dir, protocol) if state == "completed" else []
+    if results:
+        headline = _headline(results[-1][1])  # the newest result
         if headline:
             return headline
     return state or "-"

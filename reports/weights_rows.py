@@ -10,13 +10,13 @@ whole split.
 
 from __future__ import annotations
 
-import json
 import math
 import posixpath
 
 import pandas as pd
 
 from dino import storage
+from dino.eval.results import read_results
 from reports.tables import Column
 
 
@@ -35,14 +35,8 @@ def results_folder(path: str) -> str:
 
 
 def _records(folder: str, protocol: str) -> list[dict]:
-    base = storage.join(folder, "eval", protocol)
-    found = []
-    for name in storage.listdir(base):
-        if name.endswith(".json"):
-            record = json.loads(storage.read_text(storage.join(base, name)))
-            if record.get("weights"):
-                found.append(record)
-    return sorted(found, key=lambda r: r.get("time", 0))
+    """A weights file's results of `protocol` (not a run's), oldest first."""
+    return [record for _, record in read_results(folder, protocol) if record.get("weights")]
 
 
 def _same_data(record: dict, data: dict) -> bool:

@@ -198,13 +198,10 @@ class RunLock:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            file.seek(0)
-            text = file.read()
-            file.close()
             try:
-                return json.loads(text) if text.strip() else {}
-            except json.JSONDecodeError:
-                return {}
+                return self._read_local_holder(file)
+            finally:
+                file.close()
         # Ours: describe ourselves for the next process that is refused.
         self._holder = holder_description()
         try:
@@ -250,6 +247,22 @@ class RunLock:
             raise
         etag = (out or {}).get("ETag") if isinstance(out, dict) else None
         return etag or self._read_remote()[1]
+
+    @staticmethod
+    def _read_local_holder(file: Any, settle_s: float = 2.0) -> dict[str, Any]:
+        """The holder's description. A holder writes it just after it takes the flock (truncate, then
+        write), so a contender started at the same instant can read an empty or half-written file:
+        read again for up to `settle_s` before naming no one."""
+        deadline = time.monotonic() + settle_s
+        while True:
+            file.seek(0)
+            text = file.read()
+            with contextlib.suppress(json.JSONDecodeError):
+                if text.strip():
+                    return json.loads(text)
+            if time.monotonic() > deadline:
+                return {}
+            time.sleep(0.05)
 
     def _try_remote(self) -> dict[str, Any] | None:
         storage.makedirs(self.run_dir)

@@ -28,6 +28,32 @@ def test_a_second_holder_is_refused_with_the_first_ones_description(tmp_path, mo
     RunLock(str(tmp_path / "run")).acquire()  # released: free again
 
 
+def test_a_contender_meeting_the_holder_between_its_flock_and_its_description_names_it(tmp_path):
+    """The holder takes the flock, then writes who it is: a contender started at the same instant
+    reads an empty file (CI saw "another process (no description)"). It reads again until the
+    description is there."""
+    import fcntl
+
+    path = tmp_path / run_lock.LOCK_FILE
+    with open(path, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)
+        description = run_lock.holder_description()
+
+        def write_late() -> None:
+            held.write(json.dumps(description)[:20])  # half written first
+            held.flush()
+            time.sleep(0.3)
+            held.seek(0)
+            held.truncate()
+            held.write(json.dumps(description))
+            held.flush()
+
+        threading.Timer(0.3, write_late).start()
+        with pytest.raises(RunLocked, match=f"another process: pid {os.getpid()} on"):
+            RunLock(str(tmp_path)).acquire()
+
+
 def _hold(path: str, ready) -> None:
     lock = RunLock(path)  # held while referenced: the open file is the lock
     lock.acquire()

@@ -22,8 +22,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from dino import code_version, storage
 
 STATE_FILE = "state.pt"
@@ -117,6 +115,8 @@ def complete_steps(run_dir: str) -> list[int]:
 
 def serialize(state: dict[str, Any]) -> bytes:
     """The checkpoint's bytes in host memory (a snapshot: training may go on changing the tensors)."""
+    import torch  # here, not at the top: sweep plan/status read markers and must not pay torch's import
+
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()
@@ -211,6 +211,8 @@ def _verified(path: str) -> tuple[bytes, dict[str, Any]]:
 
 def _read(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, marker) of one checkpoint folder; raises ValueError describing what is wrong."""
+    import torch
+
     data, marker = _verified(path)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

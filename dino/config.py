@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
-
-from hydra.core.config_store import ConfigStore
 
 from dino.bad_images import MODES as BAD_IMAGE_MODES
 
@@ -265,6 +264,10 @@ class DinoConfig:
 
 def register_configs() -> None:
     """Register the schema so YAML presets and overrides are type-checked against it."""
+    # Hydra is imported here, not at the top: commands that only read a sweep's files (status)
+    # should not pay its import.
+    from hydra.core.config_store import ConfigStore
+
     ConfigStore.instance().store(name="dino_schema", node=DinoConfig)
 
 
@@ -273,8 +276,9 @@ def register_configs() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def compose(overrides: list[str] | tuple[str, ...] = ()) -> DinoConfig:
-    """Compose `dino/conf/config.yaml` with Hydra overrides and return a validated `DinoConfig`."""
+def compose(overrides: list[str] | tuple[str, ...] = (), check: bool = True) -> DinoConfig:
+    """Compose `dino/conf/config.yaml` with Hydra overrides and return a validated `DinoConfig`
+    (`check=False`: not validated, for a preset that later overrides complete)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -292,7 +296,8 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DinoConfig:
         raise ConfigError(_explain_compose_error(err, overrides)) from None
     finally:
         GlobalHydra.instance().clear()
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -388,6 +393,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@functools.cache  # asked for every key of every run of a sweep
 def is_semantic(key: str) -> bool:
     return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NON_SEMANTIC_KEYS)
 
@@ -397,8 +403,9 @@ def semantic_items(cfg: DinoConfig | dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if is_semantic(k) and LATER_KEYS.get(k, object()) != v}
 
 
-def config_hash(cfg: DinoConfig) -> str:
-    """Short hash of the keys that change the result: same hash, same run."""
+def config_hash(cfg: DinoConfig | dict[str, Any]) -> str:
+    """Short hash of the keys that change the result: same hash, same run. `cfg` may also be its
+    nested or flat (dotted keys) dict."""
     blob = json.dumps(semantic_items(cfg), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,35 @@ from rich.text import Text
 
 from dino.eval.results import read_results
 from launcher import records
-from launcher.plan import _slurm_state, job_is_live
+from launcher.plan import _slurm_state, job_is_live, slurm_states
 from launcher.sweep import RunSpec, Sweep
+
+
+@dataclass
+class RunFiles:
+    """What `status` reads of one run, each file once: its record (evaluation states merged), its
+    newest pretraining job and what the scheduler says of that job."""
+
+    record: dict[str, Any]
+    job: dict[str, Any] | None
+    scheduler: str = ""
+
+    @classmethod
+    def read(cls, run: RunSpec) -> RunFiles:
+        jobs = [j for j in records.read_jobs(run.run_dir) if j["stage"] == "pretrain"]
+        return cls(records.read_record(run.run_dir), jobs[-1] if jobs else None)
+
+
+def read_runs(runs: list[RunSpec]) -> list[RunFiles]:
+    """Every run's files, and the scheduler's states of their jobs: one squeue for all SLURM jobs."""
+    files = [RunFiles.read(run) for run in runs]
+    slurm = slurm_states([f.job["job_id"] for f in files if f.job and f.job["executor"] == "slurm"])
+    for f in files:
+        if f.job and f.job["executor"] == "slurm":
+            f.scheduler = slurm.get(f.job["job_id"], "").lower()
+        elif f.job:
+            f.scheduler = "alive" if job_is_live(f.job) else ""
+    return files
 
 
 def scheduler_state(job: dict[str, Any] | None) -> str:
@@ -25,23 +53,26 @@ def scheduler_state(job: dict[str, Any] | None) -> str:
     return "alive" if job_is_live(job) else ""
 
 
-def run_state(run: RunSpec) -> str:
+def run_state(run: RunSpec, files: RunFiles | None = None) -> str:
     """pending / running / requeued / preempted / completed / failed / cancelled / lost / new."""
-    rec = records.read_record(run.run_dir)
+    if files is None:
+        files = RunFiles.read(run)
+        files.scheduler = scheduler_state(files.job)
+    rec, sched = files.record, files.scheduler
     state = rec.get("state", "new")
-    sched = scheduler_state(records.last_job(run.run_dir))
     if state in (records.RUNNING, records.PENDING, records.REQUEUED) and sched == "pending":
         return records.REQUEUED if rec.get("requeues") else records.PENDING
     if state == records.RUNNING and sched == "":
         return "lost"  # the job is gone without saying so (SIGKILL, node failure): `submit` resumes it
-    if state == records.PENDING and sched == "" and records.last_job(run.run_dir):
+    if state == records.PENDING and sched == "" and files.job:
         return "lost"
     return state
 
 
-def eval_summary(run: RunSpec, protocol: str) -> str:
+def eval_summary(run: RunSpec, protocol: str, record: dict[str, Any] | None = None) -> str:
     """Headline of the newest result JSON of a protocol (e.g. k-NN top-1 at k=20), or its state."""
-    state = records.read_record(run.run_dir).get("evals", {}).get(protocol, "")
+    record = records.read_record(run.run_dir) if record is None else record
+    state = record.get("evals", {}).get(protocol, "")
     results = read_results(run.run_dir, protocol) if state == "completed" else []
     if results:
         headline = _headline(results[-1][1])  # the newest result
@@ -78,15 +109,14 @@ def status_table(sweep: Sweep, runs: list[RunSpec]) -> Table:
     for col in ("run", *axes, "seed", "state", "step", "loss", "requeues", "job", *sweep.evals, "note"):
         table.add_column(col, overflow="fold")
     counts: dict[str, int] = {}
-    for run in runs:
-        rec = records.read_record(run.run_dir)
-        state = run_state(run)
+    for run, files in zip(runs, read_runs(runs), strict=True):
+        rec, job = files.record, files.job
+        state = run_state(run, files)
         counts[state] = counts.get(state, 0) + 1
         total = rec.get("total_steps") or 0
         step = rec.get("step", 0)
         progress = f"{step}/{total} ({100 * step / total:.0f}%)" if total else str(step or "-")
         loss = f"{rec['loss']:.3f}" if rec.get("loss") is not None else "-"
-        job = records.last_job(run.run_dir)
         note = ""
         if state == records.FAILED and rec.get("error"):
             note = " | ".join(rec["error"].strip().splitlines()[-2:])
@@ -104,7 +134,7 @@ def status_table(sweep: Sweep, runs: list[RunSpec]) -> Table:
         table.add_row(
             *map(Text, (run.name, *(str(run.axes[a]) for a in axes), str(run.seed))),
             Text(state, style=colour), progress, loss, str(rec.get("requeues", 0)),
-            job["job_id"] if job else "-", *(eval_summary(run, p) for p in sweep.evals), Text(note),
+            job["job_id"] if job else "-", *(eval_summary(run, p, rec) for p in sweep.evals), Text(note),
         )  # fmt: skip
     table.caption = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     return table

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from dino import mlflow_store, storage
-from dino.config import TRACKING_SCHEMES, ConfigError, DinoConfig, compose, config_hash, flatten, to_dict
+from dino.config import TRACKING_SCHEMES, ConfigError, DinoConfig, flatten, to_dict
 
 EVALS = ("knn", "linear")
 
@@ -98,11 +98,20 @@ class RunSpec:
     overrides: list[str]
     axes: dict[str, Any]
     seed: int
-    config: DinoConfig
+    resolved: DinoConfig | None = field(default=None, repr=False, compare=False)
+    """The composed config; None for a run read back from the sweep's manifest until asked for."""
 
     @property
     def label(self) -> str:
         return f"{self.name}-{self.run_id}"
+
+    @property
+    def config(self) -> DinoConfig:
+        if self.resolved is None:
+            from dino.compose_many import shared_composer
+
+            self.resolved = shared_composer().compose(self.overrides)
+        return self.resolved
 
 
 SWEEP_KEYS = {f.name for f in dataclasses.fields(Sweep)} - {"path"}
@@ -305,7 +314,10 @@ def _check_axis_keys(sweep: Sweep) -> None:
 
 def expand(sweep: Sweep) -> list[RunSpec]:
     """Every (grid point, seed) as a RunSpec with its composed, validated config."""
+    from dino.compose_many import ConfigComposer
+
     _check_axis_keys(sweep)
+    composer = ConfigComposer()  # Hydra once per preset choice, not once per run
     runs: list[RunSpec] = []
     for point in _grid_points(sweep):
         for seed in sweep.seeds:
@@ -314,14 +326,18 @@ def expand(sweep: Sweep) -> list[RunSpec]:
                 parts.append(f"s{seed}")
             name = "-".join(parts) or "run"
             overrides = [*sweep.base, *(f"{k}={_value(v)}" for k, v in point.items()), f"train.seed={seed}"]
+            exact = {"run.dir": "PLACEHOLDER"}
             if sweep.tracking_uri:  # the launcher creates the MLflow run; these name it for `train` alone
-                overrides += [f"tracking.uri={sweep.tracking_uri}", f"tracking.experiment={sweep.name}",
-                              f"tracking.run_name='{name}'"]  # fmt: skip
+                overrides += [f"tracking.uri={sweep.tracking_uri}", f"tracking.experiment={sweep.name}"]
+                exact["tracking.run_name"] = name
             try:
-                cfg = compose([*overrides, "run.dir=PLACEHOLDER"])
+                # The run's name is set as is (unique to each run: not worth Hydra's parser); the job
+                # composes the same value from the quoted override.
+                cfg, run_id = composer.compose_with_id(overrides, exact)
+                if sweep.tracking_uri:
+                    overrides.append(f"tracking.run_name='{name}'")
             except ConfigError as err:
                 raise SweepError(f"{sweep.path}: run {name}: {err}") from None
-            run_id = config_hash(cfg)
             run_dir = storage.join(sweep.folder, f"{name}-{run_id}")
             cfg.run.dir = run_dir
             runs.append(RunSpec(name, run_id, run_dir, [*overrides, f"run.dir={run_dir}"], point, seed, cfg))

@@ -8,6 +8,8 @@ import time
 
 from rich.console import Console
 
+from launcher.long_tables import LONG, plain, show
+
 # Outside a terminal (logs, CI) rich would wrap at 80 columns; tables are wider than that.
 console = Console(width=None if sys.stdout.isatty() else 200)
 
@@ -53,19 +55,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     verb("cancel", "cancel the sweep's queued and running jobs", _cancel)
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, submitted: bool = False):
+    """(sweep, its runs as `--run` selects them, all its runs). `submitted`: commands about runs
+    already submitted read them from the sweep's manifest instead of expanding the grid again."""
+    from launcher import manifest
     from launcher.sweep import expand, load_sweep, select
 
     sweep = load_sweep(args.sweep_file, args.overrides)
-    return sweep, select(expand(sweep), args.run)
+    everything = manifest.runs(sweep) if submitted else expand(sweep)
+    return sweep, select(everything, args.run), everything
 
 
 def _plan(args: argparse.Namespace) -> int:
     from launcher import plan
     from launcher.executors import sbatch_preview
 
-    sweep, runs = _load(args)
-    console.print(plan.plan_table(sweep, runs))
+    sweep, runs, _ = _load(args)
+    show(console, plan.plan_table(sweep, runs))
     console.print(f"{len(runs)} runs in {sweep.folder}; evaluations: {', '.join(sweep.evals) or 'none'}")
     for stage in ("pretrain", *sweep.evals):
         dep = "aftercorr:<pretrain array job id>" if stage != "pretrain" else ""
@@ -76,48 +82,55 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from launcher import plan
+    from launcher import manifest, plan
 
-    sweep, runs = _load(args)
+    sweep, runs, everything = _load(args)
     todo = plan.classify(sweep, runs)
-    console.print(plan.plan_table(sweep, runs, todo))
+    show(console, plan.plan_table(sweep, runs, todo))
     submitted = plan.submit(sweep, todo, args.executor, only=args.only)
+    manifest.write(sweep, everything)  # what status, logs and cancel read back
     console.print(submitted.summary())
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    from launcher import plan, status
+    from launcher import manifest, plan, status
 
-    sweep, runs = _load(args)
+    sweep, runs, everything = _load(args)
     todo = plan.classify(sweep, runs)
     submitted = plan.submit(sweep, todo, args.executor, only=args.only)
+    manifest.write(sweep, everything)
     console.print(submitted.summary())
     ok = plan.wait(sweep, runs, submitted, console)
-    console.print(status.status_table(sweep, runs))
+    show(console, status.status_table(sweep, runs))
     return 0 if ok else 1
 
 
 def _status(args: argparse.Namespace) -> int:
     from launcher import status
 
-    sweep, runs = _load(args)
+    sweep, runs, _ = _load(args, submitted=True)
     if not args.watch:
-        console.print(status.status_table(sweep, runs))
+        show(console, status.status_table(sweep, runs))
         return 0
     from rich.live import Live
+    from rich.text import Text
 
-    with Live(status.status_table(sweep, runs), console=console, refresh_per_second=1) as live:
+    def view():
+        table = status.status_table(sweep, runs)
+        return Text(plain(table)) if table.row_count > LONG else table
+
+    with Live(view(), console=console, refresh_per_second=1) as live:
         while True:
             time.sleep(args.watch)
-            live.update(status.status_table(sweep, runs))
+            live.update(view())
 
 
 def _logs(args: argparse.Namespace) -> int:
     from launcher import status
     from launcher.errors import UserError
 
-    sweep, runs = _load(args)
+    sweep, runs, _ = _load(args, submitted=True)
     if len(runs) != 1:
         raise UserError(
             f"name one run with --run (the sweep has {len(runs)}: {', '.join(r.name for r in runs)})"
@@ -129,7 +142,7 @@ def _logs(args: argparse.Namespace) -> int:
 def _cancel(args: argparse.Namespace) -> int:
     from launcher import plan
 
-    sweep, runs = _load(args)
+    sweep, runs, _ = _load(args, submitted=True)
     for line in plan.cancel(runs):
         console.print(line)
     return 0

@@ -65,6 +65,8 @@ class Sweep:
     eval_overrides: dict[str, list[str]] = field(default_factory=dict)
     tracking_uri: str = "default"
     """MLflow store: "default" = sqlite:///<root>/mlflow.db, "none" = off, or a server URL."""
+    budget: float = 0
+    """GPU-hours a submission may cost at most (its estimate, launcher/cost.py); 0 = no limit."""
     logs_root: str = ""
     """Shared-filesystem folder for what the scheduler needs as files (submitit logs and scripts,
     local slot locks, the default SQLite store): empty = root for a local root, ~/dinolab for s3://."""
@@ -204,6 +206,8 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
                 raise SweepError(f"{path}: {section}.{key} must be a non-empty list of values")
     if not sweep.seeds:
         raise SweepError(f"{path}: seeds must list at least one seed")
+    if isinstance(sweep.budget, bool) or not isinstance(sweep.budget, int | float) or sweep.budget < 0:
+        raise SweepError(f"{path}: budget: '{sweep.budget}' must be GPU-hours (a number >= 0; 0 = no limit)")
     return sweep
 
 

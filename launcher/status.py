@@ -88,7 +88,19 @@ def status_table(sweep: Sweep, runs: list[RunSpec]) -> Table:
     table = Table(title=f"sweep {sweep.name} ({sweep.folder})", title_justify="left")
     axes = [*sweep.grid, *sweep.zip]
     spent = "GPU-h spent/est."
-    for col in ("run", *axes, "seed", "state", "step", "loss", spent, "requeues", "job", *sweep.evals, "note"):
+    for col in (
+        "run",
+        *axes,
+        "seed",
+        "state",
+        "step",
+        "loss",
+        spent,
+        "requeues",
+        "job",
+        *sweep.evals,
+        "note",
+    ):
         table.add_column(col, overflow="fold")
     counts: dict[str, int] = {}
     for run in runs:

@@ -206,8 +206,13 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
                 raise SweepError(f"{path}: {section}.{key} must be a non-empty list of values")
     if not sweep.seeds:
         raise SweepError(f"{path}: seeds must list at least one seed")
-    if isinstance(sweep.budget, bool) or not isinstance(sweep.budget, int | float) or sweep.budget < 0:
+    try:  # YAML reads 1e-6 (no dot) as a string
+        budget = float(sweep.budget) if not isinstance(sweep.budget, bool) else -1.0
+    except (TypeError, ValueError):
+        budget = -1.0
+    if budget < 0:
         raise SweepError(f"{path}: budget: '{sweep.budget}' must be GPU-hours (a number >= 0; 0 = no limit)")
+    sweep.budget = budget
     return sweep
 
 

@@ -56,7 +56,7 @@ def prepare(
 
 
 def _prepare(
-    sweep: Sweep, runs: list[RunSpec], uri: str, created: list[str], tags: dict[str, dict[str, str]]
+    sweep: Sweep, runs: list[RunSpec], uri: str, created: list[str], run_extra: dict[str, dict[str, str]]
 ) -> dict[str, str]:
     client = mlflow_store.client(uri)
     artifacts = storage.join(sweep.root, "mlartifacts", sweep.name) if storage.is_remote(sweep.root) else None
@@ -71,16 +71,10 @@ def _prepare(
     ids = {}
     for run in runs:
         child = _linked_run(client, run.run_dir, uri)
-        extra = tags.get(run.run_id, {})
+        extra = run_extra.get(run.run_id, {})
         if child is None:
-            child = mlflow_store.create_run(
-                client,
-                uri,
-                experiment_id,
-                run.name,
-                {**run_tags(sweep, run, parent), **extra},
-                status="SCHEDULED",
-            )
+            tags = {**run_tags(sweep, run, parent), **extra}
+            child = mlflow_store.create_run(client, uri, experiment_id, run.name, tags, status="SCHEDULED")
             write_link(run.run_dir, uri, experiment_id, child)
             created.append(run.run_dir)
         elif extra:

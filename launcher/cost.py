@@ -6,7 +6,7 @@ split every epoch, forward only). Its GPU-hours are images / (img/s per GPU) / 3
 that over the stage's GPUs (nodes x gpus_per_node). The img/s per GPU comes from, in this order of
 trust:
 
-1. measured: finished or running runs in the sweep's MLflow store (any experiment) with the same
+1. measured: finished, running or preempted runs in the sweep's MLflow store (any experiment) with the same
    throughput-shaping keys (SHAPE_KEYS) on the same card: their logged `avg_img_per_s`;
 2. calibrated: a `dinolab bench --save` record of that shape on that card (`<root>/bench.json`);
 3. estimated: FLOPs per image, counted by torch's FLOP counter on the meta device (no compute, no
@@ -229,7 +229,7 @@ def _card_matches(wanted: str, have: str) -> bool:
 
 
 def measured_runs(uri: str) -> tuple[list[tuple[tuple[str, ...], float, float | None, str]], str]:
-    """(shape, img/s per GPU, peak memory GiB, experiment) of every finished or running dinolab run
+    """(shape, img/s per GPU, peak memory GiB, experiment) of every finished, running or preempted run
     in the store that logged a throughput and its card, and a note when the store could not be read.
     One search over all experiments; a local store that does not exist is not created."""
     if not uri or mlflow_store.missing_store(uri):
@@ -247,7 +247,8 @@ def measured_runs(uri: str) -> tuple[list[tuple[tuple[str, ...], float, float | 
             )  # fmt: skip
             for run in page:
                 rate, card = run.data.metrics.get("avg_img_per_s"), run.data.tags.get("dinolab.card", "")
-                if run.info.status not in ("FINISHED", "RUNNING") or not rate or not card:
+                # A preempted run (KILLED, to be requeued) measured its speed as well as a finished one.
+                if run.info.status not in ("FINISHED", "RUNNING", "KILLED") or not rate or not card:
                     continue
                 params = run.data.params
                 if any(k not in params for k in SHAPE_KEYS):

@@ -56,8 +56,13 @@ def test_plan_uses_a_measured_twin_then_a_bench_calibration_then_a_flop_guess(tm
 
     root = tmp_path / "root"
     uri = mlflow_store.sqlite_uri(str(root))
-    # The twin: a finished run of the bs8 shape, in another experiment of the sweep's store.
-    run(tiny_config(tmp_path / "twin", f"tracking.uri={uri}", "tracking.experiment=elsewhere"))
+    # The twin: a run of the bs8 shape, in another experiment of the sweep's store; 5 steps are
+    # enough for a throughput (train.max_steps changes neither the shape nor the run's identity).
+    run(
+        tiny_config(
+            tmp_path / "twin", f"tracking.uri={uri}", "tracking.experiment=elsewhere", "train.max_steps=5"
+        )
+    )
     twin = mlflow_store.client(uri).search_runs(
         [mlflow_store.client(uri).get_experiment_by_name("elsewhere").experiment_id]
     )[0]

@@ -659,9 +659,11 @@ def summary_lines(sweep: Sweep, cost: SweepCost) -> list[str]:
     total = gpu_hours_text(cost.gpu_hours)
     if cost.unknown:
         total = f"at least {total} ({len(cost.unknown)} run(s) of unknown cost)"
+    res = sweep.stage_resources("pretrain")
+    unit = "GPU(s)" if res.gpus_per_node else "CPU process(es)"
     lines = [
         f"cost: {total} GPU-hours ({stages}); wall-clock {hours_text(cost.wall_hours)} with array_parallelism "
-        f"{sweep.array_parallelism}, {devices(sweep, 'pretrain')} GPU(s) per pretraining job"
+        f"{sweep.array_parallelism}, {devices(sweep, 'pretrain')} {unit} per pretraining job"
     ]
     groups: dict[tuple[str, str, str], list[str]] = {}
     for r in cost.runs:

@@ -87,7 +87,11 @@ def _print_cost(sweep, runs) -> None:
     """The cost table and its summary lines (launcher/cost.py) of the whole sweep."""
     from launcher import cost
 
-    estimate = cost.estimate(sweep, runs)
+    try:
+        estimate = cost.estimate(sweep, runs)
+    except Exception as err:  # noqa: BLE001 - the rest of the plan stands without a cost
+        console.print(f"cost: not estimated ({type(err).__name__}: {err})", markup=False, highlight=False)
+        return
     console.print(cost.cost_table(sweep, estimate))
     for line in cost.summary_lines(sweep, estimate):
         console.print(line, markup=False, highlight=False)
@@ -107,9 +111,18 @@ def _estimate_submission(args: argparse.Namespace, sweep, todos) -> dict:
     for todo in eval_only:
         work[todo.run.run_id] = (0.0, todo.evals)
     chosen = [t.run for t in [*train, *eval_only]]
-    estimate = cost.estimate(sweep, chosen, work)
     limit = args.max_gpu_hours if args.max_gpu_hours is not None else sweep.budget
     origin = "--max-gpu-hours" if args.max_gpu_hours is not None else "the sweep's budget"
+    try:
+        estimate = cost.estimate(sweep, chosen, work)
+    except Exception as err:
+        if limit:  # a budget that cannot be checked is not a budget: refuse
+            raise cost.BudgetExceeded(
+                f"{sweep.path}: {origin} is {limit:g} GPU-hours but the cost could not be estimated "
+                f"({type(err).__name__}: {err}); nothing was submitted"
+            ) from None
+        console.print(f"note: no cost estimate ({type(err).__name__}: {err})", markup=False, highlight=False)
+        return {}
     if chosen:
         console.print(cost.summary_lines(sweep, estimate)[0], markup=False, highlight=False)
     if limit:

@@ -20,6 +20,7 @@ size per data root. Evaluations are always estimated (nothing measures their spe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import json
 import os
@@ -242,7 +243,8 @@ def measured_runs(uri: str) -> tuple[list[tuple[tuple[str, ...], float, float | 
         found, token = [], None
         while experiments:
             page = client.search_runs(
-                list(experiments), filter_string="tags.`dinolab.kind` = 'run'", max_results=5000,
+                list(experiments), max_results=5000,
+                filter_string="tags.`dinolab.kind` = 'run' and metrics.avg_img_per_s > 0",
                 page_token=token,
             )  # fmt: skip
             for run in page:
@@ -505,8 +507,18 @@ def pretrain_images(cfg: DinoConfig, world: int) -> int | None:
     return steps * cfg.optim.batch_size * world
 
 
+def _eval_size(data: Any, split: str) -> int | None:
+    """A split as dino/eval/features.py `eval_dataset` reads it: data.limit cuts the train split of
+    fashion_mnist and both splits of synthetic data (one generator), never an image folder's."""
+    if data.name == "synthetic":
+        return min(data.num_samples, data.limit or data.num_samples)
+    if data.name == "fashion_mnist":
+        return dataset_size(data, split)
+    return dataset_size(dataclasses.replace(data, limit=0), split)
+
+
 def eval_images(protocol: str, ecfg: Any) -> int | None:
-    train, test = dataset_size(ecfg.data, "train"), dataset_size(ecfg.data, "test")
+    train, test = _eval_size(ecfg.data, "train"), _eval_size(ecfg.data, "test")
     if train is None or test is None:
         return None
     if protocol == "knn":

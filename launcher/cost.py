@@ -680,7 +680,8 @@ def summary_lines(sweep: Sweep, cost: SweepCost) -> list[str]:
     groups: dict[tuple[str, str, str], list[str]] = {}
     for r in cost.runs:
         for s in r.stages:
-            groups.setdefault((s.stage, s.speed.source, s.speed.detail), []).append(r.run.name)
+            rate = f"{s.speed.img_per_s:,.0f} img/s per GPU" if s.speed.img_per_s else "no speed"
+            groups.setdefault((s.stage, f"{s.speed.source}, {rate}", s.speed.detail), []).append(r.run.name)
     for (stage, source, detail), names in groups.items():
         which = ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
         lines.append(f"  {stage} of {which}: {source}: {detail}")

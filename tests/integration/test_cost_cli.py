@@ -75,9 +75,12 @@ def test_plan_uses_a_measured_twin_then_a_bench_calibration_then_a_flop_guess(tm
     measured, fresh = row(out, "batch_size8"), row(out, "batch_size4")
     assert f"{rate:,.0f}" in measured and measured.rstrip(" │").endswith("measured")
     assert fresh.rstrip(" │").endswith("estimated")
-    assert "pretrain of batch_size8: measured: median of 1 run(s) in elsewhere" in out
-    assert "pretrain of batch_size4: estimated: guess:" in out and "GFLOP/image" in out
-    assert "knn of batch_size8, batch_size4: estimated: guess:" in out
+    assert (
+        f"pretrain of batch_size8: measured, {rate:,.0f} img/s per GPU: median of 1 run(s) in elsewhere"
+        in out
+    )
+    assert "pretrain of batch_size4: estimated, " in out and "GFLOP/image" in out
+    assert "knn of batch_size8, batch_size4: estimated, " in out
     assert "cost: " in out and "GPU-hours (pretrain " in out and "wall-clock " in out
 
     code, _, err = dinolab(capsys, "bench", *TINY_OVERRIDES, "optim.batch_size=4", "--warmup", "0",
@@ -87,7 +90,7 @@ def test_plan_uses_a_measured_twin_then_a_bench_calibration_then_a_flop_guess(tm
     assert code == 0, err
     assert row(out, "batch_size4").rstrip(" │").endswith("calibrated")
     assert row(out, "batch_size8").rstrip(" │").endswith("measured")  # measured still wins
-    assert "pretrain of batch_size4: calibrated: dinolab bench" in out
+    assert "img/s per GPU: dinolab bench " in out and "pretrain of batch_size4: calibrated, " in out
 
 
 def test_max_gpu_hours_refuses_an_over_budget_submission_and_submits_nothing(tmp_path, capsys):

@@ -15,15 +15,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from dino import distributed
+from dino.cards import PEAK_BF16
 from dino.config import DinoConfig
 from dino.data import build_loader, steps_per_epoch
 from dino.schedules import build_schedules
 from dino.step import StepState, train_step
 from dino.train import build_models, build_pipeline
 from dino.train_metrics import memory_gib
-
-# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) by a substring of the device name.
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
 
 @dataclass

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dino import bad_images, checkpoint, distributed, rng, run_lock, shards, storage
 from dino.augment import MultiCropAugment, sample_seed
 from dino.batch_augment import BatchMultiCrop
+from dino.cards import device_card
 from dino.checkpoint_writer import CheckpointWriter
 from dino.config import ConfigError, DinoConfig, config_hash, flatten, semantic_diff, to_dict
 from dino.data import DecodedDataset, MultiCropDataset, build_dataset, build_loader, steps_per_epoch
@@ -181,7 +182,9 @@ def _tracked(cfg, device, dist, logs, should_stop, on_progress, guard) -> TrainR
     tracker = build_tracker(cfg, dist.is_main)
     status = "FAILED"
     try:
-        tracker.set_tags({"dinolab.config_hash": config_hash(cfg)})
+        # The card is a throughput-shaping key: `sweep plan` uses this run's img/s for runs of the
+        # same shape on the same card (launcher/cost.py).
+        tracker.set_tags({"dinolab.config_hash": config_hash(cfg), "dinolab.card": device_card(device)})
         tracker.log_artifact(storage.join(cfg.run.dir, "config.yaml"))
         result = _train(cfg, device, dist, tracker, logs, should_stop, on_progress, guard)
         status = "FINISHED" if result.finished else "KILLED"

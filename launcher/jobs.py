@@ -81,7 +81,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             records.update_record(
                 self.run_dir, state=records.RUNNING, step=int(metrics["step"]), total_steps=int(metrics["total_steps"]),
                 loss=metrics["loss"], teacher_entropy=metrics["teacher_entropy"], img_per_s=metrics["img_per_s"],
-                checkpoint_step=int(metrics["checkpoint_step"]),
+                checkpoint_step=int(metrics["checkpoint_step"]), gpu_hours=metrics.get("gpu_hours"),
             )  # fmt: skip
 
         outcome: dict[str, Any] = {}

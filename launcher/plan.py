@@ -221,19 +221,29 @@ def _record_submission(run: RunSpec, stage: str, job: Any, executor: str) -> Non
     )
 
 
-def submit(sweep: Sweep, todos: list[Todo], executor: str, only: str | None = None) -> Submitted:
-    """One array for the pretraining runs, one per evaluation; evaluations of runs being trained wait
-    for their own run (SLURM `aftercorr` on the pretrain array; locally a wait on the run record)."""
+def to_submit(todos: list[Todo], only: str | None = None) -> tuple[list[Todo], list[Todo]]:
+    """(runs to (re)train, finished runs that only need evaluations) of a submission."""
     wanted = {"new": {NEW}, "unfinished": {RESUME, FAILED}, "failed": {FAILED}}.get(
         only or "", {NEW, RESUME, FAILED}
     )
     train = [t for t in todos if t.action in wanted]
-    eval_only = [t for t in todos if t.action == FINISHED and t.evals and not only]
+    return train, [t for t in todos if t.action == FINISHED and t.evals and not only]
+
+
+def submit(
+    sweep: Sweep, todos: list[Todo], executor: str, only: str | None = None,
+    estimates: dict[str, dict[str, Any]] | None = None,
+) -> Submitted:  # fmt: skip
+    """One array for the pretraining runs, one per evaluation; evaluations of runs being trained wait
+    for their own run (SLURM `aftercorr` on the pretrain array; locally a wait on the run record).
+    `estimates` (run id -> launcher.cost.record_fields) go into each (re)trained run's record and
+    MLflow tags, for `status` and `report` to show beside the GPU-hours spent."""
+    train, eval_only = to_submit(todos, only)
     out = Submitted(skipped=[t for t in todos if t not in train and t not in eval_only])
     before = {t.run.run_dir: records.snapshot(t.run.run_dir) for t in [*train, *eval_only]}
     created: list[str] = []
     try:
-        _submit_arrays(sweep, train, eval_only, executor, out, created)
+        _submit_arrays(sweep, train, eval_only, executor, out, created, estimates or {})
     except Exception as err:
         # All or nothing: a refused array leaves no job queued, no record changed, no MLflow run.
         for job in [j for _, j in out.pretrain] + [j for _, _, j in out.evals]:
@@ -267,17 +277,21 @@ def _submit_array(ex: Any, stage: str, executor: str, jobs: list[Any]) -> list[A
         ) from None
 
 
-def _submit_arrays(sweep, train, eval_only, executor, out, created) -> None:
+def _submit_arrays(sweep, train, eval_only, executor, out, created, estimates) -> None:
     folder = submitit_folder(sweep)
     local_slots = sweep.array_parallelism if executor == "local" else 0
     # Experiment, parent and child MLflow runs exist before any job starts (no races between jobs).
-    tracking_runs.prepare(sweep, [t.run for t in [*train, *eval_only]], created)
+    tags = {
+        run_id: {f"dinolab.{k}": str(v) for k, v in fields.items()} for run_id, fields in estimates.items()
+    }
+    tracking_runs.prepare(sweep, [t.run for t in [*train, *eval_only]], created, tags)
     for todo in train:  # fresh record state for the runs about to be (re)submitted
         # Evaluations chained to an earlier attempt wait on a pretraining that will never succeed.
         for job in records.read_jobs(todo.run.run_dir):
             if job["stage"] != "pretrain" and job_is_live(job):
                 _cancel_job(job, records.read_record(todo.run.run_dir))
-        records.update_record(todo.run.run_dir, state=records.PENDING, error="", evals={})
+        records.update_record(todo.run.run_dir, state=records.PENDING, error="", evals={},
+                              **estimates.get(todo.run.run_id, {}))  # fmt: skip
         records.reset_evals(todo.run.run_dir)
     if train:
         ex = build_executor(sweep, "pretrain", executor, folder)

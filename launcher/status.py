@@ -103,10 +103,35 @@ def _find(tree: Any, key: str) -> Any:
     return None
 
 
+def gpu_hours(record: dict[str, Any]) -> str:
+    """Pretraining GPU-hours spent so far / the estimate its submission was checked against
+    (launcher/cost.py; "-" for runs submitted before estimates were kept), and where it came from."""
+    from launcher.cost import gpu_hours_text
+
+    spent, estimate = record.get("gpu_hours"), record.get("estimate_gpu_hours")
+    if spent is None and estimate is None:
+        return "-"
+    text = f"{gpu_hours_text(spent or 0.0)} / {gpu_hours_text(estimate) if estimate is not None else '-'}"
+    return f"{text} ({record['estimate_source']})" if record.get("estimate_source") else text
+
+
 def status_table(sweep: Sweep, runs: list[RunSpec]) -> Table:
     table = Table(title=f"sweep {sweep.name} ({sweep.folder})", title_justify="left")
     axes = [*sweep.grid, *sweep.zip]
-    for col in ("run", *axes, "seed", "state", "step", "loss", "requeues", "job", *sweep.evals, "note"):
+    spent = "GPU-h spent/est."
+    for col in (
+        "run",
+        *axes,
+        "seed",
+        "state",
+        "step",
+        "loss",
+        spent,
+        "requeues",
+        "job",
+        *sweep.evals,
+        "note",
+    ):
         table.add_column(col, overflow="fold")
     counts: dict[str, int] = {}
     for run, files in zip(runs, read_runs(runs), strict=True):
@@ -133,7 +158,7 @@ def status_table(sweep: Sweep, runs: list[RunSpec]) -> Table:
         # or an axis value like "[5, 10]" is not rich markup.
         table.add_row(
             *map(Text, (run.name, *(str(run.axes[a]) for a in axes), str(run.seed))),
-            Text(state, style=colour), progress, loss, str(rec.get("requeues", 0)),
+            Text(state, style=colour), progress, loss, gpu_hours(rec), str(rec.get("requeues", 0)),
             job["job_id"] if job else "-", *(eval_summary(run, p, rec) for p in sweep.evals), Text(note),
         )  # fmt: skip
     table.caption = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))

@@ -65,6 +65,8 @@ class Sweep:
     eval_overrides: dict[str, list[str]] = field(default_factory=dict)
     tracking_uri: str = "default"
     """MLflow store: "default" = sqlite:///<root>/mlflow.db, "none" = off, or a server URL."""
+    budget: float = 0
+    """GPU-hours a submission may cost at most (its estimate, launcher/cost.py); 0 = no limit."""
     logs_root: str = ""
     """Shared-filesystem folder for what the scheduler needs as files (submitit logs and scripts,
     local slot locks, the default SQLite store): empty = root for a local root, ~/dinolab for s3://."""
@@ -213,6 +215,13 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
                 raise SweepError(f"{path}: {section}.{key} must be a non-empty list of values")
     if not sweep.seeds:
         raise SweepError(f"{path}: seeds must list at least one seed")
+    try:  # YAML reads 1e-6 (no dot) as a string
+        budget = float(sweep.budget) if not isinstance(sweep.budget, bool) else -1.0
+    except (TypeError, ValueError):
+        budget = -1.0
+    if budget < 0:
+        raise SweepError(f"{path}: budget: '{sweep.budget}' must be GPU-hours (a number >= 0; 0 = no limit)")
+    sweep.budget = budget
     return sweep
 
 

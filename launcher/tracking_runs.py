@@ -34,15 +34,19 @@ def run_tags(sweep: Sweep, run: RunSpec, parent_id: str) -> dict[str, str]:
     return tags
 
 
-def prepare(sweep: Sweep, runs: list[RunSpec], created: list[str] | None = None) -> dict[str, str]:
+def prepare(
+    sweep: Sweep, runs: list[RunSpec], created: list[str] | None = None,
+    tags: dict[str, dict[str, str]] | None = None,
+) -> dict[str, str]:  # fmt: skip
     """Experiment, parent run and a child run for each of `runs` that has none yet; returns
     {run_id: MLflow run id} and appends the folders whose MLflow run it created to `created` (for
-    `rollback`). Nothing to do when the sweep has no tracking store."""
+    `rollback`). `tags` (by run id: the submission's cost estimate) are set on new and existing
+    child runs alike. Nothing to do when the sweep has no tracking store."""
     uri = sweep.tracking_uri
     if not uri:
         return {}
     try:
-        return _prepare(sweep, runs, uri, created if created is not None else [])
+        return _prepare(sweep, runs, uri, created if created is not None else [], tags or {})
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise TrackingUnavailable(
@@ -51,7 +55,9 @@ def prepare(sweep: Sweep, runs: list[RunSpec], created: list[str] | None = None)
         ) from None
 
 
-def _prepare(sweep: Sweep, runs: list[RunSpec], uri: str, created: list[str]) -> dict[str, str]:
+def _prepare(
+    sweep: Sweep, runs: list[RunSpec], uri: str, created: list[str], run_extra: dict[str, dict[str, str]]
+) -> dict[str, str]:
     client = mlflow_store.client(uri)
     artifacts = storage.join(sweep.root, "mlartifacts", sweep.name) if storage.is_remote(sweep.root) else None
     experiment_id = mlflow_store.ensure_experiment(client, uri, sweep.name, artifacts)
@@ -65,12 +71,17 @@ def _prepare(sweep: Sweep, runs: list[RunSpec], uri: str, created: list[str]) ->
     ids = {}
     for run in runs:
         child = _linked_run(client, run.run_dir, uri)
+        extra = run_extra.get(run.run_id, {})
         if child is None:
-            child = mlflow_store.create_run(
-                client, uri, experiment_id, run.name, run_tags(sweep, run, parent), status="SCHEDULED"
-            )
+            tags = {**run_tags(sweep, run, parent), **extra}
+            child = mlflow_store.create_run(client, uri, experiment_id, run.name, tags, status="SCHEDULED")
             write_link(run.run_dir, uri, experiment_id, child)
             created.append(run.run_dir)
+        elif extra:
+            from mlflow.entities import RunTag
+
+            with mlflow_store.locked(uri):
+                client.log_batch(child, tags=[RunTag(k, v) for k, v in extra.items()])
         ids[run.run_id] = child
     return ids
 

@@ -98,6 +98,10 @@ def collect(uri: str, experiment: str) -> pd.DataFrame:
             df[re.sub(r"^(.*knn_top\d)_k(\d+)$", r"\1@\2", key[len("metrics.") :])] = pd.to_numeric(
                 runs[key], errors="coerce"
             )
+    # The pretraining GPU-hours its submission estimated (launcher/cost.py), for the runs table to
+    # set beside `gpu_hours`; absent for runs submitted before estimates were kept.
+    df["est_gpu_hours"] = pd.to_numeric(_column(runs, "tags.dinolab.estimate_gpu_hours"), errors="coerce")
+    df["est_source"] = _column(runs, "tags.dinolab.estimate_source")
     df["out_dim"] = pd.to_numeric(_column(runs, "params.head.out_dim"), errors="coerce")  # K, for ln K
     df["flag"] = [flag(row, k) for (_, row), k in zip(df.iterrows(), df["out_dim"], strict=True)]
     df.attrs["axes"] = axes

@@ -141,8 +141,13 @@ def pivot(summary: pd.DataFrame, by: list[str], col: Column, fmt: str) -> str:
 
 
 def runs_table(df: pd.DataFrame, by: list[str], columns: list[Column], fmt: str) -> str:
-    """One row per run: name, axes, seed, state, flag and the report's metric columns."""
-    view = df[["run", *by, "seed", "state", "flag", *(c.key for c in columns)]]
+    """One row per run: name, axes, seed, state, flag and the report's metric columns; beside
+    gpu_hours, the estimate the run was submitted with and its source, when runs have one."""
+    keys = [c.key for c in columns]
+    if "est_gpu_hours" in df and df["est_gpu_hours"].notna().any():
+        at = keys.index("gpu_hours") + 1 if "gpu_hours" in keys else len(keys)
+        keys[at:at] = ["est_gpu_hours", "est_source"]
+    view = df[["run", *by, "seed", "state", "flag", *keys]]
     return export(view, fmt, floats=".3g")
 
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 EPILOG = """\
 overrides are those of `dinolab train` (model=, crops.*, optim.batch_size, train.precision,
 train.compile, train.workers, data=...). Prints img/s per device, ms per step, FLOPs per step,
 TFLOP/s and model FLOP utilisation against the card's dense bf16 peak, the loader's standalone rate,
 end to end img/s and peak memory. One process, one device.
+
+--save runs/sweeps keeps the result in runs/sweeps/bench.json, keyed by the shape (model, patch,
+crops, head, batch, precision, compile) and the card: `dinolab sweep plan` of a sweep with that
+root then estimates runs of that shape from it ("calibrated") unless MLflow has measured runs.
 """
 
 
@@ -25,6 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     p.add_argument("--input", choices=("synthetic", "loader", "both"), default="both")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    p.add_argument(
+        "--save",
+        metavar="PATH",
+        help="keep the result as the calibration of this shape on this card, for `sweep plan`: a JSON "
+        "file, or a folder such as a sweep's root (then <folder>/bench.json, where plan looks)",
+    )
     p.set_defaults(func=run_command)
 
 
@@ -35,7 +46,13 @@ def run_command(args: argparse.Namespace) -> int:
 
     if args.steps <= 0 or args.warmup < 0:
         raise UserError("--steps must be positive and --warmup >= 0")
-    result = bench.run(compose(args.overrides), args.warmup, args.steps, args.input)
+    cfg = compose(args.overrides)
+    result = bench.run(cfg, args.warmup, args.steps, args.input)
+    if args.save:
+        from launcher.cost import save_bench
+
+        path = save_bench(args.save, cfg, result)
+        print(f"calibration saved to {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.as_dict()))
         return 0

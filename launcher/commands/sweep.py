@@ -45,6 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
             choices=["new", "unfinished", "failed"],
             help="submit only runs in this state (default: all not finished)",
         )
+        p.add_argument(
+            "--max-gpu-hours",
+            type=float,
+            metavar="N",
+            help="refuse, before queuing anything, a submission estimated over N GPU-hours "
+            "(default: the sweep file's budget:, if any)",
+        )
     p = verb("status", "one table: state, step, loss, requeues, job, evaluations", _status)
     p.add_argument(
         "--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS until interrupted"
@@ -73,6 +80,7 @@ def _plan(args: argparse.Namespace) -> int:
     sweep, runs, _ = _load(args)
     show(console, plan.plan_table(sweep, runs))
     console.print(f"{len(runs)} runs in {sweep.folder}; evaluations: {', '.join(sweep.evals) or 'none'}")
+    _print_cost(sweep, runs)
     for stage in ("pretrain", *sweep.evals):
         dep = "aftercorr:<pretrain array job id>" if stage != "pretrain" else ""
         script = sbatch_preview(sweep, stage, plan.submitit_folder(sweep), len(runs), dep)
@@ -81,13 +89,61 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_cost(sweep, runs) -> None:
+    """The cost table and its summary lines (launcher/cost.py) of the whole sweep."""
+    from launcher import cost
+
+    try:
+        estimate = cost.estimate(sweep, runs)
+    except Exception as err:  # noqa: BLE001 - the rest of the plan stands without a cost
+        console.print(f"cost: not estimated ({type(err).__name__}: {err})", markup=False, highlight=False)
+        return
+    show(console, cost.cost_table(sweep, estimate))
+    for line in cost.summary_lines(sweep, estimate):
+        console.print(line, markup=False, highlight=False)
+
+
+def _estimate_submission(args: argparse.Namespace, sweep, todos) -> dict:
+    """The cost of what this submission would queue, checked against --max-gpu-hours (else the
+    sweep's budget:) before anything is queued; returns each run's estimate for its record."""
+    from launcher import cost, plan, records
+
+    train, eval_only = plan.to_submit(todos, args.only)
+    work = {}
+    for todo in train:
+        record = records.read_record(todo.run.run_dir)
+        total, step = record.get("total_steps") or 0, record.get("step") or 0
+        work[todo.run.run_id] = (1 - step / total if todo.action != plan.NEW and total else 1.0, todo.evals)
+    for todo in eval_only:
+        work[todo.run.run_id] = (0.0, todo.evals)
+    chosen = [t.run for t in [*train, *eval_only]]
+    limit = args.max_gpu_hours if args.max_gpu_hours is not None else sweep.budget
+    origin = "--max-gpu-hours" if args.max_gpu_hours is not None else "the sweep's budget"
+    try:
+        estimate = cost.estimate(sweep, chosen, work)
+    except Exception as err:
+        if limit:  # a budget that cannot be checked is not a budget: refuse
+            raise cost.BudgetExceeded(
+                f"{sweep.path}: {origin} is {limit:g} GPU-hours but the cost could not be estimated "
+                f"({type(err).__name__}: {err}); nothing was submitted"
+            ) from None
+        console.print(f"note: no cost estimate ({type(err).__name__}: {err})", markup=False, highlight=False)
+        return {}
+    if chosen:
+        console.print(cost.summary_lines(sweep, estimate)[0], markup=False, highlight=False)
+    if limit:
+        cost.check_budget(sweep, estimate, limit, origin)
+    return {r.run.run_id: cost.record_fields(r) for r in estimate.runs}
+
+
 def _submit(args: argparse.Namespace) -> int:
     from launcher import manifest, plan
 
     sweep, runs, everything = _load(args)
     todo = plan.classify(sweep, runs)
     show(console, plan.plan_table(sweep, runs, todo))
-    submitted = plan.submit(sweep, todo, args.executor, only=args.only)
+    estimates = _estimate_submission(args, sweep, todo)
+    submitted = plan.submit(sweep, todo, args.executor, only=args.only, estimates=estimates)
     manifest.write(sweep, everything)  # what status, logs and cancel read back
     console.print(submitted.summary())
     return 0
@@ -98,7 +154,8 @@ def _run(args: argparse.Namespace) -> int:
 
     sweep, runs, everything = _load(args)
     todo = plan.classify(sweep, runs)
-    submitted = plan.submit(sweep, todo, args.executor, only=args.only)
+    estimates = _estimate_submission(args, sweep, todo)
+    submitted = plan.submit(sweep, todo, args.executor, only=args.only, estimates=estimates)
     manifest.write(sweep, everything)
     console.print(submitted.summary())
     ok = plan.wait(sweep, runs, submitted, console)

@@ -1,0 +1,146 @@
+"""launcher/cost.py's arithmetic: images per stage, GPU-hours, wall-clock with array parallelism, cards,
+the order of trust of the sources and the budget check. No MLflow, no training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher import cost
+from launcher.sweep import expand, load_sweep
+from tests.conftest import TINY_OVERRIDES
+
+
+def sweep_file(tmp_path: Path, **content) -> Path:
+    data = {
+        "name": "c",
+        "root": str(tmp_path / "root"),
+        "base": list(TINY_OVERRIDES),
+        "grid": {"optim.batch_size": [8, 4]},
+        "tracking_uri": "none",
+        "array_parallelism": 2,
+    }
+    data.update(content)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _flop_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def test_pretrain_images_count_whole_global_batches_as_the_train_loop(tmp_path):
+    (run,) = expand(load_sweep(sweep_file(tmp_path, grid={"optim.batch_size": [8]})))
+    cfg = run.config  # 64 synthetic images, batch 8, 2 epochs
+    assert cost.pretrain_images(cfg, 1) == 2 * 8 * 8
+    assert cost.pretrain_images(cfg, 3) == 2 * (64 // 24) * 24  # the remainder of an epoch is dropped
+    cfg.train.max_steps = 5
+    assert cost.pretrain_images(cfg, 1) == 5 * 8
+
+
+def test_gpu_hours_and_wall_clock_of_a_stage():
+    speed = cost.Speed(100.0, 2.0, cost.MEASURED, "")
+    stage = cost.StageCost("pretrain", 3_600_000, 16, speed)
+    assert stage.gpu_hours == pytest.approx(10.0)  # 3.6M images at 100 img/s per GPU
+    assert stage.hours == pytest.approx(10.0 / 16)  # spread over 2 nodes x 8 GPUs
+    assert cost.StageCost("pretrain", None, 1, speed).gpu_hours is None  # dataset size unknown
+
+
+def test_wall_clock_runs_array_parallelism_jobs_at_a_time_and_chains_evaluations(tmp_path):
+    sweep = load_sweep(sweep_file(tmp_path, grid={"optim.batch_size": [8, 4, 2]}, evals=["knn"]))
+    runs = expand(sweep)
+    one_hour = cost.Speed(1.0, None, cost.ESTIMATED, "")
+    costs = [
+        cost.RunCost(
+            r, [cost.StageCost("pretrain", 3600, 1, one_hour), cost.StageCost("knn", 1800, 1, one_hour)]
+        )
+        for r in runs
+    ]
+    # Parallelism 2: pretraining runs 1 and 2 in [0, 1] h, run 3 in [1, 2] h; its k-NN [2, 2.5] h.
+    assert cost._wall_hours(sweep, costs) == pytest.approx(2.5)
+    sweep.array_parallelism = 3
+    assert cost._wall_hours(sweep, costs) == pytest.approx(1.5)
+
+
+def test_the_card_comes_from_the_config_and_the_resources(tmp_path):
+    sweep = load_sweep(
+        sweep_file(
+            tmp_path,
+            resources={
+                "pretrain": {"gpus_per_node": 8, "tasks_per_node": 8, "nodes": 2, "constraint": "h100"},
+                "knn": {"gpus_per_node": 1},
+            },
+        )  # fmt: skip
+    )
+    assert cost.stage_card(sweep, "pretrain", "auto") == "H100"
+    assert cost.stage_card(sweep, "pretrain", "cpu") == "cpu"  # train.device=cpu asks for no GPU
+    assert cost.stage_card(sweep, "knn", "auto") == cost.UNKNOWN_GPU
+    assert cost.devices(sweep, "pretrain") == 16 and cost.devices(sweep, "knn") == 1
+
+
+def test_a_measured_shape_wins_over_a_calibration_which_wins_over_a_flop_estimate(tmp_path):
+    sweep = load_sweep(sweep_file(tmp_path))
+    big, small = expand(sweep)
+    shape = cost.shape_of(big.config, "cpu")
+    measured = [(shape, 500.0, 1.0, "elsewhere")]
+    bench = {cost.bench_key(shape): {"img_per_s": 300.0, "memory_gib": 1.5, "device": "cpu", "time": 0}}
+    assert cost._measured(shape, measured).img_per_s == 500.0
+    assert cost._measured(cost.shape_of(small.config, "cpu"), measured) is None  # batch 4: another shape
+    assert cost._measured(cost.shape_of(big.config, "H100"), measured) is None  # another card
+    assert cost._calibrated(shape, bench).source == cost.CALIBRATED
+    guess = cost._estimated(big.config, "cpu", 1)
+    assert guess.source == cost.ESTIMATED and guess.detail.startswith("guess:")
+    flops = cost.train_flops(big.config)["flops"]
+    assert guess.img_per_s == pytest.approx(cost.CPU_FLOPS_PER_THREAD / flops)
+
+
+def test_flops_per_image_match_the_reference_step():
+    """ViT-S/16, 2x224 + 10x96, K=65536: 124 GFLOP per image (ANCHORS, one H200 step)."""
+    from dino.config import compose
+
+    counted = cost.train_flops(compose(["model=vit_small"]))
+    assert counted["flops"] / 1e9 == pytest.approx(124, rel=0.02)
+
+
+def test_evaluation_images_are_bank_and_queries_or_epochs_of_the_train_split(tmp_path):
+    from dino.eval.config import compose_eval
+
+    data = {"name": "fashion_mnist", "root": "/x"}
+    knn = compose_eval(["knn.max_train=2000", "run.dir=r"], data)
+    assert cost.eval_images("knn", knn) == 2000 + 10000
+    linear = compose_eval(["linear.epochs=3", "run.dir=r"], data)
+    assert cost.eval_images("linear", linear) == 10000 + 3 * 60000
+
+
+def test_the_budget_refuses_naming_the_most_expensive_runs(tmp_path):
+    sweep = load_sweep(sweep_file(tmp_path, grid={"optim.batch_size": [8, 4, 2, 1]}))
+    costs = [
+        cost.RunCost(
+            r, [cost.StageCost("pretrain", 3600 * (i + 1), 1, cost.Speed(1.0, None, cost.MEASURED, ""))]
+        )
+        for i, r in enumerate(expand(sweep))
+    ]
+    total = cost.SweepCost(costs, None)
+    assert total.gpu_hours == pytest.approx(10.0)
+    cost.check_budget(sweep, total, 10.0, "--max-gpu-hours")  # at the limit: allowed
+    with pytest.raises(cost.BudgetExceeded) as err:
+        cost.check_budget(sweep, total, 9.5, "--max-gpu-hours")
+    message = str(err.value)
+    assert "estimated at 10.0 GPU-hours" in message and "over --max-gpu-hours of 9.5" in message
+    assert "most expensive: batch_size1 (4, measured), batch_size2 (3, measured)" in message
+    assert "Nothing was submitted" in message
+    unknown = cost.SweepCost([cost.RunCost(costs[0].run, [cost.StageCost("pretrain", None, 1, costs[0].stages[0].speed)])], None)  # fmt: skip
+    with pytest.raises(cost.BudgetExceeded, match="have no estimate"):
+        cost.check_budget(sweep, unknown, 100.0, "the sweep's budget")
+
+
+def test_budget_is_validated_in_the_sweep_file(tmp_path):
+    from launcher.sweep import SweepError
+
+    assert load_sweep(sweep_file(tmp_path, budget=12.5)).budget == 12.5
+    with pytest.raises(SweepError, match="budget: '-1' must be GPU-hours"):
+        load_sweep(sweep_file(tmp_path, budget=-1))

@@ -102,7 +102,11 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
             raise SchedulerError("squeue did not answer in 60 s: is the SLURM controller up?") from None
         if out.returncode != 0:
             if "Invalid job id" not in out.stderr:
-                asked = f" {chunk[0]}" if len(chunk) == 1 else f"s {', '.join(chunk[:3])}{', …' * (len(chunk) > 3)}"
+                asked = (
+                    f" {chunk[0]}"
+                    if len(chunk) == 1
+                    else f"s {', '.join(chunk[:3])}{', …' * (len(chunk) > 3)}"
+                )
                 raise SchedulerError(
                     f"squeue failed (exit {out.returncode}) asking for job{asked}: {_slurm_message(out.stderr)}"
                 )

@@ -9,7 +9,7 @@ sweep is made to look submitted the way `sweep submit` leaves it, without runnin
 manifest, and in every run folder a jobs.json (a local job whose process is gone), a record.json
 (70% completed with a k-NN record and result, 15% running, 10% failed, 5% never started) — and
 `status` is timed reading it. Each figure is the wall time of the real command in a fresh process
-(Python start and imports included), the best of --repeat.
+(Python start and imports included): the best of --repeat, and each.
 """
 
 from __future__ import annotations
@@ -47,19 +47,25 @@ def sweep_file(folder: Path, seeds: int) -> Path:
     return path
 
 
-def timed(args: list[str], repeat: int) -> tuple[float, str]:
-    best, out = float("inf"), ""
+def timed(args: list[str], repeat: int) -> tuple[list[float], str]:
+    """Wall seconds of each of `repeat` runs of the command, and its output."""
+    times, out = [], ""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for _ in range(repeat):
         start = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, env=env, cwd=REPO
         )
-        elapsed = time.perf_counter() - start
+        times.append(time.perf_counter() - start)
         if done.returncode != 0:
             sys.exit(f"dinolab {' '.join(args)} failed:\n{done.stderr[-2000:]}")
-        best, out = min(best, elapsed), done.stdout
-    return best, out
+        out = done.stdout
+    return times, out
+
+
+def figures(times: list[float]) -> str:
+    rest = f", then {', '.join(f'{t:.2f}' for t in times[1:])} s" if len(times) > 1 else ""
+    return f"{min(times):.2f} s (first {times[0]:.2f} s{rest})"
 
 
 def look_submitted(path: Path) -> int:
@@ -111,14 +117,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = sweep_file(Path(tmp), args.seeds)
         plan_s, out = timed(["sweep", "plan", str(path)], args.repeat)
-        runs = out.count("\n│ ") or out.count("\n| ")
+        rows = sum(1 for line in out.splitlines() if " new " in line and line.lstrip("│ ").startswith("m0."))
         start = time.perf_counter()
         count = look_submitted(path)
         print(f"(made {count} runs look submitted in {time.perf_counter() - start:.1f} s)", file=sys.stderr)
         status_s, out = timed(["sweep", "status", str(path)], args.repeat)
         caption = out.strip().splitlines()[-1].strip()
-    print(f"{count} runs ({runs} plan rows): sweep plan {plan_s:.2f} s, sweep status {status_s:.2f} s")
-    print(f"status caption: {caption}")
+    print(f"{count} runs, {rows} planned as new; status: {caption}")
+    print(f"sweep plan   {figures(plan_s)}")
+    print(f"sweep status {figures(status_s)}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from launcher import records
+from launcher.plan import slurm_states
 from tests.conftest import load_final
 from tests.integration.cli import dinolab
 from tests.integration.slurm_cluster import slurm_cluster  # noqa: F401
@@ -234,5 +235,9 @@ def test_status_shows_a_failed_run_with_its_error(slurm_cluster, tmp_path):  # n
     wait_for(lambda: records.read_record(str(run_dir)).get("state") == "failed", 180, "the failure")
     status = dinolab("sweep", "status", str(sweep))
     assert "failed" in status.stdout and "data.root=/nonexistent/imagenet" in status.stdout, status.stdout
+    # The job writes "failed" as its last act and stays in the queue until its process has ended;
+    # until then `submit` rightly calls the run active (a second job would meet the first's lock).
+    job = records.last_job(str(run_dir))["job_id"]
+    wait_for(lambda: not slurm_states([job]), 60, "the failed job to leave the queue")
     again = dinolab("sweep", "submit", str(sweep), "--executor", "slurm", "--only", "failed")
     assert "submitted 1 pretraining job(s)" in again.stdout

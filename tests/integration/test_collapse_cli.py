@@ -37,9 +37,13 @@ def test_a_collapsing_run_stops_with_a_final_checkpoint_and_stays_stopped(tmp_pa
 
     again = dinolab("train", *TINY, *COLLAPSING, f"run.dir={run_dir}")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "collapsed at step 8 (one dimension" in again.stderr and "train.collapse_stop=false" in again.stderr
+    assert (
+        "collapsed at step 8 (one dimension" in again.stderr and "train.collapse_stop=false" in again.stderr
+    )
     assert again.stdout.startswith("collapsed: stopped at step 8/16")
-    assert checkpoint.complete_steps(str(run_dir)) == [8] and (run_dir / "metrics.jsonl").read_text() == metrics
+    assert (
+        checkpoint.complete_steps(str(run_dir)) == [8] and (run_dir / "metrics.jsonl").read_text() == metrics
+    )
 
     # Turned off, the guard's decision is dropped and the same run (same id) trains to its end.
     from dino.train import run

@@ -58,6 +58,7 @@ NON_SEMANTIC_KEYS = (
     "train.collapse_uniform_margin",
     "train.collapse_one_dim_fraction",
     "train.collapse_kl_flat",
+    "train.collapse_kl_range",
 )
 
 
@@ -217,8 +218,11 @@ class TrainConfig:
     collapse_one_dim_fraction: float = 0.05
     """One-dimension collapse: teacher entropy < this fraction of ln K."""
     collapse_kl_flat: float = 0.01
-    """Either collapse also needs the student-teacher KL <= this (nats): the student matches the
-    teacher, and the loss carries no signal any more."""
+    """One-dimension collapse also needs the student-teacher KL <= this (nats): the student matches
+    the constant teacher (a sharp, healthy teacher keeps it well above)."""
+    collapse_kl_range: float = 0.1
+    """Uniform collapse also needs a flat KL: <= collapse_kl_flat, or within this range (nats) over
+    the whole stretch (a tiny student may never match a uniform teacher exactly)."""
 
 
 @dataclass
@@ -499,6 +503,7 @@ def validate(cfg: DinoConfig) -> None:
     _positive("train.collapse_patience_steps", cfg.train.collapse_patience_steps, allow_zero=True)
     _positive("train.collapse_uniform_margin", cfg.train.collapse_uniform_margin, allow_zero=True)
     _positive("train.collapse_kl_flat", cfg.train.collapse_kl_flat, allow_zero=True)
+    _positive("train.collapse_kl_range", cfg.train.collapse_kl_range, allow_zero=True)
     if not 0 <= cfg.train.collapse_one_dim_fraction < 1:
         raise ConfigError(
             f"train.collapse_one_dim_fraction={cfg.train.collapse_one_dim_fraction} must be in [0, 1)"

@@ -78,6 +78,9 @@ RUNS = {
 }
 
 
+KEYS = ("patience_steps", "uniform_margin", "one_dim_fraction", "kl_flat", "kl_range")
+
+
 def train(folder: Path, fm_steps: int) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     for name, overrides in RUNS.items():
@@ -131,14 +134,13 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="first train the runs the folder lacks")
     parser.add_argument("--fm-steps", type=int, default=1500, help="Fashion-MNIST runs stop here")
     defaults = TrainConfig()
-    for key in ("patience_steps", "uniform_margin", "one_dim_fraction", "kl_flat"):
+    for key in KEYS:
         value = getattr(defaults, f"collapse_{key}")
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args()
     if args.train:
         train(args.folder, args.fm_steps)
-    keys = {f"collapse_{k}": getattr(args, k) for k in ("patience_steps", "uniform_margin", "one_dim_fraction",
-                                                         "kl_flat")}  # fmt: skip
+    keys = {f"collapse_{k}": getattr(args, k) for k in KEYS}
     rows = [replay(d, keys) for d in sorted(args.folder.iterdir()) if (d / "metrics.jsonl").exists()]
     print(", ".join(f"train.{k}={v}" for k, v in keys.items()))
     header = list(rows[0])

@@ -5,6 +5,7 @@ the healthy run of the same sweep completes with its k-NN result."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -24,7 +25,7 @@ BASE = [
 ]  # fmt: skip
 
 
-def test_a_collapsed_run_stops_early_and_skips_its_knn_while_the_healthy_one_completes(tmp_path):
+def test_a_collapsed_run_stops_early_and_skips_its_knn_while_the_healthy_one_completes(tmp_path, capsys):
     sweep = tmp_path / "collapse.yaml"
     sweep.write_text(yaml.safe_dump({
         "name": "collapse", "root": str(tmp_path / "sweeps"), "base": BASE,
@@ -67,8 +68,14 @@ def test_a_collapsed_run_stops_early_and_skips_its_knn_while_the_healthy_one_com
     # MLflow: FINISHED with dinolab.state=collapsed; the report lists it with the GPU-hours saved.
     from launcher.cli import main
 
+    capsys.readouterr()
     code = main(["report", str(sweep), "--metric", "loss"])
-    assert code == 0
+    out = capsys.readouterr().out
+    assert code == 0 and "1 collapsed; 1 collapsed (one dimension)" in out
+    assert "Stopped early by the collapse guard" in out
+    assert re.search(
+        r"\| cm1\.0-m0\.0 +\| 8 +\| 16 +\| [0-9.e-]+ +\| [0-9.e-]+ +\| collapsed \(one dimension\)", out
+    )
     from reports.collect import collect
 
     df = collect(f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}", "collapse").set_index("run")

@@ -34,7 +34,7 @@ def test_uniform_teacher_fires_after_patience_past_the_warmup():
     # windows starting at 20 (the warm-up's end) count: 20..60 is 40 steps of patience
     assert step == 60 and collapse.kind == UNIFORM and collapse.since == 20
     assert collapse.describe().startswith("uniform: entropy 6.926 >= ln K - 0.02 (6.911) for 40 steps")
-    assert "kl 0.0002" in collapse.describe()
+    assert collapse.describe().endswith("kl 0.0002 <= 0.01")
 
 
 def test_one_dimension_fires_after_patience():
@@ -48,6 +48,21 @@ def test_healthy_and_sharp_teachers_never_fire():
     sharp = (0.02, 0.8)  # entropy as low as a collapse's, but the student still has to predict
     near_uniform = (LOG_K - 0.005, 0.3)  # the student has not matched a flat teacher (yet)
     assert first_fire([HEALTHY_WINDOW, sharp, near_uniform] * 30) == (None, None)
+
+
+def test_a_uniform_teacher_with_a_kl_plateau_fires_but_not_while_the_kl_still_moves():
+    """A tiny student may never match a uniform teacher (KL stuck at ~1.8, docs/collapse.md): a KL
+    within collapse_kl_range over the stretch is flat; one still falling is a student still learning."""
+    plateau = [(LOG_K - 0.01, 1.8 + 0.02 * (i % 3)) for i in range(10)]
+    step, collapse = first_fire(plateau)
+    assert step == 60 and collapse.kind == UNIFORM
+    assert collapse.describe().endswith("kl 1.8400 flat (1.8000-1.8400)")
+    falling = [(LOG_K - 0.01, 1.8 - 0.04 * i) for i in range(20)]
+    assert first_fire(falling) == (None, None)
+
+
+def test_a_sharp_teacher_with_a_steady_kl_is_not_one_dimension():
+    assert first_fire([(0.02, 0.8)] * 30) == (None, None)
 
 
 def test_nothing_fires_during_the_warmup():
@@ -92,7 +107,7 @@ def test_collapse_keys_change_neither_the_run_id_nor_the_resume_check():
     base = compose(["model=vit_test"])
     changed = compose(["model=vit_test", "train.collapse_stop=false", "train.collapse_patience_steps=3",
                        "train.collapse_uniform_margin=0.5", "train.collapse_one_dim_fraction=0.2",
-                       "train.collapse_kl_flat=0.1"])  # fmt: skip
+                       "train.collapse_kl_flat=0.1", "train.collapse_kl_range=1"])  # fmt: skip
     assert config_hash(changed) == config_hash(base)
     assert semantic_diff(to_dict(base), changed) == []
     old = to_dict(base)

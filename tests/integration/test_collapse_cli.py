@@ -18,7 +18,7 @@ COLLAPSING = [
 ]  # fmt: skip
 
 
-def test_a_collapsing_run_stops_with_a_final_checkpoint_and_stays_stopped(tmp_path):
+def test_a_collapsing_run_stops_with_a_final_checkpoint_and_stays_stopped(tmp_path, capsys):
     run_dir = tmp_path / "run"
     proc = dinolab("train", *TINY, *COLLAPSING, f"run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -35,15 +35,16 @@ def test_a_collapsing_run_stops_with_a_final_checkpoint_and_stays_stopped(tmp_pa
     metrics = (run_dir / "metrics.jsonl").read_text()
     assert json.loads(metrics.splitlines()[-1])["step"] == 8
 
-    again = dinolab("train", *TINY, *COLLAPSING, f"run.dir={run_dir}")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert (
-        "collapsed at step 8 (one dimension" in again.stderr and "train.collapse_stop=false" in again.stderr
-    )
-    assert again.stdout.startswith("collapsed: stopped at step 8/16")
-    assert (
-        checkpoint.complete_steps(str(run_dir)) == [8] and (run_dir / "metrics.jsonl").read_text() == metrics
-    )
+    # Started again (in this process: the same `dinolab train` entry point, without a second start-up).
+    from launcher.cli import main
+
+    capsys.readouterr()
+    assert main(["train", *TINY, *COLLAPSING, f"run.dir={run_dir}"]) == 0
+    again = capsys.readouterr()
+    assert "collapsed at step 8 (one dimension" in again.err and "train.collapse_stop=false" in again.err
+    assert again.out.startswith("collapsed: stopped at step 8/16")
+    assert checkpoint.complete_steps(str(run_dir)) == [8]
+    assert (run_dir / "metrics.jsonl").read_text() == metrics  # nothing trained
 
     # Turned off, the guard's decision is dropped and the same run (same id) trains to its end.
     from dino.train import run

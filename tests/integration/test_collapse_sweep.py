@@ -60,14 +60,15 @@ def test_a_collapsed_run_stops_early_and_skips_its_knn_while_the_healthy_one_com
     # `sweep run` ended with the status table; `submit` treats the collapsed run as done.
     assert "collapsed at step 8: one dimension" in proc.stdout and "1 collapsed, 1 completed" in proc.stdout
     assert "skipped (collapsed)" in proc.stdout
-    again = dinolab("sweep", "submit", str(sweep))
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "submitted 0 pretraining job(s)" in again.stdout and "evaluation job" not in again.stdout
-    assert "skip (collapsed at step 8)" in again.stdout and "skip (finished)" in again.stdout
+    from launcher.cli import main  # in this process: no second start-up of Python, torch and MLflow
+
+    capsys.readouterr()
+    assert main(["sweep", "submit", str(sweep)]) == 0
+    again = capsys.readouterr().out
+    assert "submitted 0 pretraining job(s)" in again and "evaluation job" not in again
+    assert "skip (collapsed at step 8)" in again and "skip (finished)" in again
 
     # MLflow: FINISHED with dinolab.state=collapsed; the report lists it with the GPU-hours saved.
-    from launcher.cli import main
-
     capsys.readouterr()
     code = main(["report", str(sweep), "--metric", "loss"])
     out = capsys.readouterr().out

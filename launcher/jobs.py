@@ -128,10 +128,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         if self._thread is not None:
             self._thread.join()
         record = records.read_record(self.run_dir)
-        if self._started and record.get("state") not in (
-            records.COMPLETED,
-            records.COLLAPSED,
-        ):  # not a job still waiting for the lock
+        if self._started and record.get("state") not in records.DONE:  # not a job still waiting for the lock
             records.update_record(self.run_dir, state=records.REQUEUED, requeues=record.get("requeues", 0) + 1,
                                   requeued_at_step=record.get("step", 0))  # fmt: skip
         print(f"dinolab: requeueing {self.run_dir} at step {record.get('step')}", file=sys.stderr, flush=True)
@@ -164,7 +161,7 @@ class EvalJob(submitit.helpers.Checkpointable):
         _export_distributed_env(num_tasks)
         main = rank == 0
         state = records.read_record(self.run_dir).get("state")
-        while self.wait_for_pretrain and state not in (records.COMPLETED, records.COLLAPSED):
+        while self.wait_for_pretrain and state not in records.DONE:
             if state in (records.FAILED, records.CANCELLED):
                 raise RuntimeError(
                     f"pretraining of {self.run_dir} {state}; {self.protocol} evaluation not run"
@@ -195,7 +192,8 @@ class EvalJob(submitit.helpers.Checkpointable):
         records.set_eval_state(self.run_dir, self.protocol, state, reason)
 
     def _skip_collapsed(self) -> dict[str, Any]:
-        """A collapsed run's features are a constant: evaluating them spends a job on a known answer."""
+        """A collapsed teacher stopped learning (the paper's collapsed rows score 0.1 %): evaluating it
+        would spend a job on a known answer."""
         record = records.read_record(self.run_dir)
         reason = f"pretraining collapsed at step {record.get('collapse_step')}: {record.get('collapse_signal', '')}"
         if _job_env()[1] == 0:

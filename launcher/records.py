@@ -24,6 +24,7 @@ JOBS = "jobs.json"
 # collapse guard stopped the run early (dino/collapse.py), a decision like `completed`, never resubmitted.
 PENDING, RUNNING, REQUEUED, COMPLETED, FAILED = "pending", "running", "requeued", "completed", "failed"
 CANCELLED, COLLAPSED = "cancelled", "collapsed"
+DONE = (COMPLETED, COLLAPSED)  # pretraining that will not run again
 # Evaluation states: running / completed / failed, and `skipped` (with a reason: the run collapsed).
 SKIPPED = "skipped"
 EVAL_PROTOCOLS = ("knn", "linear")

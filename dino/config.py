@@ -213,7 +213,7 @@ class TrainConfig:
     collapsed for collapse_patience_steps after the warm-up (dino/collapse.py, docs/collapse.md)."""
     collapse_patience_steps: int = 500
     """Steps (whole log windows) the collapse signal must hold in a row before the run stops."""
-    collapse_uniform_margin: float = 0.02
+    collapse_uniform_margin: float = 0.2
     """Uniform collapse: teacher entropy >= ln K - this (nats)."""
     collapse_one_dim_fraction: float = 0.05
     """One-dimension collapse: teacher entropy < this fraction of ln K."""

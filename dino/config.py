@@ -50,6 +50,14 @@ NON_SEMANTIC_KEYS = (
     "train.compile",
     "monitor.",
     "data.on_bad_image",  # switching fail -> skip must resume the same run
+    # The collapse guard decides when to stop, never what a step computes: turning it off resumes
+    # the same run (that is how a collapsed run is trained on), and old run ids stay as they were.
+    "train.collapse_stop",
+    "train.collapse_patience_steps",
+    "train.collapse_uniform_margin",
+    "train.collapse_one_dim_fraction",
+    "train.collapse_kl_flat",
+    "train.collapse_kl_range",
 )
 
 
@@ -199,6 +207,21 @@ class TrainConfig:
     holds one. A fresh run's step 0, not a resume; part of the run's identity."""
     init_weights_key: str = "teacher"
     """Which network of a file that holds both: teacher or student."""
+    collapse_stop: bool = True
+    """Stop the run (final checkpoint, state `collapsed`, exit 0) once its teacher output has stayed
+    collapsed for collapse_patience_steps after the warm-up (dino/collapse.py, docs/collapse.md)."""
+    collapse_patience_steps: int = 500
+    """Steps (whole log windows) the collapse signal must hold in a row before the run stops."""
+    collapse_uniform_margin: float = 0.2
+    """Uniform collapse: teacher entropy >= ln K - this (nats)."""
+    collapse_one_dim_fraction: float = 0.05
+    """One-dimension collapse: teacher entropy < this fraction of ln K."""
+    collapse_kl_flat: float = 0.01
+    """One-dimension collapse also needs the student-teacher KL <= this (nats): the student matches
+    the constant teacher (a sharp, healthy teacher keeps it well above)."""
+    collapse_kl_range: float = 0.1
+    """Uniform collapse also needs a flat KL: <= collapse_kl_flat, or within this range (nats) over
+    the whole stretch (a tiny student may never match a uniform teacher exactly)."""
 
 
 @dataclass
@@ -484,6 +507,14 @@ def validate(cfg: DinoConfig) -> None:
     _positive("train.checkpoint_every_minutes", cfg.train.checkpoint_every_minutes, allow_zero=True)
     _positive("train.log_every", cfg.train.log_every)
     _positive("train.keep_last", cfg.train.keep_last)
+    _positive("train.collapse_patience_steps", cfg.train.collapse_patience_steps, allow_zero=True)
+    _positive("train.collapse_uniform_margin", cfg.train.collapse_uniform_margin, allow_zero=True)
+    _positive("train.collapse_kl_flat", cfg.train.collapse_kl_flat, allow_zero=True)
+    _positive("train.collapse_kl_range", cfg.train.collapse_kl_range, allow_zero=True)
+    if not 0 <= cfg.train.collapse_one_dim_fraction < 1:
+        raise ConfigError(
+            f"train.collapse_one_dim_fraction={cfg.train.collapse_one_dim_fraction} must be in [0, 1)"
+        )
     if cfg.data.name == "imagefolder" and not cfg.data.root:
         raise ConfigError("data=imagefolder needs data.root=<folder with one sub-folder per class>")
     if cfg.data.name == "webdataset" and not cfg.data.root:

@@ -24,6 +24,7 @@ from dino.augment import MultiCropAugment, sample_seed
 from dino.batch_augment import BatchMultiCrop
 from dino.cards import device_card
 from dino.checkpoint_writer import CheckpointWriter
+from dino.collapse import MARKER, CollapseGuard, CollapseRule
 from dino.config import ConfigError, DinoConfig, config_hash, flatten, semantic_diff, to_dict
 from dino.data import DecodedDataset, MultiCropDataset, build_dataset, build_loader, steps_per_epoch
 from dino.eval.monitor import KnnMonitor
@@ -50,10 +51,24 @@ class TrainResult:
     stopped: bool = False
     resumed_from: int | None = None
     last_metrics: dict[str, float] = field(default_factory=dict)
+    collapsed: dict | None = None
+    """Set when the collapse guard stopped the run (now, or before: then nothing was trained):
+    step, kind, since, entropy, kl, signal, total_steps (dino/collapse.py)."""
 
     @property
     def finished(self) -> bool:
         return self.step >= self.total_steps
+
+
+def read_collapse(run_dir: str) -> dict | None:
+    """The collapse guard's decision saved in run.dir (None: the run has not collapsed)."""
+    path = storage.join(run_dir, MARKER)
+    if not storage.exists(path):
+        return None
+    try:
+        return json.loads(storage.read_text(path))
+    except json.JSONDecodeError:
+        return None
 
 
 def prepare_run_dir(cfg: DinoConfig, is_main: bool) -> None:
@@ -108,6 +123,9 @@ def _run(cfg, should_stop, on_progress, on_start) -> TrainResult:
             }
         setup_logging(logs.get("train.log"))
         prepare_run_dir(cfg, dist.is_main)  # before tracking: a folder of another config is refused
+        stopped_before = _collapsed_before(cfg, dist)
+        if stopped_before is not None:
+            return stopped_before
         guard = lock.check if lock is not None else (lambda: None)
         return _tracked(
             cfg, device, dist, logs, should_stop or (lambda: False), on_progress or (lambda m: None), guard
@@ -122,6 +140,25 @@ def _run(cfg, should_stop, on_progress, on_start) -> TrainResult:
                 log.error("%s", err)
         if lock is not None:
             lock.release()
+
+
+def _collapsed_before(cfg: DinoConfig, dist: distributed.DistInfo) -> TrainResult | None:
+    """A run the collapse guard stopped: with train.collapse_stop still on it stays stopped (the
+    result says so, nothing is trained); turned off, the decision is dropped and the run trains on."""
+    found = read_collapse(cfg.run.dir)
+    if found is None:
+        return None
+    if cfg.train.collapse_stop:
+        log.warning(
+            "run %s collapsed at step %d (%s); not training on. To continue it anyway: the same "
+            "command with train.collapse_stop=false", cfg.run.dir, found["step"], found.get("signal", ""),
+        )  # fmt: skip
+        return TrainResult(cfg.run.dir, found["step"], found["total_steps"], collapsed=found)
+    distributed.barrier()  # every rank has read the marker before rank 0 removes it
+    if dist.is_main:
+        storage.remove(storage.join(cfg.run.dir, MARKER))
+    log.info("train.collapse_stop=false: training on past the collapse at step %d", found["step"])
+    return None
 
 
 def _resume_point(run_dir: str) -> str:
@@ -187,8 +224,11 @@ def _tracked(cfg, device, dist, logs, should_stop, on_progress, guard) -> TrainR
         tracker.set_tags({"dinolab.config_hash": config_hash(cfg), "dinolab.card": device_card(device)})
         tracker.log_artifact(storage.join(cfg.run.dir, "config.yaml"))
         result = _train(cfg, device, dist, tracker, logs, should_stop, on_progress, guard)
-        status = "FINISHED" if result.finished else "KILLED"
-        if result.finished and logs:
+        # A collapsed run ends FINISHED (it will not be resumed, its reports show its last metrics)
+        # with the tag dinolab.state=collapsed; KILLED is a run stopped to be requeued.
+        done = result.finished or result.collapsed is not None
+        status = "FINISHED" if done else "KILLED"
+        if done and logs:
             tracker.log_artifact(logs["metrics.jsonl"].local_path, "")
         return result
     finally:
@@ -388,6 +428,11 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress, guard) ->
     last: dict[str, float] = {}
     last_save_time, step, stopped = time.monotonic(), start_step, False
     monitor = KnnMonitor(cfg, spe, device)
+    # Not carried in checkpoints: a resumed run counts its patience again (it can only stop later).
+    collapse_guard = (
+        CollapseGuard(CollapseRule.from_config(cfg, spe), start_step) if cfg.train.collapse_stop else None
+    )
+    collapse = None
 
     try:
         for item in loader:
@@ -426,11 +471,15 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress, guard) ->
                 logs["train.log"].check()  # a log line the disk refused stops the run like a metric
                 tracker.log_metrics({k: v for k, v in last.items() if k != "step"}, step)
             progress.update(step, last)
-            if due_steps or due_time or final or stop_now:
+            if collapse_guard is not None and not final:  # the same window, so the same answer, on every rank
+                collapse = collapse_guard.update(step, last["teacher_entropy"], last["kl"])
+            if due_steps or due_time or final or stop_now or collapse is not None:
                 save(step)
                 last_save_time = time.monotonic()
             if dist.is_main:
                 on_progress({**last, "total_steps": schedules.total_steps, "checkpoint_step": save_step[0]})
+            if collapse is not None:
+                break
             if stop_now and not final:
                 stopped = True
                 log.info("stop requested: checkpoint written at step %d", step)
@@ -449,4 +498,24 @@ def _train(cfg, device, dist, tracker, logs, should_stop, on_progress, guard) ->
     distributed.barrier()
     if step >= schedules.total_steps and start_step == step:
         log.info("run already finished at step %d", step)
-    return TrainResult(cfg.run.dir, step, schedules.total_steps, stopped, resumed_from, last)
+    collapsed = None
+    if collapse is not None:
+        collapsed = {**collapse.to_dict(), "total_steps": schedules.total_steps}
+        _record_collapse(cfg, dist, tracker, collapsed, last)
+    return TrainResult(cfg.run.dir, step, schedules.total_steps, stopped, resumed_from, last, collapsed)
+
+
+def _record_collapse(cfg, dist, tracker, collapsed: dict, last: dict[str, float]) -> None:
+    """After the final checkpoint is complete: the decision in run.dir (a restart reads it), on the
+    MLflow run, and one WARNING line."""
+    if dist.is_main:
+        collapsed["gpu_hours"] = last.get("gpu_hours", 0.0)
+        storage.atomic_write_text(storage.join(cfg.run.dir, MARKER), json.dumps(collapsed, indent=1))
+        tracker.set_tags({"dinolab.state": "collapsed", "dinolab.collapse_step": str(collapsed["step"]),
+                          "dinolab.collapse_signal": collapsed["signal"],
+                          "dinolab.total_steps": str(collapsed["total_steps"])})  # fmt: skip
+    log.warning(
+        "teacher output collapsed (%s): run stopped at step %d of %d with a final checkpoint; "
+        "train.collapse_stop=false trains it on", collapsed["signal"], collapsed["step"], collapsed["total_steps"],
+    )  # fmt: skip
+    distributed.barrier()  # no rank exits before the marker exists

@@ -111,7 +111,12 @@ class TrainJob(submitit.helpers.Checkpointable):
                 records.update_record(self.run_dir, state=records.FAILED, error=outcome["traceback"][-2000:])
             raise outcome["error"]
         result = outcome["result"]
-        if main and result.finished:
+        if main and result.collapsed is not None:  # stopped by the collapse guard: done, not failed
+            c = result.collapsed
+            records.update_record(self.run_dir, state=records.COLLAPSED, step=c["step"], total_steps=c["total_steps"],
+                                  checkpoint_step=c["step"], collapse_step=c["step"], collapse_signal=c["signal"],
+                                  gpu_hours=c.get("gpu_hours"), finished=time.time())  # fmt: skip
+        elif main and result.finished:
             records.update_record(self.run_dir, state=records.COMPLETED, step=result.step, total_steps=result.total_steps,
                                   finished=time.time())  # fmt: skip
         return {"run_dir": self.run_dir, "step": result.step, "finished": result.finished}
@@ -123,7 +128,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         if self._thread is not None:
             self._thread.join()
         record = records.read_record(self.run_dir)
-        if self._started and record.get("state") != records.COMPLETED:  # not a job still waiting for the lock
+        if self._started and record.get("state") not in records.DONE:  # not a job still waiting for the lock
             records.update_record(self.run_dir, state=records.REQUEUED, requeues=record.get("requeues", 0) + 1,
                                   requeued_at_step=record.get("step", 0))  # fmt: skip
         print(f"dinolab: requeueing {self.run_dir} at step {record.get('step')}", file=sys.stderr, flush=True)
@@ -155,13 +160,16 @@ class EvalJob(submitit.helpers.Checkpointable):
         # feature shards and of every probe batch), not that many copies of the same work.
         _export_distributed_env(num_tasks)
         main = rank == 0
-        if self.wait_for_pretrain:
-            while (state := records.read_record(self.run_dir).get("state")) != records.COMPLETED:
-                if state in (records.FAILED, records.CANCELLED):
-                    raise RuntimeError(
-                        f"pretraining of {self.run_dir} {state}; {self.protocol} evaluation not run"
-                    )
-                time.sleep(self.poll_s)
+        state = records.read_record(self.run_dir).get("state")
+        while self.wait_for_pretrain and state not in records.DONE:
+            if state in (records.FAILED, records.CANCELLED):
+                raise RuntimeError(
+                    f"pretraining of {self.run_dir} {state}; {self.protocol} evaluation not run"
+                )
+            time.sleep(self.poll_s)
+            state = records.read_record(self.run_dir).get("state")
+        if state == records.COLLAPSED:  # SLURM's afterok/aftercorr starts us too: the run exited 0
+            return self._skip_collapsed()
         slot = None
         if self.local_slots and num_tasks == 1:
             from launcher.local_slots import acquire
@@ -180,8 +188,22 @@ class EvalJob(submitit.helpers.Checkpointable):
             self._set_eval_state("completed")
         return {"run_dir": self.run_dir, "protocol": self.protocol}
 
-    def _set_eval_state(self, state: str) -> None:
-        records.set_eval_state(self.run_dir, self.protocol, state)
+    def _set_eval_state(self, state: str, reason: str = "") -> None:
+        records.set_eval_state(self.run_dir, self.protocol, state, reason)
+
+    def _skip_collapsed(self) -> dict[str, Any]:
+        """A collapsed teacher stopped learning (the paper's collapsed rows score 0.1 %): evaluating it
+        would spend a job on a known answer."""
+        record = records.read_record(self.run_dir)
+        reason = f"pretraining collapsed at step {record.get('collapse_step')}: {record.get('collapse_signal', '')}"
+        if _job_env()[1] == 0:
+            self._set_eval_state(records.SKIPPED, reason)
+        print(
+            f"dinolab: {self.protocol} evaluation of {self.run_dir} skipped: {reason}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return {"run_dir": self.run_dir, "protocol": self.protocol, "skipped": reason}
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(dataclasses.replace(self))

@@ -25,6 +25,7 @@ from launcher.jobs import EvalJob, TrainJob
 from launcher.sweep import RunSpec, Sweep
 
 NEW, RESUME, FINISHED, ACTIVE, FAILED = "new", "resume", "finished", "active", "failed"
+COLLAPSED = "collapsed"  # stopped by the collapse guard: done, its evaluations skipped
 LIVE_SLURM_STATES = {
     "PENDING",
     "RUNNING",
@@ -50,6 +51,7 @@ class Todo:
     run: RunSpec
     action: str
     evals: list[str] = field(default_factory=list)  # evaluations still to run after (or without) pretraining
+    note: str = ""
 
 
 class SchedulerError(UserError):
@@ -166,7 +168,12 @@ def classify(sweep: Sweep, runs: list[RunSpec]) -> list[Todo]:
     todos = []
     for run, record, jobs in seen:
         evals = missing_evals(sweep, record)
-        if is_finished(run, record):
+        if record.get("state") == records.COLLAPSED and run.config.train.collapse_stop:
+            # Resubmitting would only print "collapsed" again; train.collapse_stop=false resumes it.
+            todos.append(
+                Todo(run, COLLAPSED, note=f"at step {record.get('collapse_step', record.get('step'))}")
+            )
+        elif is_finished(run, record):
             live_eval = any(live(jobs.get(p)) for p in evals)
             todos.append(Todo(run, ACTIVE if live_eval else FINISHED, [] if live_eval else evals))
         elif live(jobs.get("pretrain")):
@@ -189,7 +196,7 @@ def plan_table(sweep: Sweep, runs: list[RunSpec], todos: list[Todo] | None = Non
     for todo in todos:
         r = todo.run
         action = {NEW: "new", RESUME: "resume", FINISHED: "skip (finished)", ACTIVE: "skip (job live)",
-                  FAILED: "retry (failed)"}[todo.action]  # fmt: skip
+                  FAILED: "retry (failed)", COLLAPSED: f"skip (collapsed {todo.note})"}[todo.action]  # fmt: skip
         table.add_row(r.name, r.run_id, *(str(r.axes[k]) for k in (*sweep.grid, *sweep.zip)), str(r.seed), action,
                       ", ".join(todo.evals) or "-")  # fmt: skip
     gpus = f"{res.gpus_per_node} GPU x " if res.gpus_per_node else ""
@@ -215,7 +222,7 @@ class Submitted:
                 f"submitted {len(self.evals)} evaluation job(s) ({', '.join(sorted({p for _, p, _ in self.evals}))})"
             )
         for todo in self.skipped:
-            lines.append(f"skipped {todo.run.label}: {todo.action}")
+            lines.append(f"skipped {todo.run.label}: {' '.join(filter(None, (todo.action, todo.note)))}")
         return "\n".join(lines)
 
 

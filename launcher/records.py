@@ -20,9 +20,13 @@ from dino import storage
 RECORD = "record.json"
 JOBS = "jobs.json"
 
-# Run states, as the job reports them (and `cancelled`, as `sweep cancel` sets it).
+# Run states, as the job reports them (and `cancelled`, as `sweep cancel` sets it). `collapsed`: the
+# collapse guard stopped the run early (dino/collapse.py), a decision like `completed`, never resubmitted.
 PENDING, RUNNING, REQUEUED, COMPLETED, FAILED = "pending", "running", "requeued", "completed", "failed"
-CANCELLED = "cancelled"
+CANCELLED, COLLAPSED = "cancelled", "collapsed"
+DONE = (COMPLETED, COLLAPSED)  # pretraining that will not run again
+# Evaluation states: running / completed / failed, and `skipped` (with a reason: the run collapsed).
+SKIPPED = "skipped"
 EVAL_PROTOCOLS = ("knn", "linear")
 
 
@@ -54,10 +58,18 @@ def read_record(run_dir: str) -> dict[str, Any]:
     return record
 
 
-def set_eval_state(run_dir: str, protocol: str, state: str) -> None:
-    """The state of one evaluation of the run (its job is the file's only writer)."""
+def set_eval_state(run_dir: str, protocol: str, state: str, reason: str = "") -> None:
+    """The state of one evaluation of the run (its job is the file's only writer), and why it was
+    skipped."""
     content = {"state": state, "heartbeat": time.time(), "host": socket.gethostname()}
+    if reason:
+        content["reason"] = reason
     storage.atomic_write_text(storage.join(run_dir, eval_record(protocol)), json.dumps(content, indent=1))
+
+
+def eval_reason(run_dir: str, protocol: str) -> str:
+    """Why an evaluation was skipped ("" when it was not)."""
+    return _read(storage.join(run_dir, eval_record(protocol)), {}).get("reason", "")
 
 
 def reset_evals(run_dir: str) -> None:

@@ -54,7 +54,7 @@ def scheduler_state(job: dict[str, Any] | None) -> str:
 
 
 def run_state(run: RunSpec, files: RunFiles | None = None) -> str:
-    """pending / running / requeued / preempted / completed / failed / cancelled / lost / new."""
+    """pending / running / requeued / preempted / completed / collapsed / failed / cancelled / lost / new."""
     if files is None:
         files = RunFiles.read(run)
         files.scheduler = scheduler_state(files.job)
@@ -78,6 +78,10 @@ def eval_summary(run: RunSpec, protocol: str, record: dict[str, Any] | None = No
         headline = _headline(results[-1][1])  # the newest result
         if headline:
             return headline
+    if state == records.SKIPPED:  # a collapsed run's evaluations
+        return (
+            "skipped (collapsed)" if "collapsed" in records.eval_reason(run.run_dir, protocol) else "skipped"
+        )
     return state or "-"
 
 
@@ -145,6 +149,8 @@ def status_table(sweep: Sweep, runs: list[RunSpec]) -> Table:
         note = ""
         if state == records.FAILED and rec.get("error"):
             note = " | ".join(rec["error"].strip().splitlines()[-2:])
+        elif state == records.COLLAPSED:
+            note = f"collapsed at step {rec.get('collapse_step')}: {rec.get('collapse_signal', '')}"
         elif state in (records.RUNNING,) and rec.get("heartbeat"):
             note = f"heartbeat {time.time() - rec['heartbeat']:.0f}s ago"
         colour = {
@@ -153,6 +159,7 @@ def status_table(sweep: Sweep, runs: list[RunSpec]) -> Table:
             "lost": "red",
             "running": "cyan",
             "requeued": "yellow",
+            "collapsed": "magenta",
         }.get(state, "")
         # Plain Text cells: an error such as gloo's "[/…/pair.cc:561] Connection closed by peer"
         # or an axis value like "[5, 10]" is not rich markup.

@@ -103,6 +103,11 @@ def collect(uri: str, experiment: str) -> pd.DataFrame:
     df["est_gpu_hours"] = pd.to_numeric(_column(runs, "tags.dinolab.estimate_gpu_hours"), errors="coerce")
     df["est_source"] = _column(runs, "tags.dinolab.estimate_source")
     df["out_dim"] = pd.to_numeric(_column(runs, "params.head.out_dim"), errors="coerce")  # K, for ln K
+    # A run the collapse guard stopped ends FINISHED with the tag dinolab.state=collapsed (dino/train.py).
+    stopped = _column(runs, "tags.dinolab.state") == "collapsed"
+    df.loc[stopped.to_numpy(), "state"] = "collapsed"
+    df["collapse_step"] = pd.to_numeric(_column(runs, "tags.dinolab.collapse_step"), errors="coerce")
+    df["total_steps"] = pd.to_numeric(_column(runs, "tags.dinolab.total_steps"), errors="coerce")
     df["flag"] = [flag(row, k) for (_, row), k in zip(df.iterrows(), df["out_dim"], strict=True)]
     df.attrs["axes"] = axes
     return df.sort_values([*axes, "seed", "run"], ignore_index=True)

@@ -151,6 +151,29 @@ def runs_table(df: pd.DataFrame, by: list[str], columns: list[Column], fmt: str)
     return export(view, fmt, floats=".3g")
 
 
+def collapsed_table(df: pd.DataFrame, fmt: str) -> str:
+    """The runs the collapse guard stopped early: where, why, and the GPU-hours not spent ("" when
+    none). Saved GPU-hours are estimated as spent x (planned - stopped) / stopped: the run's own
+    rate, over the steps it did not run (planned = the run's total steps)."""
+    stopped = df[df["state"] == "collapsed"]
+    if stopped.empty:
+        return ""
+    spent, step, total = stopped["gpu_hours"], stopped["collapse_step"], stopped["total_steps"]
+    view = pd.DataFrame(
+        {
+            "collapsed run": stopped["run"],
+            "stopped at step": step.map(lambda v: "—" if pd.isna(v) else f"{v:.0f}"),
+            "planned steps": total.map(lambda v: "—" if pd.isna(v) else f"{v:.0f}"),
+            "GPU-hours spent": spent.map(lambda v: "—" if pd.isna(v) else f"{v:.3g}"),
+            "GPU-hours saved (est.)": (spent * (total - step) / step).map(
+                lambda v: "—" if pd.isna(v) else f"{v:.3g}"
+            ),
+            "flag": stopped["flag"],
+        }
+    )
+    return export(view, fmt)
+
+
 def export(frame: pd.DataFrame, fmt: str, floats: str | None = None) -> str:
     """A plain table (cells already formatted unless `floats` is given) in one of FORMATS."""
     if fmt == "latex":

@@ -10,7 +10,9 @@ import sys
 
 EPILOG = """\
 The table has one row per ablation value (mean ± std over finished seeds, n), the state of the runs
-(pending/running/preempted/failed/finished, and collapse or divergence flags), the best value in bold.
+(pending/running/preempted/failed/finished, collapsed: stopped early by the collapse guard, and
+collapse or divergence flags), the best value in bold; runs stopped early are listed with their step
+and the GPU-hours saved.
 Metrics: knn_top1@20 (default), knn_top1@10/100/200, knn_top5@k, linear_top1, linear_best_top1 (best
 over epochs, as the paper reports), img_per_s, memory_gib, gpu_hours, epoch, loss, teacher_entropy.
 
@@ -100,6 +102,11 @@ def run_command(args: argparse.Namespace) -> int:
         text += "\n\n" + tables.pivot(summary, by, columns[0], args.format)
     if args.runs:
         text += "\n\n" + tables.runs_table(df, by, columns, args.format)
+    stopped = tables.collapsed_table(df, args.format)
+    if stopped:  # saved = spent x (planned - stopped) / stopped steps
+        text += (
+            "\n\nStopped early by the collapse guard (saved = spent x unrun steps / run steps):\n\n" + stopped
+        )
     if args.output:
         with open(args.output, "w") as f:
             f.write(text + "\n")

@@ -35,6 +35,14 @@ def run_command(args: argparse.Namespace) -> int:
     from dino.train import run
 
     result = run(cfg)
+    if result.collapsed is not None:  # a decision, not a failure: exit 0
+        c = result.collapsed
+        print(
+            f"collapsed: stopped at step {c['step']}/{c['total_steps']} in {result.run_dir} ({c['signal']}); "
+            "the final checkpoint is that step's. To train on anyway: the same command with "
+            "train.collapse_stop=false"
+        )
+        return 0
     last = result.last_metrics
     summary = (
         f"loss {last['loss']:.4f}, teacher entropy {last['teacher_entropy']:.3f}" if last else "nothing to do"

@@ -16,11 +16,12 @@ import multiprocessing
 from collections.abc import Callable
 from typing import TypeVar
 
+from dino.config import BAD_IMAGE_MODES
 from dino.storage import StorageError
 
 log = logging.getLogger("dino.data")
 T = TypeVar("T")
-MODES = ("skip", "fail")
+MODES = BAD_IMAGE_MODES
 # More unreadable images than this in a row is not a few bad files but a broken dataset (wrong
 # folder, files still being copied): stop instead of skipping through it.
 MAX_IN_A_ROW = 50

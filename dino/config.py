@@ -18,8 +18,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from dino.bad_images import MODES as BAD_IMAGE_MODES
-
 # Architecture name -> timm model name and the kwargs that shape it.
 ARCHS: dict[str, tuple[str, dict[str, int]]] = {
     "vit_test": ("vit_tiny_patch16_224", {"embed_dim": 64, "depth": 2, "num_heads": 2}),
@@ -28,6 +26,7 @@ ARCHS: dict[str, tuple[str, dict[str, int]]] = {
     "vit_base": ("vit_base_patch16_224", {}),
 }
 PRECISIONS = ("bf16", "fp16", "fp32")
+BAD_IMAGE_MODES = ("skip", "fail")  # data.on_bad_image (dino/bad_images.py)
 DATASETS = ("synthetic", "fashion_mnist", "imagefolder", "webdataset")
 DEVICES = ("auto", "cpu", "cuda")
 

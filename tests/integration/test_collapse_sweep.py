@@ -57,10 +57,19 @@ def test_a_collapsed_run_stops_early_and_skips_its_knn_while_the_healthy_one_com
     (result,) = (healthy / "eval" / "knn").glob("*.json")
     assert json.loads(result.read_text())["step"] == 16
 
-    # `sweep run` ended with the status table; `submit` treats the collapsed run as done.
-    assert "collapsed at step 8: one dimension" in proc.stdout and "1 collapsed, 1 completed" in proc.stdout
-    assert "skipped (collapsed)" in proc.stdout
+    # `sweep run` ended with the status table (rich folds its long note over lines: read the same
+    # table unfolded); `submit` treats the collapsed run as done.
+    assert "1 collapsed, 1 completed" in proc.stdout and "skipped (collapsed)" in proc.stdout
     from launcher.cli import main  # in this process: no second start-up of Python, torch and MLflow
+    from launcher.long_tables import plain
+    from launcher.status import status_table
+    from launcher.sweep import expand, load_sweep
+
+    loaded = load_sweep(sweep)
+    (row,) = [
+        line for line in plain(status_table(loaded, expand(loaded))).splitlines() if "cm1.0-m0.0" in line
+    ]
+    assert " collapsed " in row and "collapsed at step 8: one dimension: entropy 0.000" in row
 
     capsys.readouterr()
     assert main(["sweep", "submit", str(sweep)]) == 0

@@ -104,6 +104,11 @@ class StageCost:
         return None if gpu_hours is None else gpu_hours / self.devices
 
 
+def _total(values: list[float | None]) -> float | None:
+    """The sum, or None (unknown) when any part is unknown."""
+    return None if None in values else sum(values)
+
+
 @dataclass
 class RunCost:
     run: RunSpec
@@ -114,8 +119,7 @@ class RunCost:
 
     @property
     def gpu_hours(self) -> float | None:
-        values = [s.gpu_hours for s in self.stages]
-        return None if None in values else sum(values)
+        return _total([s.gpu_hours for s in self.stages])
 
     @property
     def pretrain_gpu_hours(self) -> float | None:
@@ -125,8 +129,7 @@ class RunCost:
     @property
     def hours(self) -> float | None:
         """Wall time of the run's own jobs one after the other (pretraining, then each evaluation)."""
-        values = [s.hours for s in self.stages]
-        return None if None in values else sum(values)
+        return _total([s.hours for s in self.stages])
 
     @property
     def memory_gib(self) -> float | None:

@@ -135,8 +135,7 @@ def job_is_live(job: dict[str, Any] | None) -> bool:
     return False
 
 
-def is_finished(run: RunSpec, record: dict[str, Any] | None = None) -> bool:
-    record = records.read_record(run.run_dir) if record is None else record
+def is_finished(run: RunSpec, record: dict[str, Any]) -> bool:
     if record.get("state") == records.COMPLETED:
         return True
     total = record.get("total_steps")
@@ -148,14 +147,9 @@ def missing_evals(sweep: Sweep, record: dict[str, Any]) -> list[str]:
     return [p for p in sweep.evals if done.get(p) != "completed"]
 
 
-def _newest_jobs(run: RunSpec) -> dict[str, dict[str, Any]]:
-    """The newest submitted job of each stage of the run."""
-    return {job["stage"]: job for job in records.read_jobs(run.run_dir)}
-
-
 def classify(sweep: Sweep, runs: list[RunSpec]) -> list[Todo]:
     """Each run's files read once; SLURM asked once for all their jobs (not once per run)."""
-    seen = [(run, records.read_record(run.run_dir), _newest_jobs(run)) for run in runs]
+    seen = [(run, records.read_record(run.run_dir), records.newest_jobs(run.run_dir)) for run in runs]
     slurm = slurm_states(
         [j["job_id"] for _, _, jobs in seen for j in jobs.values() if j["executor"] == "slurm"]
     )

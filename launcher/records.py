@@ -121,6 +121,10 @@ def add_job(run_dir: str, stage: str, job_id: str, executor: str, stdout: str, s
     storage.atomic_write_text(storage.join(run_dir, JOBS), json.dumps(jobs, indent=1))
 
 
+def newest_jobs(run_dir: str) -> dict[str, dict[str, Any]]:
+    """The newest submitted job of each stage of the run (jobs.json read once)."""
+    return {job["stage"]: job for job in read_jobs(run_dir)}
+
+
 def last_job(run_dir: str, stage: str = "pretrain") -> dict[str, Any] | None:
-    jobs = [j for j in read_jobs(run_dir) if j["stage"] == stage]
-    return jobs[-1] if jobs else None
+    return newest_jobs(run_dir).get(stage)

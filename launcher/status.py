@@ -13,7 +13,7 @@ from rich.text import Text
 
 from dino.eval.results import read_results
 from launcher import records
-from launcher.plan import _slurm_state, job_is_live, slurm_states
+from launcher.plan import job_is_live, slurm_states
 from launcher.sweep import RunSpec, Sweep
 
 
@@ -28,8 +28,7 @@ class RunFiles:
 
     @classmethod
     def read(cls, run: RunSpec) -> RunFiles:
-        jobs = [j for j in records.read_jobs(run.run_dir) if j["stage"] == "pretrain"]
-        return cls(records.read_record(run.run_dir), jobs[-1] if jobs else None)
+        return cls(records.read_record(run.run_dir), records.last_job(run.run_dir))
 
 
 def read_runs(runs: list[RunSpec]) -> list[RunFiles]:
@@ -44,20 +43,8 @@ def read_runs(runs: list[RunSpec]) -> list[RunFiles]:
     return files
 
 
-def scheduler_state(job: dict[str, Any] | None) -> str:
-    """What the scheduler says of a run's newest job (SLURM: squeue; local: process alive)."""
-    if not job:
-        return ""
-    if job["executor"] == "slurm":
-        return _slurm_state(job["job_id"]).lower()
-    return "alive" if job_is_live(job) else ""
-
-
-def run_state(run: RunSpec, files: RunFiles | None = None) -> str:
+def run_state(files: RunFiles) -> str:
     """pending / running / requeued / preempted / completed / collapsed / failed / cancelled / lost / new."""
-    if files is None:
-        files = RunFiles.read(run)
-        files.scheduler = scheduler_state(files.job)
     rec, sched = files.record, files.scheduler
     state = rec.get("state", "new")
     if state in (records.RUNNING, records.PENDING, records.REQUEUED) and sched == "pending":
@@ -69,9 +56,9 @@ def run_state(run: RunSpec, files: RunFiles | None = None) -> str:
     return state
 
 
-def eval_summary(run: RunSpec, protocol: str, record: dict[str, Any] | None = None) -> str:
-    """Headline of the newest result JSON of a protocol (e.g. k-NN top-1 at k=20), or its state."""
-    record = records.read_record(run.run_dir) if record is None else record
+def eval_summary(run: RunSpec, protocol: str, record: dict[str, Any]) -> str:
+    """Headline of the newest result JSON of a protocol (e.g. k-NN top-1 at k=20), or its state
+    (`record`: the run's, read by the caller)."""
     state = record.get("evals", {}).get(protocol, "")
     results = read_results(run.run_dir, protocol) if state == "completed" else []
     if results:
@@ -140,7 +127,7 @@ def status_table(sweep: Sweep, runs: list[RunSpec]) -> Table:
     counts: dict[str, int] = {}
     for run, files in zip(runs, read_runs(runs), strict=True):
         rec, job = files.record, files.job
-        state = run_state(run, files)
+        state = run_state(files)
         counts[state] = counts.get(state, 0) + 1
         total = rec.get("total_steps") or 0
         step = rec.get("step", 0)

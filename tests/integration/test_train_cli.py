@@ -97,8 +97,12 @@ def test_ranks_that_do_not_share_the_run_folder_are_refused_on_resume(tmp_path):
     assert checkpoint.complete_steps(str(tmp_path / "rank1")) == []
     again = torchrun()
     assert again.returncode != 0
-    # Both ranks exit with the one-line error (torchrun then prints its own ChildFailedError).
+    # Every rank raises the one-line error, but torchrun stops the other rank as soon as the first
+    # exits, so whether the second's line reaches stderr is a race (CI once saw one line): at least
+    # one, and every printed one is the same refusal (torchrun then prints its own ChildFailedError).
     errors = [line for line in again.stderr.splitlines() if line.startswith("dinolab train: error:")]
-    assert len(errors) == 2 and all("the ranks see different checkpoints in run.dir=" in e for e in errors)
+    assert 1 <= len(errors) <= 2, again.stderr[-3000:]
+    assert all("the ranks see different checkpoints in run.dir=" in e for e in errors)
     assert all("(newest step by rank: [4, 0])" in e and "shared by every node" in e for e in errors)
     assert checkpoint.complete_steps(str(tmp_path / "rank0")) == [4]  # nothing trained, nothing lost
+    assert checkpoint.complete_steps(str(tmp_path / "rank1")) == []

@@ -10,7 +10,7 @@ a few values, so:
 - a run's config is then the group base's flat dict updated with its values, built into the
   dataclasses directly and validated like `compose()` does.
 Anything this cannot mirror exactly (`+key`, `~key`, a key that is not a schema leaf, a value that
-fails its type check) goes through `dino.config.compose` itself, which also gives the error message.
+fails its type check) goes through `dino.config_compose.compose` itself, which also gives the error message.
 `tests/unit/test_compose_many.py` checks that both give the same config and run id.
 """
 
@@ -22,7 +22,10 @@ import importlib.resources
 import typing
 from typing import Any
 
-from dino.config import DinoConfig, compose, config_hash, flatten, to_dict, validate
+from dino.config import DinoConfig, flatten, to_dict
+from dino.config_compose import compose
+from dino.config_validate import validate
+from dino.run_identity import config_hash
 
 _MISSING = object()
 
@@ -63,7 +66,7 @@ def build(flat: dict[str, Any], cls: type = DinoConfig, prefix: str = "") -> Any
 
 
 class ConfigComposer:
-    """`compose(overrides)` for many override lists, equal to `dino.config.compose(overrides)`."""
+    """`compose(overrides)` for many override lists, equal to `dino.config_compose.compose(overrides)`."""
 
     def __init__(self) -> None:
         from hydra.core.override_parser.overrides_parser import OverridesParser

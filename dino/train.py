@@ -25,12 +25,13 @@ from dino.batch_augment import BatchMultiCrop
 from dino.cards import device_card
 from dino.checkpoint_writer import CheckpointWriter
 from dino.collapse import MARKER, CollapseGuard, CollapseRule
-from dino.config import ConfigError, DinoConfig, config_hash, flatten, semantic_diff, to_dict
+from dino.config import ConfigError, DinoConfig, flatten, to_dict
 from dino.data import DecodedDataset, MultiCropDataset, build_dataset, build_loader, steps_per_epoch
 from dino.eval.monitor import KnnMonitor
 from dino.loss import DINOLoss
 from dino.models import build_student_teacher
 from dino.progress import TrainProgress, setup_logging
+from dino.run_identity import config_hash, semantic_diff
 from dino.schedules import build_schedules
 from dino.step import StepState, build_optimizer, train_step
 from dino.tracking import build_tracker

@@ -18,8 +18,9 @@ from torch import nn
 from dino import checkpoint, distributed, storage
 from dino.checkpoint import CheckpointError
 from dino.config import ConfigError, from_dict
-from dino.eval.config import EvalRunConfig, merge_overrides, split_overrides
+from dino.eval.config import EvalRunConfig
 from dino.eval.features import eval_transform, teacher_backbone
+from dino.overrides import apply, split_all
 
 PANEL_INCHES = 2.5
 DPI = 100
@@ -46,7 +47,7 @@ class VizConfig:
 
 
 def compose_viz(overrides: list[str] | tuple[str, ...]) -> VizConfig:
-    cfg = merge_overrides(VizConfig, split_overrides(overrides))
+    cfg = apply(VizConfig, split_all(overrides))
     if not cfg.run.dir and not cfg.checkpoint and not cfg.weights:
         raise ConfigError(
             "name the run: run.dir=<run folder>, checkpoint=<checkpoint folder> or weights=<file>"

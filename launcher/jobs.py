@@ -58,7 +58,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.__dict__.update(state, _stop=None, _thread=None, _started=False)
 
     def __call__(self) -> dict[str, Any]:
-        from dino.config import compose
+        from dino.config_compose import compose
         from dino.train import run
 
         job_id, rank, num_tasks = _job_env()

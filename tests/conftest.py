@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino.config import DinoConfig, compose
+from dino.config import DinoConfig
+from dino.config_compose import compose
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 

@@ -3,14 +3,13 @@
 An evaluation reads a run: its checkpoint (the newest complete one unless `checkpoint=` names one)
 and the config saved in it. The data defaults to the run's own data config; `data=<preset>` swaps in
 a preset of `dino/conf/data/` and `data.<key>=...` changes single keys. Overrides use the dotted
-syntax of `dinolab train` (`knn.k=[10,20] linear.epochs=10`) and are merged into these dataclasses
-with OmegaConf, so a typo fails naming the key and the nearest valid one.
+syntax of `dinolab train` (`knn.k=[10,20] linear.epochs=10`), read by dino/overrides.py and merged
+into these dataclasses, so a typo fails naming the key and the nearest valid one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -19,7 +18,10 @@ from typing import Any
 
 import yaml
 
-from dino.config import ConfigError, DataConfig, flatten
+from dino.config import ConfigError, DataConfig
+from dino.config_validate import check_choice, check_positive
+from dino.overrides import apply, split_all
+from dino.suggest import did_you_mean
 
 BASELINES = ("none", "random", "pixels")
 DEVICES = ("auto", "cpu", "cuda")
@@ -150,45 +152,10 @@ def _data_preset(name: str) -> dict[str, Any]:
         options = sorted(
             p.name.removesuffix(".yaml") for p in (resources.files("dino.conf") / "data").iterdir()
         )
-        near = difflib.get_close_matches(name, options, n=1)
-        hint = f" (did you mean {near[0]}?)" if near else ""
-        raise ConfigError(f"data={name!r} is not a data preset{hint}; choose one of: {', '.join(options)}")
+        raise ConfigError(
+            f"data={name!r} is not a data preset{did_you_mean(name, options)}; choose one of: {', '.join(options)}"
+        )
     return yaml.safe_load(preset.read_text()) or {}
-
-
-def split_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
-    pairs = []
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r} must look like key=value (e.g. run.dir=runs/a)")
-        key, value = ov.split("=", 1)
-        pairs.append((key.strip(), value))
-    return pairs
-
-
-def merge_overrides(schema: type, pairs: list[tuple[str, str]], base: dict[str, Any] | None = None) -> Any:
-    """`schema` dataclass <- `base` dict <- dotted `pairs`; unknown keys name the nearest valid one."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    valid = sorted(flatten(_plain(schema())))
-    groups = {k.split(".")[0] for k in valid if "." in k}
-    for key, _ in pairs:
-        if key not in valid and key not in groups:
-            near = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean {near[0]}?" if near else ""
-            raise ConfigError(f"unknown config key '{key}'{hint}")
-    try:
-        merged = OmegaConf.structured(schema)
-        if base:
-            merged = OmegaConf.merge(merged, base)
-        if pairs:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs]))
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", "") or ""
-        msg = str(err).strip().splitlines()[0]
-        raise ConfigError(f"{key}: {msg}" if key else msg) from None
 
 
 def _plain(obj: Any) -> dict[str, Any]:
@@ -212,27 +179,15 @@ def compose_eval(
     Without `run_data` the run is looked up from `run.dir`/`checkpoint` by the caller (see
     `dino.eval.features.resolve_target`), which calls this again with it.
     """
-    pairs = [("model.name", v) if k == "model" else (k, v) for k, v in split_overrides(overrides)]
+    pairs = [("model.name", v) if k == "model" else (k, v) for k, v in split_all(overrides)]
     preset = [v for k, v in pairs if k == "data"]
     pairs = [(k, v) for k, v in pairs if k != "data"]
     data: dict[str, Any] = dict(run_data or {})
     if preset:
         data = _data_preset(preset[-1])
-    cfg = merge_overrides(EvalConfig, pairs, {"data": data} if data else None)
+    cfg = apply(EvalConfig, pairs, {"data": data} if data else None)
     validate_eval(cfg)
     return cfg
-
-
-def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        near = difflib.get_close_matches(str(value), list(allowed), n=1)
-        hint = f" (did you mean {near[0]}?)" if near else ""
-        raise ConfigError(f"{key}={value!r} is not allowed{hint}; choose one of: {', '.join(allowed)}")
 
 
 def validate_eval(cfg: EvalConfig) -> None:
@@ -241,19 +196,19 @@ def validate_eval(cfg: EvalConfig) -> None:
         raise ConfigError(
             "name the run to evaluate: run.dir=<run folder>, checkpoint=<checkpoint folder> or weights=<file>"
         )
-    _choice("baseline", cfg.baseline, BASELINES)
-    _choice("device", cfg.device, DEVICES)
+    check_choice("baseline", cfg.baseline, BASELINES)
+    check_choice("device", cfg.device, DEVICES)
     for key in ("batch_size", "shard_size", "linear.epochs", "linear.batch_size", "linear.n_last_blocks"):
         obj = cfg.linear if key.startswith("linear.") else cfg
-        _positive(key, getattr(obj, key.split(".")[-1]))
+        check_positive(key, getattr(obj, key.split(".")[-1]))
     for key in ("workers", "image_size", "knn.query_chunk", "knn.bank_chunk", "knn.max_train",
                 "knn.max_test", "linear.max_epochs", "linear.max_train", "linear.max_test",
                 "linear.weight_decay"):  # fmt: skip
         obj = cfg.knn if key.startswith("knn.") else cfg.linear if key.startswith("linear.") else cfg
-        _positive(key, getattr(obj, key.split(".")[-1]), allow_zero=True)
+        check_positive(key, getattr(obj, key.split(".")[-1]), allow_zero=True)
     if not cfg.knn.k or any(k <= 0 for k in cfg.knn.k):
         raise ConfigError(f"knn.k={cfg.knn.k} must be a non-empty list of positive integers")
-    _positive("knn.temperature", cfg.knn.temperature)
+    check_positive("knn.temperature", cfg.knn.temperature)
     lrs = cfg.linear.lr if isinstance(cfg.linear.lr, list) else [cfg.linear.lr]
     if not lrs or not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in lrs):
         raise ConfigError(f"linear.lr={cfg.linear.lr} must be a positive number or a non-empty list of them")

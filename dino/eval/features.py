@@ -35,7 +35,6 @@ from dino import checkpoint, distributed, storage, weights
 from dino.augment import IMAGENET_MEAN, IMAGENET_STD
 from dino.checkpoint import CheckpointError
 from dino.config import ConfigError, DinoConfig, from_dict
-from dino.config import config_hash as run_config_hash
 from dino.data import FashionMNIST, ImageFolder, SyntheticDataset, build_dataset
 from dino.eval.config import (
     EvalConfig,
@@ -43,9 +42,10 @@ from dino.eval.config import (
     compose_eval,
     data_identity,
     run_dir_of_checkpoint,
-    split_overrides,
 )
 from dino.models import build_backbone
+from dino.overrides import split_all
+from dino.run_identity import config_hash as run_config_hash
 
 log = logging.getLogger("dino.eval")
 
@@ -120,7 +120,7 @@ def _resolve_weights(first: EvalConfig, overrides: list[str] | tuple[str, ...]) 
     """A weights file as the target: its own results folder, the architecture from the file."""
     if first.checkpoint or first.baseline != "none":
         raise ConfigError("weights= evaluates a file: leave checkpoint= and baseline= out")
-    if not any(k == "data" or k.startswith("data.") for k, _ in split_overrides(overrides)):
+    if not any(k == "data" or k.startswith("data.") for k, _ in split_all(overrides)):
         raise ConfigError(
             "weights= needs the evaluation data: data=fashion_mnist, or data=imagefolder data.root=<train> "
             "data.val_root=<val> (a weights file carries no dataset)"

@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from dino import bench
-    from dino.config import compose
+    from dino.config_compose import compose
     from launcher.errors import UserError
 
     if args.steps <= 0 or args.warmup < 0:

@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_command(args: argparse.Namespace) -> int:
     import yaml
 
-    from dino.config import compose, to_dict
+    from dino.config import to_dict
+    from dino.config_compose import compose
 
     cfg = compose(args.overrides)
     if args.cfg:

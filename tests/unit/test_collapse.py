@@ -7,7 +7,9 @@ import math
 import pytest
 
 from dino.collapse import ONE_DIM, UNIFORM, CollapseGuard, CollapseRule
-from dino.config import ConfigError, compose, config_hash, semantic_diff, to_dict
+from dino.config import ConfigError, to_dict
+from dino.config_compose import compose
+from dino.run_identity import config_hash, semantic_diff
 
 K = 1024
 LOG_K = math.log(K)

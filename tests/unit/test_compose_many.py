@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from dino.compose_many import ConfigComposer
-from dino.config import ConfigError, compose, config_hash, to_dict
+from dino.config import ConfigError, to_dict
+from dino.config_compose import compose
+from dino.run_identity import config_hash
 from launcher.sweep import expand, load_sweep
 
 SWEEPS = sorted((Path(__file__).resolve().parents[2] / "sweeps").glob("*.yaml"))

@@ -3,7 +3,9 @@ import sys
 
 import pytest
 
-from dino.config import ConfigError, compose, config_hash, semantic_diff, to_dict
+from dino.config import ConfigError, to_dict
+from dino.config_compose import compose
+from dino.run_identity import config_hash, semantic_diff
 
 
 def test_presets_compose_and_round_trip(tmp_path):
@@ -108,8 +110,6 @@ def test_wrong_type_through_the_cli_is_one_line_and_exit_2(tmp_path):
 def test_a_key_added_later_keeps_old_run_ids_at_its_old_behaviour():
     """data.augment_device came after runs existed: at its default the id and the resume comparison
     are those of a config without the key; another value is another run."""
-    from dino.config import semantic_diff, to_dict
-
     cfg = compose(["model=vit_test"])
     old = to_dict(cfg)
     del old["data"]["augment_device"]  # a config.yaml written before the key existed

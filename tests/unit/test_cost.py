@@ -100,7 +100,7 @@ def test_a_measured_shape_wins_over_a_calibration_which_wins_over_a_flop_estimat
 
 def test_flops_per_image_match_the_reference_step():
     """ViT-S/16, 2x224 + 10x96, K=65536: 124 GFLOP per image (ANCHORS, one H200 step)."""
-    from dino.config import compose
+    from dino.config_compose import compose
 
     counted = cost.train_flops(compose(["model=vit_small"]))
     assert counted["flops"] / 1e9 == pytest.approx(124, rel=0.02)

@@ -92,7 +92,7 @@ def test_arbitrary_pickles_are_refused_not_executed(tmp_path):
 
 
 def test_train_init_weights_starts_both_networks_from_the_reference_checkpoint(tiny_cfg):
-    from dino.config import config_hash
+    from dino.run_identity import config_hash
     from dino.train import build_models
 
     # model=vit_test is the fixture's architecture: 64 wide, 2 blocks, patch 8, head 128/32/256.

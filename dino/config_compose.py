@@ -15,6 +15,8 @@ from typing import Any
 
 from dino.config import ConfigError, DinoConfig, flatten, to_dict
 from dino.config_validate import validate
+from dino.schema_types import type_name as schema_type_name
+from dino.schema_types import type_words
 from dino.suggest import unknown_key
 
 
@@ -77,18 +79,8 @@ def _explain_compose_error(err: Exception, overrides: list[str] | tuple[str, ...
     return full if len(full) < 400 else msg
 
 
-# What a value of a schema type must be, by the type's name as written in the dataclasses above.
-_TYPE_WORDS = {
-    "int": "an integer",
-    "float": "a number",
-    "bool": "true or false",
-    "str": "a string",
-    "tuple[float, float]": "a list of 2 numbers",
-}
-
-
-def _schema_field(key: str) -> tuple[str, Any] | None:
-    """(type name, default) of a dotted schema key, e.g. ('int', 64) for optim.batch_size."""
+def _schema_field(key: str) -> tuple[Any, Any] | None:
+    """(type, default) of a dotted schema key, e.g. (int, 64) for optim.batch_size."""
     *parents, name = key.split(".")
     node: Any = DinoConfig()
     for part in parents:
@@ -96,8 +88,7 @@ def _schema_field(key: str) -> tuple[str, Any] | None:
     if not dataclasses.is_dataclass(node) or name not in {f.name for f in dataclasses.fields(node)}:
         return None
     hint = typing.get_type_hints(type(node))[name]
-    type_name = str(hint) if typing.get_origin(hint) else hint.__name__  # tuple[float, float] / int
-    return type_name, getattr(node, name)
+    return hint, getattr(node, name)
 
 
 def _explain_type_error(cause: Any, overrides: list[str] | tuple[str, ...]) -> str:
@@ -110,8 +101,8 @@ def _explain_type_error(cause: Any, overrides: list[str] | tuple[str, ...]) -> s
     schema = _schema_field(key)
     if schema is None:
         return f"{key}={value!r}: {(cause.msg or str(cause)).strip().splitlines()[0]}"
-    type_name, default = schema
-    words = _TYPE_WORDS.get(type_name, f"of type {type_name}")
+    hint, default = schema
+    words, type_name = type_words(hint), schema_type_name(hint)
     example = json.dumps(list(default) if isinstance(default, tuple) else default).replace(" ", "").strip('"')
     hint = f", e.g. {key}={example}" if example else ""
     return f"{key}={value!r} is not {words}; expected {type_name}{hint}"

@@ -9,10 +9,10 @@ same grid point always lands in the same folder: `<root>/<sweep name>/<run name>
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,10 @@ import yaml
 
 from dino import mlflow_store, storage
 from dino.config import TRACKING_SCHEMES, ConfigError, DinoConfig, flatten, to_dict
+from dino.overrides import read_value
+from dino.overrides import split as split_override
+from dino.schema_types import fits, type_name, type_words
+from dino.suggest import did_you_mean
 
 EVALS = ("knn", "linear")
 
@@ -120,9 +124,22 @@ SWEEP_KEYS = {f.name for f in dataclasses.fields(Sweep)} - {"path"}
 RESOURCE_KEYS = {f.name for f in dataclasses.fields(Resources)}
 
 
-def _near(word: str, options: set[str] | list[str]) -> str:
-    match = difflib.get_close_matches(word, sorted(options), n=1)
-    return f" (did you mean {match[0]}?)" if match else ""
+# Keys whose empty value (`base:` with nothing under it) means their default.
+MAY_BE_EMPTY = {"base", "grid", "zip", "resources", "logs_root", "tracking_uri"}
+
+
+def _check_types(path: str, where: str, values: dict[str, Any], schema: type) -> None:
+    """Every value of a sweep file's section against the type of its field in `schema` (Sweep or
+    Resources): a wrong one names the file, the key, the value and the type it must have."""
+    hints = typing.get_type_hints(schema)
+    for key, value in values.items():
+        hint = Any if key == "budget" else hints[key]  # budget: its own check (1e-6 is text in YAML)
+        if value is None and key in MAY_BE_EMPTY:
+            continue
+        if not fits(value, hint):
+            raise SweepError(
+                f"{path}: {where}{key}: {value!r} is not {type_words(hint)}; expected {type_name(hint)}"
+            )
 
 
 def _check_gpus(path: str, stage: str, res: Resources) -> None:
@@ -149,11 +166,13 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise SweepError(f"{path}: expected a mapping at the top level")
     extra_base = []
     for ov in overrides:
-        key, _, value = ov.partition("=")
-        if key.startswith("eval_overrides."):
+        key, value = split_override(ov)
+        if value is None:  # ~key: a base override for Hydra
+            extra_base.append(ov)
+        elif key.startswith("eval_overrides."):
             # eval_overrides.knn=[knn.max_train=5000]: appended to that stage's overrides.
             try:
-                values = yaml.safe_load(value) if value.startswith("[") else [value]
+                values = read_value(value) if value.startswith("[") else [value]
             except yaml.YAMLError:
                 raise SweepError(
                     f"{path}: {ov}: not a list of overrides; quote items that hold brackets: {key}=['knn.k=[5]']"
@@ -163,7 +182,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             stages[stage] = [*(stages.get(stage) or []), *values]  # a "[...]" value parses to a list
         elif key in SWEEP_KEYS and key not in ("base", "grid", "zip", "resources", "eval_overrides"):
             try:
-                raw[key] = yaml.safe_load(value)
+                raw[key] = read_value(value)
             except yaml.YAMLError as err:
                 raise SweepError(_yaml_error(f"{path}: {ov}", err)) from None
         else:
@@ -172,18 +191,24 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if unknown:
         key = sorted(unknown)[0]
         raise SweepError(
-            f"{path}: unknown key '{key}'{_near(key, SWEEP_KEYS)}; allowed: {', '.join(sorted(SWEEP_KEYS))}"
+            f"{path}: unknown key '{key}'{did_you_mean(key, SWEEP_KEYS)}; allowed: {', '.join(sorted(SWEEP_KEYS))}"
         )
     if "name" not in raw:
         raise SweepError(f"{path}: missing key 'name'")
+    _check_types(path, "", raw, Sweep)
     resources = {}
     for stage, res in (raw.pop("resources", None) or {}).items():
         if stage not in ("pretrain", *EVALS):
-            raise SweepError(f"{path}: resources.{stage}: unknown stage{_near(stage, ['pretrain', *EVALS])}")
+            raise SweepError(
+                f"{path}: resources.{stage}: unknown stage{did_you_mean(stage, ['pretrain', *EVALS])}"
+            )
         bad = set(res or {}) - RESOURCE_KEYS
         if bad:
             key = sorted(bad)[0]
-            raise SweepError(f"{path}: unknown key 'resources.{stage}.{key}'{_near(key, RESOURCE_KEYS)}")
+            raise SweepError(
+                f"{path}: unknown key 'resources.{stage}.{key}'{did_you_mean(key, RESOURCE_KEYS)}"
+            )
+        _check_types(path, f"resources.{stage}.", res or {}, Resources)
         resources[stage] = Resources(**(res or {}))
         _check_gpus(path, stage, resources[stage])
     sweep = Sweep(path=path, resources=resources, **raw)
@@ -199,11 +224,13 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     for stage in sweep.evals:
         if stage not in EVALS:
             raise SweepError(
-                f"{path}: evals: unknown evaluation '{stage}'{_near(stage, EVALS)}; allowed: {', '.join(EVALS)}"
+                f"{path}: evals: unknown evaluation '{stage}'{did_you_mean(stage, EVALS)}; allowed: {', '.join(EVALS)}"
             )
     for stage, stage_overrides in sweep.eval_overrides.items():
         if stage not in EVALS:
-            raise SweepError(f"{path}: eval_overrides.{stage}: unknown evaluation{_near(stage, EVALS)}")
+            raise SweepError(
+                f"{path}: eval_overrides.{stage}: unknown evaluation{did_you_mean(stage, EVALS)}"
+            )
         if not isinstance(stage_overrides, list):
             raise SweepError(f"{path}: eval_overrides.{stage} must be a list of key=value overrides")
     lengths = {len(v) for v in sweep.zip.values()}
@@ -318,7 +345,9 @@ def _check_axis_keys(sweep: Sweep) -> None:
     for section in ("grid", "zip"):
         for key in getattr(sweep, section):
             if key not in valid and key not in groups:
-                raise SweepError(f"{sweep.path}: {section}.{key} names no config key{_near(key, valid)}")
+                raise SweepError(
+                    f"{sweep.path}: {section}.{key} names no config key{did_you_mean(key, valid)}"
+                )
 
 
 def expand(sweep: Sweep) -> list[RunSpec]:
@@ -367,5 +396,5 @@ def select(runs: list[RunSpec], names: list[str] | None) -> list[RunSpec]:
     missing = set(names) - {r.name for r in chosen} - {r.run_id for r in chosen} - {r.label for r in chosen}
     if missing:
         name = sorted(missing)[0]
-        raise SweepError(f"no run named '{name}'{_near(name, [r.name for r in runs])}")
+        raise SweepError(f"no run named '{name}'{did_you_mean(name, [r.name for r in runs])}")
     return chosen

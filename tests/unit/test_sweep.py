@@ -261,3 +261,38 @@ def test_sweep_plan_through_the_cli(tmp_path, monkeypatch, case):
         assert proc.returncode == 2
         (only,) = proc.stderr.strip().splitlines()
         assert only.startswith(f"dinolab sweep: error: {line}")
+
+
+@pytest.mark.parametrize(
+    "content, edits, message",
+    [
+        ({"array_parallelism": "four"}, [], "array_parallelism: 'four' is not an integer; expected int"),
+        ({}, ["array_parallelism=four"], "array_parallelism: 'four' is not an integer; expected int"),
+        ({"seeds": [0, "one"]}, [], "seeds: [0, 'one'] is not a list of integers; expected list[int]"),
+        ({"evals": "knn"}, [], "evals: 'knn' is not a list of strings; expected list[str]"),
+        ({"max_timeouts": True}, [], "max_timeouts: True is not an integer; expected int"),
+        (
+            {"resources": {"pretrain": {"mem_gb": "lots"}}},
+            [],
+            "resources.pretrain.mem_gb: 'lots' is not a number; expected float",
+        ),
+        ({"arrray_parallelism": 2}, [], "unknown key 'arrray_parallelism' (did you mean array_parallelism?)"),
+        (
+            {"resources": {"knn": {"time_min": 5}}},
+            [],
+            "unknown key 'resources.knn.time_min' (did you mean timeout_min?)",
+        ),
+    ],
+)
+def test_the_sweep_file_is_checked_against_its_typed_schema(tmp_path, content, edits, message):
+    """A wrong type or an unknown key names the file, the key and the value (and the nearest key)."""
+    path = write_sweep(tmp_path, **content)
+    with pytest.raises(SweepError) as err:
+        load_sweep(path, edits)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value), str(err.value)
+
+
+def test_right_types_and_empty_sections_pass(tmp_path):
+    path = write_sweep(tmp_path, array_parallelism=3, budget="1e-6", base=None, logs_root=None)
+    sweep = load_sweep(path, ["max_timeouts=5", "budget=2"])
+    assert (sweep.array_parallelism, sweep.max_timeouts, sweep.budget, sweep.base) == (3, 5, 2.0, [])

@@ -51,3 +51,21 @@ def test_known_sweep_run_ids(monkeypatch):
     }  # fmt: skip
     for name, expected in labels.items():
         assert [r.label for r in expand(load_sweep(f"sweeps/{name}.yaml"))] == expected
+
+
+def test_the_fields_marked_out_of_the_run_id_are_the_keys_that_always_were():
+    """The marks on the fields (dino/config.py) replace lists of key prefixes; these are those lists."""
+    from dino.config import flatten
+    from dino.run_identity import is_semantic
+
+    left_out = sorted(k for k in flatten(to_dict(DinoConfig())) if not is_semantic(k))
+    sections = ("run.", "tracking.", "storage.", "monitor.")
+    assert sorted(k for k in left_out if not k.startswith(sections)) == sorted(
+        ["train.workers", "train.log_every", "train.max_steps", "train.checkpoint_every_steps",
+         "train.checkpoint_every_minutes", "train.keep_last", "train.progress", "train.wait_for_lock",
+         "train.device", "train.compile", "data.on_bad_image", "train.collapse_stop",
+         "train.collapse_patience_steps", "train.collapse_uniform_margin", "train.collapse_one_dim_fraction",
+         "train.collapse_kl_flat", "train.collapse_kl_range"]
+    )  # fmt: skip
+    assert all(not is_semantic(k) for k in ("run.dir", "tracking.uri", "storage.region", "monitor.knn_k"))
+    assert is_semantic("train.removed_key") and is_semantic("optim.lr")  # an old checkpoint's keys count

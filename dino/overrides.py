@@ -50,6 +50,14 @@ def read_value(text: str) -> Any:
     return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
 
 
+def _read(key: str, text: str) -> Any:
+    try:
+        return read_value(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise ConfigError(f"{key}={text!r} is not a value YAML can read: {problem}") from None
+
+
 def split(override: str) -> tuple[str, str | None]:
     """`key=value` -> (key, value text); (override, None) when it has no `=` (Hydra's `~key`)."""
     key, sep, value = override.partition("=")
@@ -88,10 +96,10 @@ def apply(schema: type, pairs: list[tuple[str, str]], base: dict[str, Any] | Non
         if pairs:
             edits = OmegaConf.create()
             for key, text in pairs:
-                OmegaConf.update(edits, key, read_value(text))  # as OmegaConf.from_dotlist does
+                OmegaConf.update(edits, key, _read(key, text))  # as OmegaConf.from_dotlist does
             merged = OmegaConf.merge(merged, edits)
         return OmegaConf.to_object(merged)
-    except (OmegaConfBaseException, yaml.YAMLError) as err:
+    except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "") or ""
         msg = str(err).strip().splitlines()[0]
         raise ConfigError(f"{key}: {msg}" if key else msg) from None

@@ -53,6 +53,8 @@ def test_apply_merges_types_and_names_the_nearest_key():
         apply(_Schema, [("inner.kk", "5")])
     with pytest.raises(ConfigError, match="^lr: "):
         apply(_Schema, [("lr", "fast")])
+    with pytest.raises(ConfigError, match=r"^inner.k='\[5' is not a value YAML can read: "):
+        apply(_Schema, [("inner.k", "[5")])
 
 
 def test_one_did_you_mean():

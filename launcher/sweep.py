@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,14 +21,10 @@ from dino import mlflow_store, storage
 from dino.config import TRACKING_SCHEMES, ConfigError, DinoConfig, flatten, to_dict
 from dino.overrides import read_value
 from dino.overrides import split as split_override
-from dino.schema_types import fits, type_name, type_words
 from dino.suggest import did_you_mean
+from launcher.sweep_checks import SweepError, check_gpus, check_types, expand_env, yaml_error
 
 EVALS = ("knn", "linear")
-
-
-class SweepError(ValueError):
-    """A sweep file that cannot work; the message names the file and the key."""
 
 
 @dataclass
@@ -124,34 +118,6 @@ SWEEP_KEYS = {f.name for f in dataclasses.fields(Sweep)} - {"path"}
 RESOURCE_KEYS = {f.name for f in dataclasses.fields(Resources)}
 
 
-# Keys whose empty value (`base:` with nothing under it) means their default.
-MAY_BE_EMPTY = {"base", "grid", "zip", "resources", "logs_root", "tracking_uri"}
-
-
-def _check_types(path: str, where: str, values: dict[str, Any], schema: type) -> None:
-    """Every value of a sweep file's section against the type of its field in `schema` (Sweep or
-    Resources): a wrong one names the file, the key, the value and the type it must have."""
-    hints = typing.get_type_hints(schema)
-    for key, value in values.items():
-        hint = Any if key == "budget" else hints[key]  # budget: its own check (1e-6 is text in YAML)
-        if value is None and key in MAY_BE_EMPTY:
-            continue
-        if not fits(value, hint):
-            raise SweepError(
-                f"{path}: {where}{key}: {value!r} is not {type_words(hint)}; expected {type_name(hint)}"
-            )
-
-
-def _check_gpus(path: str, stage: str, res: Resources) -> None:
-    """One task per GPU: each rank takes cuda:LOCAL_RANK (dino/distributed.py), so a node's tasks
-    beyond its GPUs would have none (found here, not hours later in the queue)."""
-    if res.gpus_per_node and res.tasks_per_node > res.gpus_per_node:
-        raise SweepError(
-            f"{path}: resources.{stage}: tasks_per_node={res.tasks_per_node} > gpus_per_node={res.gpus_per_node}: "
-            "dinolab runs one task per GPU; set tasks_per_node to the GPUs per node"
-        )
-
-
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
     """Read and validate a sweep file. `overrides` are `key=value` edits of the sweep file itself
     (e.g. `root=/tmp/x`, `array_parallelism=2`) or, for any other key, extra base overrides."""
@@ -161,7 +127,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     try:
         raw = yaml.safe_load(storage.read_text(path)) or {}
     except yaml.YAMLError as err:
-        raise SweepError(_yaml_error(path, err)) from None
+        raise SweepError(yaml_error(path, err)) from None
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: expected a mapping at the top level")
     extra_base = []
@@ -184,7 +150,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             try:
                 raw[key] = read_value(value)
             except yaml.YAMLError as err:
-                raise SweepError(_yaml_error(f"{path}: {ov}", err)) from None
+                raise SweepError(yaml_error(f"{path}: {ov}", err)) from None
         else:
             extra_base.append(ov)
     unknown = set(raw) - SWEEP_KEYS
@@ -195,22 +161,24 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         )
     if "name" not in raw:
         raise SweepError(f"{path}: missing key 'name'")
-    _check_types(path, "", raw, Sweep)
+    check_types(path, "", raw, Sweep)
     resources = {}
     for stage, res in (raw.pop("resources", None) or {}).items():
         if stage not in ("pretrain", *EVALS):
             raise SweepError(
                 f"{path}: resources.{stage}: unknown stage{did_you_mean(stage, ['pretrain', *EVALS])}"
             )
+        if not isinstance(res, dict | None):
+            raise SweepError(f"{path}: resources.{stage}: {res!r} is not a mapping of scheduler parameters")
         bad = set(res or {}) - RESOURCE_KEYS
         if bad:
             key = sorted(bad)[0]
             raise SweepError(
                 f"{path}: unknown key 'resources.{stage}.{key}'{did_you_mean(key, RESOURCE_KEYS)}"
             )
-        _check_types(path, f"resources.{stage}.", res or {}, Resources)
+        check_types(path, f"resources.{stage}.", res or {}, Resources)
         resources[stage] = Resources(**(res or {}))
-        _check_gpus(path, stage, resources[stage])
+        check_gpus(path, stage, resources[stage])
     sweep = Sweep(path=path, resources=resources, **raw)
     sweep.root = expand_env(str(sweep.root), path, "root")  # root: /checkpoint/${USER:-me}/dinolab
     sweep.logs_root = os.path.expanduser(expand_env(str(sweep.logs_root or ""), path, "logs_root"))
@@ -250,49 +218,6 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise SweepError(f"{path}: budget: '{sweep.budget}' must be GPU-hours (a number >= 0; 0 = no limit)")
     sweep.budget = budget
     return sweep
-
-
-def _yaml_error(path: str, err: yaml.YAMLError) -> str:
-    """One line: `file: line L, column C: not valid YAML: <the parser's problem> (while ...)`."""
-    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-    problem = getattr(err, "problem", None) or getattr(err, "context", None)
-    if mark is None or not problem:
-        return f"{path}: not valid YAML: {' '.join(str(err).split())}"
-    text = f"{path}: line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {problem}"
-    context, where = getattr(err, "context", None), getattr(err, "context_mark", None)
-    if context and context != problem:
-        text += f" ({context}" + (f" at line {where.line + 1}, column {where.column + 1})" if where else ")")
-    return text
-
-
-# $NAME, ${NAME} or ${NAME:-default}; the default is used when NAME is unset or empty, as in a shell.
-_ENV_VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_]\w*)(?::-(?P<default>[^${}]*))?\}|(?P<bare>[A-Za-z_]\w*))")
-
-
-def expand_env(value: str, path: str, key: str) -> str:
-    """Expand environment variables in a sweep file's path value (`root`, `logs_root`). Unlike
-    os.path.expandvars an unset variable without a default is an error, not a literal `${USER}`
-    that would end up in folder names (and in OmegaConf's interpolation of tracking.uri)."""
-
-    def replace(match: re.Match[str]) -> str:
-        name, default = match["braced"] or match["bare"], match["default"]
-        current = os.environ.get(name)
-        if default is not None:
-            return current or default
-        if current is None:
-            raise SweepError(
-                f"{path}: {key}: environment variable {name} is not set; "
-                f"set it or give a default: ${{{name}:-name}}"
-            )
-        return current
-
-    expanded = _ENV_VAR.sub(replace, value)
-    if "${" in expanded:
-        raise SweepError(
-            f"{path}: {key}: cannot expand '{value}'; write environment variables as $NAME, ${{NAME}} "
-            "or ${NAME:-default}"
-        )
-    return expanded
 
 
 def _tracking_uri(sweep: Sweep) -> str:

@@ -12,7 +12,8 @@ import yaml
 
 from launcher.executors import sbatch_preview
 from launcher.plan import submitit_folder
-from launcher.sweep import SweepError, expand, expand_env, load_sweep
+from launcher.sweep import SweepError, expand, load_sweep
+from launcher.sweep_checks import expand_env
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -275,6 +276,11 @@ def test_sweep_plan_through_the_cli(tmp_path, monkeypatch, case):
             {"resources": {"pretrain": {"mem_gb": "lots"}}},
             [],
             "resources.pretrain.mem_gb: 'lots' is not a number; expected float",
+        ),
+        (
+            {"resources": {"pretrain": 4}},
+            [],
+            "resources.pretrain: 4 is not a mapping of scheduler parameters",
         ),
         ({"arrray_parallelism": 2}, [], "unknown key 'arrray_parallelism' (did you mean array_parallelism?)"),
         (

@@ -36,6 +36,13 @@ def _marks(cls: type, prefix: str = "") -> tuple[list[str], dict[str, Any]]:
     return left_out, later
 
 
+def marked_fields(cls: type) -> frozenset[str]:
+    """The fields of `cls` marked `not_in_run_id` or `added_later`: what cannot change a result."""
+    return frozenset(
+        f.name for f in dataclasses.fields(cls) if NOT_IN_RUN_ID in f.metadata or ADDED_LATER in f.metadata
+    )
+
+
 @functools.cache
 def _schema_marks() -> tuple[frozenset[str], dict[str, Any]]:
     left_out, later = _marks(DinoConfig)

@@ -21,6 +21,7 @@ import yaml
 from dino.config import ConfigError, DataConfig
 from dino.config_validate import check_choice, check_positive
 from dino.overrides import apply, split_all
+from dino.run_identity import marked_fields
 from dino.suggest import did_you_mean
 
 BASELINES = ("none", "random", "pixels")
@@ -165,10 +166,11 @@ def _plain(obj: Any) -> dict[str, Any]:
 
 
 def data_identity(data: EvalDataConfig) -> dict[str, Any]:
-    """The data config as it identifies cached features and results: without the pretraining-only
-    `augment_device` and `on_bad_image` (which cannot change a result: a failed image gives none), both
-    added later; including them would orphan every existing cache."""
-    return {k: v for k, v in _plain(data).items() if k not in ("augment_device", "on_bad_image")}
+    """The data config as it identifies cached features and results: without the keys the schema
+    marks as unable to change a result (the pretraining-only `augment_device` and `on_bad_image`: a
+    failed image gives none), both added later; including them would orphan every existing cache."""
+    left_out = marked_fields(DataConfig)
+    return {k: v for k, v in _plain(data).items() if k not in left_out}
 
 
 def compose_eval(

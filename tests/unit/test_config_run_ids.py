@@ -69,3 +69,11 @@ def test_the_fields_marked_out_of_the_run_id_are_the_keys_that_always_were():
     )  # fmt: skip
     assert all(not is_semantic(k) for k in ("run.dir", "tracking.uri", "storage.region", "monitor.knn_k"))
     assert is_semantic("train.removed_key") and is_semantic("optim.lr")  # an old checkpoint's keys count
+
+
+def test_the_feature_cache_identity_of_eval_data_leaves_out_the_same_two_keys():
+    from dino.eval.config import EvalDataConfig, data_identity
+
+    kept = set(data_identity(EvalDataConfig()))
+    assert set(to_dict(DinoConfig())["data"]) - kept == {"augment_device", "on_bad_image"}
+    assert "val_root" in kept

@@ -8,6 +8,8 @@ top-k over the bank chunks, so an ImageNet-size bank fits in a fixed memory budg
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dino import distributed, storage
-from dino.eval.config import EvalConfig
+from dino.eval.config import EvalConfig, _plain, data_identity
 from dino.eval.datasets import eval_dataset, num_classes
 from dino.eval.features import FeatureSet, split_features
 from dino.eval.results import KNN, knn_metric, write_result
@@ -125,11 +127,6 @@ def knn_accuracy(
 
 def data_id(cfg: EvalConfig) -> str:
     """Short name of the evaluation data for result file names: <name>-<hash of the data config>."""
-    import hashlib
-    import json
-
-    from dino.eval.config import data_identity
-
     digest = hashlib.sha256(json.dumps(data_identity(cfg.data), sort_keys=True).encode()).hexdigest()[:6]
     return f"{cfg.data.name}-{digest}"
 
@@ -154,8 +151,6 @@ def evaluate_knn(cfg: EvalConfig, target: Target) -> KnnResult:
         cfg.knn.query_chunk,
         cfg.knn.bank_chunk,
     )
-    from dino.eval.config import _plain
-
     bank_classes = int(train.labels.unique().numel())
     if bank_classes < classes:
         # A bank too small for the classes (or a split that lacks some): every query of a missing

@@ -25,8 +25,8 @@ import torch
 from dino import checkpoint, code_version, storage
 from dino.checkpoint import CheckpointError
 from dino.config import ARCHS, from_dict
-from dino.eval.features import teacher_backbone
 from dino.eval.results import read_results
+from dino.eval.target import teacher_backbone
 
 log = logging.getLogger("dino.export")
 FORMATS = {"timm": ".safetensors", "reference": ".pth"}

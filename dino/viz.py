@@ -19,7 +19,8 @@ from dino import checkpoint, distributed, storage
 from dino.checkpoint import CheckpointError
 from dino.config import ConfigError, from_dict
 from dino.eval.config import EvalRunConfig
-from dino.eval.features import eval_transform, teacher_backbone
+from dino.eval.datasets import eval_transform
+from dino.eval.target import teacher_backbone
 from dino.overrides import apply, split_all
 
 PANEL_INCHES = 2.5

@@ -138,7 +138,8 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 @dataclass
 class EvalJob(submitit.helpers.Checkpointable):
-    """`dinolab eval <protocol>` on a run's newest checkpoint, after its pretraining completed.
+    """The `protocol` evaluation (`run_knn`, `run_linear`) of a run's newest checkpoint, after its
+    pretraining completed.
 
     On SLURM the dependency (afterok) orders it; on the local executor it waits for the run record
     to say completed. Evaluations keep their own resumable state, so a requeue just starts again.
@@ -153,8 +154,6 @@ class EvalJob(submitit.helpers.Checkpointable):
     poll_s: float = 2.0
 
     def __call__(self) -> dict[str, Any]:
-        from launcher.cli import main as dinolab
-
         _, rank, num_tasks = _job_env()
         # A stage of several tasks is one data-parallel evaluation (each rank its share of the
         # feature shards and of every probe batch), not that many copies of the same work.
@@ -177,16 +176,34 @@ class EvalJob(submitit.helpers.Checkpointable):
             slot = acquire(self.slots_dir, self.local_slots)
         if main:
             self._set_eval_state("running")
-        code = dinolab(["eval", self.protocol, f"run.dir={self.run_dir}", *self.overrides])
-        if slot is not None:
-            slot.close()
-        if code != 0:
+        try:
+            self._evaluate()
+        except BaseException:
             if main:
                 self._set_eval_state("failed")
-            raise RuntimeError(f"dinolab eval {self.protocol} exited with {code} for {self.run_dir}")
+            raise
+        finally:
+            if slot is not None:
+                slot.close()
         if main:
             self._set_eval_state("completed")
         return {"run_dir": self.run_dir, "protocol": self.protocol}
+
+    def _evaluate(self) -> None:
+        """The protocol on the run's newest checkpoint; it logs its own result to MLflow."""
+        from dino.eval.results import KNN
+        from dino.progress import setup_logging
+
+        setup_logging()  # progress and resume messages in the job's stderr
+        overrides = [f"run.dir={self.run_dir}", *self.overrides]
+        if self.protocol == KNN:
+            from dino.eval.knn import run_knn
+
+            run_knn(overrides)
+        else:
+            from dino.eval.linear import run_linear
+
+            run_linear(overrides)
 
     def _set_eval_state(self, state: str, reason: str = "") -> None:
         records.set_eval_state(self.run_dir, self.protocol, state, reason)

@@ -11,7 +11,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from dino.eval.results import read_results
+from dino.eval.results import headline, read_results
 from launcher import records
 from launcher.plan import job_is_live, slurm_states
 from launcher.sweep import RunSpec, Sweep
@@ -62,36 +62,14 @@ def eval_summary(run: RunSpec, protocol: str, record: dict[str, Any]) -> str:
     state = record.get("evals", {}).get(protocol, "")
     results = read_results(run.run_dir, protocol) if state == "completed" else []
     if results:
-        headline = _headline(results[-1][1])  # the newest result
-        if headline:
-            return headline
+        value = headline(results[-1][1])  # the newest result
+        if isinstance(value, int | float):
+            return f"{value:.1f}"
     if state == records.SKIPPED:  # a collapsed run's evaluations
         return (
             "skipped (collapsed)" if "collapsed" in records.eval_reason(run.run_dir, protocol) else "skipped"
         )
     return state or "-"
-
-
-def _headline(result: dict[str, Any]) -> str:
-    """k-NN: top-1 at k = 20 (the paper's headline); linear: the final top-1."""
-    for key in ("top1", "final_top1", "top1_final", "accuracy"):
-        value = _find(result, key)
-        if isinstance(value, dict):
-            value = value.get("20", next(iter(value.values()), None))
-        if isinstance(value, int | float):
-            return f"{value:.1f}"
-    return ""
-
-
-def _find(tree: Any, key: str) -> Any:
-    if isinstance(tree, dict):
-        if key in tree:
-            return tree[key]
-        for v in tree.values():
-            found = _find(v, key)
-            if found is not None:
-                return found
-    return None
 
 
 def gpu_hours(record: dict[str, Any]) -> str:

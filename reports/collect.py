@@ -13,15 +13,15 @@ import re
 
 import pandas as pd
 
+from dino.eval.results import EVAL_COLUMNS
+
 # MLflow run status -> the state a report shows.
 STATES = {"SCHEDULED": "pending", "RUNNING": "running", "KILLED": "preempted", "FAILED": "failed",
           "FINISHED": "finished"}  # fmt: skip
 
 # Report column -> the metric it reads (latest value).
 METRICS = {
-    "knn_top1@20": "knn_top1_k20",  # MLflow keys allow no "@"
-    "linear_top1": "linear_top1",
-    "linear_best_top1": "linear_best_top1",
+    **EVAL_COLUMNS,  # knn_top1@20, linear_top1, linear_best_top1 (dino.eval.results)
     "img_per_s": "avg_img_per_s",
     "memory_gib": "memory_gib",
     "gpu_hours": "gpu_hours",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from dino.eval.results import KNN_HEADLINE_COLUMN, LINEAR_TOP1
 from reports import paper
 
 
@@ -24,8 +25,8 @@ class Column:
 
 
 COLUMNS = (
-    Column("knn_top1@20", "k-NN top-1 (k=20)", "max", 1),
-    Column("linear_top1", "linear top-1", "max", 1),
+    Column(KNN_HEADLINE_COLUMN, "k-NN top-1 (k=20)", "max", 1),
+    Column(LINEAR_TOP1, "linear top-1", "max", 1),
     Column("img_per_s", "img/s per GPU", "max", 0),
     Column("memory_gib", "peak mem (GiB)", "min", 2),
     Column("gpu_hours", "GPU-hours", "min", 3),

@@ -8,6 +8,8 @@ top-k over the bank chunks, so an ImageNet-size bank fits in a fixed memory budg
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -17,16 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from dino import distributed, storage
-from dino.eval.config import EvalConfig
-from dino.eval.features import (
-    FeatureSet,
-    Target,
-    eval_dataset,
-    num_classes,
-    resolve,
-    split_features,
-    write_result,
-)
+from dino.eval.config import EvalConfig, _plain, data_identity
+from dino.eval.datasets import eval_dataset, num_classes
+from dino.eval.features import FeatureSet, split_features
+from dino.eval.results import KNN, knn_metric, write_result
+from dino.eval.target import Target, resolve
+from dino.eval.track import log_result
 
 log = logging.getLogger("dino.eval")
 
@@ -129,11 +127,6 @@ def knn_accuracy(
 
 def data_id(cfg: EvalConfig) -> str:
     """Short name of the evaluation data for result file names: <name>-<hash of the data config>."""
-    import hashlib
-    import json
-
-    from dino.eval.config import data_identity
-
     digest = hashlib.sha256(json.dumps(data_identity(cfg.data), sort_keys=True).encode()).hexdigest()[:6]
     return f"{cfg.data.name}-{digest}"
 
@@ -158,8 +151,6 @@ def evaluate_knn(cfg: EvalConfig, target: Target) -> KnnResult:
         cfg.knn.query_chunk,
         cfg.knn.bank_chunk,
     )
-    from dino.eval.config import _plain
-
     bank_classes = int(train.labels.unique().numel())
     if bank_classes < classes:
         # A bank too small for the classes (or a split that lacks some): every query of a missing
@@ -175,7 +166,7 @@ def evaluate_knn(cfg: EvalConfig, target: Target) -> KnnResult:
                 "the k-NN bank (the whole train split) holds %d of the %d classes", bank_classes, classes
             )
     record = {
-        "protocol": "knn",
+        "protocol": KNN,
         **target.provenance,
         "target": target.key,
         "data": _plain(cfg.data),
@@ -192,7 +183,7 @@ def evaluate_knn(cfg: EvalConfig, target: Target) -> KnnResult:
         "seconds": time.monotonic() - started,
         "time": time.time(),
     }
-    path = storage.join(target.eval_dir, "knn", f"{target.key}-{data_id(cfg)}{subset_id(train, test)}.json")
+    path = storage.join(target.eval_dir, KNN, f"{target.key}-{data_id(cfg)}{subset_id(train, test)}.json")
     write_result(path, record)
     log.info("k-NN of %s: %s (written to %s)", target.key, top1, path)
     return KnnResult(top1, top5, len(train.labels), len(test.labels), path, record)
@@ -207,10 +198,20 @@ def subset_id(train: FeatureSet, test: FeatureSet) -> str:
 
 
 def run_knn(overrides: list[str] | tuple[str, ...]) -> KnnResult:
-    """`dinolab eval knn`: resolve the checkpoint (or baseline) from overrides and evaluate it."""
+    """`dinolab eval knn`: resolve the checkpoint (or baseline) from overrides, evaluate it and log the
+    result to the run's MLflow run."""
     cfg, target = resolve(overrides)
-    distributed.setup(cfg.device)  # torchrun/SLURM: one process per device, each its share of the shards
+    # torchrun/SLURM: one process per device, each its share of the shards
+    main = distributed.setup(cfg.device).is_main
     try:
-        return evaluate_knn(cfg, target)
+        result = evaluate_knn(cfg, target)
     finally:
         distributed.destroy()
+    if main:
+        log_result(cfg, result.record, knn_metrics(result), result.path)
+    return result
+
+
+def knn_metrics(result: KnnResult) -> dict[str, float]:
+    """knn_top1_k20 and the like: top-1 and top-5 of every k."""
+    return {knn_metric(n, k): v for n, acc in ((1, result.top1), (5, result.top5)) for k, v in acc.items()}

@@ -18,102 +18,49 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.transforms import InterpolationMode, v2
+from torch.utils.data import Subset
 
 from dino import checkpoint, distributed, storage
-from dino.augment import IMAGENET_MEAN, IMAGENET_STD, sample_seed
-from dino.data import epoch_permutation
+from dino.config import ConfigError
+from dino.data import MultiCropDataset
 from dino.eval.config import EvalConfig, _plain
-from dino.eval.features import (
-    Target,
-    build_encoder,
-    eval_dataset,
-    evenly_spaced_subset,
-    image_size,
-    num_classes,
-    resolve,
-    split_features,
+from dino.eval.datasets import eval_dataset, evenly_spaced_subset, image_size, num_classes
+from dino.eval.encoders import build_encoder
+from dino.eval.features import split_features
+from dino.eval.knn import data_id
+from dino.eval.probe import (
+    build_head,
+    cosine_lr,
+    epoch_batches,
+    evaluate,
+    learning_rates,
+    probe_step,
+    rank_batches,
+    split_for_choice,
+    train_transform,
+)
+from dino.eval.results import (
+    LINEAR,
+    LINEAR_BEST_TOP1,
+    LINEAR_LR,
+    LINEAR_TOP1,
+    LINEAR_TOP5,
+    linear_grid_metric,
     write_result,
 )
-from dino.eval.knn import data_id
+from dino.eval.target import Target, resolve
+from dino.eval.track import log_result
 
 log = logging.getLogger("dino.eval")
 
 # Keys of the probe config that do not change its result (left out of its identity hash).
 NON_SEMANTIC = ("max_epochs",)
-
-
-def train_transform(size: int, scale: tuple[float, float]) -> v2.Compose:
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(
-                size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC, antialias=True
-            ),
-            v2.RandomHorizontalFlip(p=0.5),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-
-
-class SeededViews(Dataset):
-    """(epoch, index) -> (augmented view, label), the augmentation seeded from (seed, epoch, index)."""
-
-    def __init__(self, base: Dataset, transform: Callable, seed: int) -> None:
-        self.base, self.transform, self.seed = base, transform, seed
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        epoch, index = key
-        image, label = self.base[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.transform(image), label
-
-
-def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[list[tuple[int, int]]]:
-    order = epoch_permutation(num_samples, seed, epoch).tolist()
-    return [[(epoch, i) for i in order[s : s + batch_size]] for s in range(0, num_samples, batch_size)]
-
-
-def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
-    return base_lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-
-
-def build_head(dim: int, classes: int, seed: int) -> nn.Linear:
-    """The probe: weights N(0, 0.01), zero bias, drawn from `seed` alone."""
-    head = nn.Linear(dim, classes)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
-        head.bias.zero_()
-    return head
-
-
-def learning_rates(cfg: EvalConfig) -> list[float]:
-    """`linear.lr` as a list (one value: today's single probe)."""
-    lr = cfg.linear.lr
-    return [float(v) for v in lr] if isinstance(lr, list) else [float(lr)]
-
-
-def split_for_choice(num_train: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(fit, held out) indices of the train split for choosing among learning rates: a fixed random
-    `fraction` held out, drawn from `seed` alone."""
-    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + 17))
-    held = max(1, round(fraction * num_train))
-    return sorted(order[held:].tolist()), sorted(order[:held].tolist())
 
 
 def probe_id(cfg: EvalConfig) -> str:
@@ -147,90 +94,11 @@ class LinearResult:
         return self.epoch >= self.epochs
 
 
-def rank_batches(
-    views: Dataset,
-    batches: list[list[tuple[int, int]]],
-    rank: int,
-    world: int,
-    workers: int,
-    device: torch.device,
-) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, int]]:
-    """(images, labels, global batch size) of this rank's part of each global batch: every world-th
-    image, so each rank decodes and augments only its own share. A rank whose part of a (last, short)
-    batch is empty gets (None, None, n) and still takes the step with the others."""
-    parts = [batch[rank::world] for batch in batches]
-    loader = iter(
-        DataLoader(
-            views,
-            batch_sampler=[p for p in parts if p],
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-        )
-    )
-    for batch, part in zip(batches, parts, strict=True):
-        images, labels = next(loader) if part else (None, None)
-        yield images, labels, len(batch)
-
-
-def probe_step(
-    heads: list[nn.Linear],
-    optimizers: list[torch.optim.Optimizer],
-    encode: Callable[[torch.Tensor], torch.Tensor],
-    images: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    global_n: int,
-    device: torch.device,
-) -> list[float]:
-    """One SGD step of every probe head (one per learning rate) on a global batch of `global_n` images
-    of which this rank holds `images` (or none): the features are computed once for all heads.
-    Summed gradients and losses over ranks, divided by the global batch: the update one process makes
-    on the whole batch. Returns each head's mean loss on the batch."""
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=False)
-    losses = [torch.zeros((), device=device) for _ in heads]
-    if images is not None:
-        with torch.no_grad():
-            feats = encode(images.to(device, non_blocking=True))
-        targets = labels.to(device)
-        for i, head in enumerate(heads):
-            losses[i] = F.cross_entropy(head(feats), targets, reduction="sum")
-            losses[i].backward()
-    params = [p for head in heads for p in head.parameters()]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    # One all-reduce per step: every head's gradients and losses, flattened together.
-    flat = [*(g.flatten() for g in grads), *(loss.detach().reshape(1) for loss in losses)]
-    total = distributed.sum_across(torch.cat(flat))
-    offset = 0
-    for p in params:
-        p.grad = total[offset : offset + p.numel()].view_as(p) / global_n
-        offset += p.numel()
-    for optimizer in optimizers:
-        optimizer.step()
-    return [float(v) / global_n for v in total[offset:]]
-
-
-def evaluate(
-    head: nn.Module, features: torch.Tensor, labels: torch.Tensor, batch: int = 4096
-) -> tuple[float, float]:
-    correct1 = correct5 = 0
-    with torch.no_grad():
-        for s in range(0, len(labels), batch):
-            logits = head(features[s : s + batch])
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hit = top == labels[s : s + batch, None]
-            correct1 += int(hit[:, :1].sum())
-            correct5 += int(hit.sum())
-    n = max(len(labels), 1)
-    return 100.0 * correct1 / n, 100.0 * correct5 / n
-
-
 def evaluate_linear(
     cfg: EvalConfig, target: Target, should_stop: Callable[[], bool] | None = None
 ) -> LinearResult:
     """Train (or continue) the probe of `target`; see the module docstring."""
     if target.backbone is None:
-        from dino.config import ConfigError
-
         raise ConfigError("baseline=pixels has no backbone to probe; use baseline=random or none")
     lin = cfg.linear
     dist = distributed.info()
@@ -261,7 +129,8 @@ def evaluate_linear(
         val_x, val_y = train.features[held].to(device), train.labels[held].to(device)
         train_images = Subset(train_images, fit)
     num_train = len(train_images)
-    views = SeededViews(train_images, train_transform(size, lin.scale), cfg.seed)
+    # Views seeded from (seed, epoch, index), as pretraining's crops are.
+    views = MultiCropDataset(train_images, train_transform(size, lin.scale), cfg.seed)
 
     heads = [build_head(test_x.shape[1], classes, cfg.seed).to(device) for _ in lrs]
     base_lrs = [lr * lin.batch_size / 256 for lr in lrs]
@@ -271,7 +140,7 @@ def evaluate_linear(
     ]
 
     name = f"{target.key}-{data_id(cfg)}-{probe_id(cfg)}"
-    state_dir = storage.join(target.eval_dir, "linear", name)
+    state_dir = storage.join(target.eval_dir, LINEAR, name)
     histories: list[list[dict[str, float]]] = [[] for _ in lrs]
     start_epoch, resumed_from = 0, None
     latest = checkpoint.load_latest(state_dir)
@@ -335,7 +204,7 @@ def evaluate_linear(
     last = history[-1] if history else {"top1": float("nan"), "top5": float("nan"), "epoch": 0}
     best = max(history, key=lambda h: h["top1"]) if history else last
     record = {
-        "protocol": "linear",
+        "protocol": LINEAR,
         **target.provenance,
         "target": target.key,
         "data": _plain(cfg.data),
@@ -364,7 +233,7 @@ def evaluate_linear(
                 for lr, h in zip(lrs, histories, strict=True)
             ],
         }
-    path = storage.join(target.eval_dir, "linear", f"{name}.json")
+    path = storage.join(target.eval_dir, LINEAR, f"{name}.json")
     write_result(path, record)
     return LinearResult(
         epoch, lin.epochs, last["top1"], best["top1"], int(best["epoch"]), path, state_dir, resumed_from, record,
@@ -375,10 +244,28 @@ def evaluate_linear(
 def run_linear(
     overrides: list[str] | tuple[str, ...], should_stop: Callable[[], bool] | None = None
 ) -> LinearResult:
-    """`dinolab eval linear`: resolve the checkpoint from overrides and train/continue its probe."""
+    """`dinolab eval linear`: resolve the checkpoint from overrides, train/continue its probe and, once
+    finished, log the result to the run's MLflow run."""
     cfg, target = resolve(overrides)
-    distributed.setup(cfg.device)  # torchrun/SLURM: one process per device, each its share of a batch
+    # torchrun/SLURM: one process per device, each its share of a batch
+    main = distributed.setup(cfg.device).is_main
     try:
-        return evaluate_linear(cfg, target, should_stop)
+        result = evaluate_linear(cfg, target, should_stop)
     finally:
         distributed.destroy()
+    if main and result.finished:
+        log_result(cfg, result.record, linear_metrics(result.record), result.path)
+    return result
+
+
+def linear_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """The final and best top-1, final top-5 and, for a grid, the chosen lr and every head's top-1."""
+    final, best = record["final"], record["best_over_epochs"]
+    metrics = {LINEAR_TOP1: final["top1"], LINEAR_TOP5: final["top5"], LINEAR_BEST_TOP1: best["top1"]}
+    grid = record.get("lr_grid")
+    if grid:
+        metrics[LINEAR_LR] = grid["chosen_lr"]
+        for head in grid["heads"]:
+            metrics[linear_grid_metric(head["lr"], "val_top1")] = head["val_top1"]
+            metrics[linear_grid_metric(head["lr"], "top1")] = head["top1"]
+    return metrics

@@ -17,19 +17,20 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from dino import distributed
 from dino.config import DinoConfig
 from dino.eval.config import EvalConfig, EvalDataConfig, KnnConfig, _plain
-from dino.eval.features import (
+from dino.eval.datasets import (
     TransformedDataset,
-    cls_features,
     eval_dataset,
     eval_transform,
     evenly_spaced_subset,
     num_classes,
 )
+from dino.eval.encoders import cls_features
+from dino.eval.features import encode_dataset
 from dino.eval.knn import knn_accuracy
 
 log = logging.getLogger("dino.train")
@@ -83,20 +84,16 @@ class KnnMonitor:
     def _features(self, backbone: nn.Module, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         dist = distributed.info()
         mine = list(range(dist.rank, len(dataset), dist.world_size))
-        loader = DataLoader(
-            Subset(dataset, mine),
-            batch_size=max(64, self.cfg.optim.batch_size),
-            num_workers=min(self.cfg.train.workers, MAX_WORKERS),
-            pin_memory=self.device.type == "cuda",
-        )
         precision = self.cfg.train.precision
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        feats, labels = [], []
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype, enabled=precision != "fp32"):
-            for images, batch_labels in loader:
-                feats.append(cls_features(backbone, images.to(self.device, non_blocking=True)).float().cpu())
-                labels.append(torch.as_tensor(batch_labels, dtype=torch.long))
-        features, label_tensor = torch.cat(feats), torch.cat(labels)
+        autocast = {"fp32": None, "bf16": torch.bfloat16}.get(precision, torch.float16)
+        features, label_tensor = encode_dataset(
+            Subset(dataset, mine),
+            lambda images: cls_features(backbone, images),
+            batch_size=max(64, self.cfg.optim.batch_size),
+            workers=min(self.cfg.train.workers, MAX_WORKERS),
+            device=self.device,
+            autocast_dtype=autocast,
+        )
         if dist.world_size > 1:
             # Rank r holds images r, r + world, ...: interleave the gathered parts back into order.
             parts = distributed.all_gather_object((mine, features, label_tensor))

@@ -1,5 +1,10 @@
-"""Reading evaluation results back: the result JSONs a protocol wrote under `<folder>/eval/<protocol>/`
-(`dino.eval.features.write_result`), for status, exports and reports. Light on imports on purpose."""
+"""Evaluation results: the names they go by and their JSONs under `<folder>/eval/<protocol>/`.
+
+The one place that names what the evaluations produce: the protocols, the MLflow metrics an
+evaluation logs (`knn.run_knn`, `linear.run_linear`), the report columns that read them
+(`reports/collect.py`, `reports/tables.py`) and the headline `status` shows. Light on imports on
+purpose: status, exports and reports read results without torch.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,56 @@ import json
 from typing import Any
 
 from dino import storage
+
+KNN, LINEAR = "knn", "linear"
+PROTOCOLS = (KNN, LINEAR)
+
+HEADLINE_K = 20
+"""The k of the k-NN headline (the paper's)."""
+
+
+def knn_metric(top: int, k: int) -> str:
+    """MLflow metric of k-NN top-`top` accuracy at `k`, e.g. knn_top1_k20."""
+    return f"knn_top{top}_k{k}"
+
+
+LINEAR_TOP1, LINEAR_TOP5, LINEAR_BEST_TOP1 = "linear_top1", "linear_top5", "linear_best_top1"
+LINEAR_LR = "linear_lr"
+"""The learning rate chosen among `linear.lr`'s list."""
+
+
+def linear_grid_metric(lr: float, which: str) -> str:
+    """MLflow metric of one head of a learning-rate grid; `which`: val_top1 or top1."""
+    return f"linear_grid_lr{lr:g}_{which}"
+
+
+KNN_HEADLINE_COLUMN = f"knn_top1@{HEADLINE_K}"
+"""Report column of the k-NN headline (MLflow keys allow no "@", columns do)."""
+# Report column -> the MLflow metric it reads.
+EVAL_COLUMNS = {
+    KNN_HEADLINE_COLUMN: knn_metric(1, HEADLINE_K),
+    LINEAR_TOP1: LINEAR_TOP1,
+    LINEAR_BEST_TOP1: LINEAR_BEST_TOP1,
+}
+
+
+def headline(result: dict[str, Any]) -> float | None:
+    """k-NN: top-1 at k = HEADLINE_K (the first k when it was not evaluated); linear: the final
+    top-1. None for a result without one."""
+    if result.get("protocol") == KNN:
+        top1 = result.get("top1") or {}
+        return top1.get(str(HEADLINE_K), next(iter(top1.values()), None))
+    if result.get("protocol") == LINEAR:
+        return (result.get("final") or {}).get("top1")
+    return None
+
+
+def write_result(path: str, result: dict[str, Any]) -> None:
+    """Rank 0 writes a protocol's result JSON (atomically: a result that exists is complete)."""
+    from dino import distributed  # torch: only the writers pay for it
+
+    if distributed.info().is_main:
+        storage.atomic_write_text(path, json.dumps(result, indent=1, default=str))
 
 
 def read_results(folder: str, protocol: str) -> list[tuple[str, dict[str, Any]]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from dino.eval.results import KNN, PROTOCOLS
+
 EPILOG = """\
 overrides: run.dir=<run> (its newest complete checkpoint's teacher) or checkpoint=<run>/checkpoints/<step>;
 or weights=<file> [weights_key=teacher|student] [model=<name> model.patch_size=<n>] data=<preset> for a
@@ -22,9 +24,13 @@ linear.avgpool=false linear.max_train linear.max_test. Results: <run>/eval/<prot
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("eval", help="k-NN or linear-probe evaluation of a checkpoint")
     protocols = parser.add_subparsers(dest="protocol", required=True)
-    for name, help_text in (
-        ("knn", "weighted k-NN on the teacher's CLS features (k = 10, 20, 100, 200)"),
-        ("linear", "linear probe on the frozen backbone (resumable, checkpointed every epoch)"),
+    for name, help_text in zip(
+        PROTOCOLS,
+        (
+            "weighted k-NN on the teacher's CLS features (k = 10, 20, 100, 200)",
+            "linear probe on the frozen backbone (resumable, checkpointed every epoch)",
+        ),
+        strict=True,
     ):
         p = protocols.add_parser(
             name, help=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -56,7 +62,7 @@ def run_command(args: argparse.Namespace) -> int:
         import yaml
 
         from dino.eval.config import _plain
-        from dino.eval.features import resolve
+        from dino.eval.target import resolve
 
         cfg, _ = resolve(args.overrides)
         print(yaml.safe_dump(_plain(cfg), sort_keys=False), end="")
@@ -69,7 +75,7 @@ def run_command(args: argparse.Namespace) -> int:
     setup_logging()  # progress and resume messages on stderr
     # Under torchrun every rank evaluates its share; only rank 0 prints.
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if args.protocol == "knn":
+    if args.protocol == KNN:
         from dino.eval.knn import run_knn
 
         result = run_knn(args.overrides)
@@ -84,10 +90,6 @@ def run_command(args: argparse.Namespace) -> int:
             table.add_row(str(k), f"{result.top1[k]:.2f}", f"{result.top5[k]:.2f}")
         console.print(table)
         console.print(f"written to {result.path}")
-        metrics = {
-            f"knn_top{n}_k{k}": v for n, acc in ((1, result.top1), (5, result.top5)) for k, v in acc.items()
-        }
-        _track(result.record, metrics, result.path, "knn", args.overrides)
         return 0
     from dino.eval.linear import run_linear
 
@@ -116,54 +118,4 @@ def run_command(args: argparse.Namespace) -> int:
         console.print(lrs)
     state = "finished" if result.finished else f"stopped at epoch {result.epoch} (run again to continue)"
     console.print(f"{state}; written to {result.path}")
-    if result.finished:
-        metrics = {
-            "linear_top1": final["top1"],
-            "linear_top5": final["top5"],
-            "linear_best_top1": best["top1"],
-        }
-        if grid:
-            metrics["linear_lr"] = grid["chosen_lr"]
-            for head in grid["heads"]:
-                metrics[f"linear_grid_lr{head['lr']:g}_val_top1"] = head["val_top1"]
-                metrics[f"linear_grid_lr{head['lr']:g}_top1"] = head["top1"]
-        _track(record, metrics, result.path, "linear", args.overrides)
     return 0
-
-
-def _track(record: dict, metrics: dict[str, float], path: str, protocol: str, overrides: list[str]) -> None:
-    """Log an evaluation into its run's MLflow run (when the run is tracked) at the checkpoint's step;
-    baselines under `baseline_<kind>/` so they never pass for the run's own result. A weights file's
-    evaluation goes to its own MLflow run (tagged dinolab.kind=weights) when tracking_uri= is given."""
-    from dino.tracking import open_run_tracker
-
-    baseline = record.get("baseline", "none")
-    prefix = "" if baseline == "none" else f"baseline_{baseline}/"
-    tracker = (
-        _weights_tracker(record, overrides) if record.get("weights") else open_run_tracker(record["run_dir"])
-    )
-    tracker.log_metrics({prefix + k: v for k, v in metrics.items()}, int(record.get("step") or 0))
-    tracker.log_artifact(path, f"eval/{protocol}")
-    tracker.close()
-
-
-def _weights_tracker(record: dict, overrides: list[str]):
-    """The MLflow run of a weights file's evaluations (tied to its results folder by tracking.json)."""
-    from dino.eval.config import compose_eval
-    from dino.tracking import NullTracker
-
-    cfg = compose_eval(overrides)
-    if not cfg.tracking_uri or cfg.tracking_uri == "none":
-        return NullTracker()
-    from dino.mlflow_tracker import MLflowTracker
-
-    name = os.path.basename(record["run_dir"].rstrip("/"))
-    tracker = MLflowTracker(
-        cfg.tracking_uri, record["run_dir"], cfg.tracking_experiment, name, training=False
-    )
-    tracker.set_tags({"dinolab.kind": "weights", "dinolab.weights_sha256": record["weights_sha256"],
-                      "dinolab.weights_format": record["weights_format"]})  # fmt: skip
-    tracker.log_params({"weights": record["weights"], "weights_key": record["weights_key"],
-                        "data.name": record["data"]["name"], "data.root": record["data"].get("root", "")})  # fmt: skip
-    tracker.finish()  # only evaluations: nothing runs on
-    return tracker

@@ -12,7 +12,7 @@ import torch
 
 from dino import checkpoint, weights
 from dino.config import from_dict
-from dino.eval.features import teacher_backbone
+from dino.eval.target import teacher_backbone
 from tests.conftest import FASHION_MNIST_ROOT
 from tests.integration.cli import TINY, dinolab, results
 from tests.unit.test_weights import FIXTURES

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from dino import checkpoint
 from dino.checkpoint import CheckpointError
 from dino.config import ConfigError
-from dino.eval import features as feat
+from dino.eval import encoders
 from dino.eval import linear as linear_module
 from dino.eval.config import compose_eval
-from dino.eval.features import resolve
 from dino.eval.knn import evaluate_knn, knn_accuracy, knn_votes
 from dino.eval.linear import run_linear
+from dino.eval.target import resolve
 
 KS = [1, 10, 20, 100, 200]
 
@@ -107,7 +107,7 @@ def knn_args(run_dir, *extra):
     return [f"run.dir={run_dir}", "workers=0", "shard_size=16", "batch_size=8", *extra]
 
 
-CLS_FEATURES = feat.cls_features
+CLS_FEATURES = encoders.cls_features
 
 
 class Killed(Exception):
@@ -138,12 +138,12 @@ def test_killed_knn_computes_only_the_missing_shards_and_gives_the_same_accuracy
     shutil.copytree(trained_run, run_dir)
 
     counter = Counter()
-    monkeypatch.setattr(feat, "cls_features", counter)
+    monkeypatch.setattr(encoders, "cls_features", counter)
     reference = evaluate_knn(*resolve(knn_args(reference_dir)))
     assert counter.calls == 16
 
     killer = Counter(fail_after=5)  # dies in the 3rd train shard, after 2 complete ones
-    monkeypatch.setattr(feat, "cls_features", killer)
+    monkeypatch.setattr(encoders, "cls_features", killer)
     with pytest.raises(Killed):
         evaluate_knn(*resolve(knn_args(run_dir)))
     shards = sorted((run_dir / "eval" / "features" / "000000016").rglob("shard_*"))
@@ -151,7 +151,7 @@ def test_killed_knn_computes_only_the_missing_shards_and_gives_the_same_accuracy
     assert not list((run_dir / "eval" / "features").rglob("*.tmp-*"))
 
     again = Counter()
-    monkeypatch.setattr(feat, "cls_features", again)
+    monkeypatch.setattr(encoders, "cls_features", again)
     result = evaluate_knn(*resolve(knn_args(run_dir)))
     assert again.calls == 2 * 2 + 4 * 2  # the 2 missing train shards and the 4 test shards
     assert result.top1 == reference.top1 and result.top5 == reference.top5
@@ -160,13 +160,13 @@ def test_killed_knn_computes_only_the_missing_shards_and_gives_the_same_accuracy
     # back on the next call; its result lies beside the whole split's, which it leaves alone.
     whole = Path(result.path).read_bytes()
     subset = Counter()
-    monkeypatch.setattr(feat, "cls_features", subset)
+    monkeypatch.setattr(encoders, "cls_features", subset)
     first = evaluate_knn(*resolve(knn_args(run_dir, "knn.max_train=40", "knn.max_test=20")))
     assert subset.calls == (2 + 2 + 1) + (2 + 1)
     assert (first.record["num_train"], first.record["num_test"]) == (40, 20)
     assert first.path.endswith("-40x20.json") and Path(result.path).read_bytes() == whole
     cached = Counter()
-    monkeypatch.setattr(feat, "cls_features", cached)
+    monkeypatch.setattr(encoders, "cls_features", cached)
     again = evaluate_knn(*resolve(knn_args(run_dir, "knn.max_train=40", "knn.max_test=20")))
     assert cached.calls == 0 and again.top1 == first.top1
 
@@ -212,9 +212,9 @@ def test_a_subset_of_a_folder_sorted_by_class_holds_every_class(trained_run, tmp
     assert (result.record["num_train"], result.record["num_test"]) == (8, 12)
     assert (result.record["bank_classes"], result.record["num_classes"]) == (4, 4)
     probe_images = []
-    views = linear_module.SeededViews
+    views = linear_module.MultiCropDataset
     monkeypatch.setattr(
-        linear_module, "SeededViews", lambda base, *a: probe_images.append(base) or views(base, *a)
+        linear_module, "MultiCropDataset", lambda base, *a: probe_images.append(base) or views(base, *a)
     )
     linear = run_linear(
         [*knn_args(trained_run, *data), "linear.epochs=1", "linear.max_train=8", "linear.max_test=12",

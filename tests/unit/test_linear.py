@@ -13,8 +13,11 @@ import torch
 from dino import checkpoint
 from dino.config import ConfigError
 from dino.eval import linear as lin
-from dino.eval.features import cls_features, multi_block_features, resolve
-from dino.eval.linear import build_head, cosine_lr, evaluate_linear
+from dino.eval import probe
+from dino.eval.encoders import cls_features, multi_block_features
+from dino.eval.linear import evaluate_linear
+from dino.eval.probe import build_head, cosine_lr
+from dino.eval.target import resolve
 from dino.models import build_backbone
 
 
@@ -131,12 +134,12 @@ class CountingViews(torch.utils.data.Dataset):
 
 
 def test_each_rank_decodes_only_its_part_of_every_global_batch():
-    batches = lin.epoch_batches(21, 8, seed=0, epoch=0)  # 8 + 8 + 5 images
+    batches = probe.epoch_batches(21, 8, seed=0, epoch=0)  # 8 + 8 + 5 images
     assert [len(b) for b in batches] == [8, 8, 5]
     seen = {}
     for rank in range(3):
         views = CountingViews()
-        parts = list(lin.rank_batches(views, batches, rank, 3, 0, torch.device("cpu")))
+        parts = list(probe.rank_batches(views, batches, rank, 3, 0, torch.device("cpu")))
         assert [n for _, _, n in parts] == [8, 8, 5]  # every rank takes every step
         seen[rank] = [[] if x is None else x.flatten().int().tolist() for x, _, _ in parts]
         assert sorted(views.asked) == sorted(i for part in seen[rank] for i in part)  # nothing else decoded

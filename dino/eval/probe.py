@@ -1,0 +1,144 @@
+"""The linear probe's parts: its views, batches, schedule, head, SGD step and test accuracy.
+
+`linear.evaluate_linear` puts them together. Everything here is a function of the seed, the epoch
+and the rank's share of a batch, so a resumed or data-parallel probe does what one process does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode, v2
+
+from dino import distributed
+from dino.augment import IMAGENET_MEAN, IMAGENET_STD
+from dino.data import epoch_permutation
+from dino.eval.config import EvalConfig
+
+
+def train_transform(size: int, scale: tuple[float, float]) -> v2.Compose:
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(
+                size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC, antialias=True
+            ),
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[list[tuple[int, int]]]:
+    order = epoch_permutation(num_samples, seed, epoch).tolist()
+    return [[(epoch, i) for i in order[s : s + batch_size]] for s in range(0, num_samples, batch_size)]
+
+
+def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
+    return base_lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def build_head(dim: int, classes: int, seed: int) -> nn.Linear:
+    """The probe: weights N(0, 0.01), zero bias, drawn from `seed` alone."""
+    head = nn.Linear(dim, classes)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
+        head.bias.zero_()
+    return head
+
+
+def learning_rates(cfg: EvalConfig) -> list[float]:
+    """`linear.lr` as a list (one value: today's single probe)."""
+    lr = cfg.linear.lr
+    return [float(v) for v in lr] if isinstance(lr, list) else [float(lr)]
+
+
+def split_for_choice(num_train: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(fit, held out) indices of the train split for choosing among learning rates: a fixed random
+    `fraction` held out, drawn from `seed` alone."""
+    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + 17))
+    held = max(1, round(fraction * num_train))
+    return sorted(order[held:].tolist()), sorted(order[:held].tolist())
+
+
+def rank_batches(
+    views: Dataset,
+    batches: list[list[tuple[int, int]]],
+    rank: int,
+    world: int,
+    workers: int,
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, int]]:
+    """(images, labels, global batch size) of this rank's part of each global batch: every world-th
+    image, so each rank decodes and augments only its own share. A rank whose part of a (last, short)
+    batch is empty gets (None, None, n) and still takes the step with the others."""
+    parts = [batch[rank::world] for batch in batches]
+    loader = iter(
+        DataLoader(
+            views,
+            batch_sampler=[p for p in parts if p],
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+        )
+    )
+    for batch, part in zip(batches, parts, strict=True):
+        images, labels = next(loader) if part else (None, None)
+        yield images, labels, len(batch)
+
+
+def probe_step(
+    heads: list[nn.Linear],
+    optimizers: list[torch.optim.Optimizer],
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    global_n: int,
+    device: torch.device,
+) -> list[float]:
+    """One SGD step of every probe head (one per learning rate) on a global batch of `global_n` images
+    of which this rank holds `images` (or none): the features are computed once for all heads.
+    Summed gradients and losses over ranks, divided by the global batch: the update one process makes
+    on the whole batch. Returns each head's mean loss on the batch."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=False)
+    losses = [torch.zeros((), device=device) for _ in heads]
+    if images is not None:
+        with torch.no_grad():
+            feats = encode(images.to(device, non_blocking=True))
+        targets = labels.to(device)
+        for i, head in enumerate(heads):
+            losses[i] = F.cross_entropy(head(feats), targets, reduction="sum")
+            losses[i].backward()
+    params = [p for head in heads for p in head.parameters()]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    # One all-reduce per step: every head's gradients and losses, flattened together.
+    flat = [*(g.flatten() for g in grads), *(loss.detach().reshape(1) for loss in losses)]
+    total = distributed.sum_across(torch.cat(flat))
+    offset = 0
+    for p in params:
+        p.grad = total[offset : offset + p.numel()].view_as(p) / global_n
+        offset += p.numel()
+    for optimizer in optimizers:
+        optimizer.step()
+    return [float(v) / global_n for v in total[offset:]]
+
+
+def evaluate(
+    head: nn.Module, features: torch.Tensor, labels: torch.Tensor, batch: int = 4096
+) -> tuple[float, float]:
+    correct1 = correct5 = 0
+    with torch.no_grad():
+        for s in range(0, len(labels), batch):
+            logits = head(features[s : s + batch])
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hit = top == labels[s : s + batch, None]
+            correct1 += int(hit[:, :1].sum())
+            correct5 += int(hit.sum())
+    n = max(len(labels), 1)
+    return 100.0 * correct1 / n, 100.0 * correct5 / n

@@ -1,9 +1,10 @@
 """The MLflow store: clients, the SQLite write lock, experiments and runs.
 
-Used by the training tracker, the sweep launcher (which creates the experiment and every run before
-a job starts) and the reports, which only read: they check `missing_store` first, since MLflow
-creates a missing SQLite or file store (and its folders) as soon as it opens it. MLflow is imported
-lazily: it costs about a second.
+Every MLflow client of dinolab comes from here: `client` for the training tracker and the sweep
+launcher (which creates the experiment and every run before a job starts), `existing_client` for
+those that only read (reports, cost estimates) or attach an artifact: they check `missing_store`
+first, since MLflow creates a missing SQLite or file store (and its folders) as soon as it opens it.
+MLflow is imported lazily: it costs about a second.
 
 SQLite stores are shared by all the processes of a machine (a local sweep runs several jobs at
 once), and SQLite plus MLflow's schema migration are not safe to race: the first two processes to
@@ -83,6 +84,18 @@ def client(uri: str) -> Any:
         if sqlite_path(uri):
             c.search_experiments(max_results=1)  # opens the store: creates or migrates the schema
     return c
+
+
+def existing_client(uri: str) -> Any:
+    """An `MlflowClient` on a store that must already exist, for reads and artifact uploads (which
+    write no row): no lock, no schema, and never a new store (MLflow would create a missing local one
+    on first use, even to read). Callers check `missing_store` first to say what they do instead;
+    a store missing here is FileNotFoundError."""
+    if path := missing_store(uri):
+        raise FileNotFoundError(f"no MLflow store at {path}")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
 
 
 def is_permanent(err: BaseException) -> bool:

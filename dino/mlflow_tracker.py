@@ -6,6 +6,9 @@ much is pending, and retries with backoff until it is back. At exit `close()` wa
 `tracking.flush_timeout_s`; whatever is still unsent then goes to `<run>/tracking_pending.jsonl`,
 which the next tracker on the same run (a requeued job, an evaluation) sends first.
 
+The MLflow side (which run, provenance tags, batching) is dino/mlflow_run.py; the run folder's side
+(the pending file, the backfill from metrics.jsonl) is dino/tracking_spool.py.
+
 One run, one history: on connecting, the tracker asks the store for the last training step it has,
 backfills later steps from the run's own `metrics.jsonl` (written synchronously every log step, so
 it holds what a killed process logged but never sent), and drops queued steps the store already has
@@ -14,52 +17,21 @@ it holds what a killed process logged but never sent), and drops queued steps th
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import posixpath
-import socket
-import subprocess
 import tempfile
 import threading
 import time
 from collections import deque
-from pathlib import Path
 from typing import Any
 
-from dino import mlflow_store, storage
-from dino.tracking import read_link, write_link
+from dino import mlflow_store, storage, tracking_spool
+from dino.mlflow_run import MAX_PARAMS_TAGS, open_run, run_tags, take_batch
 
 log = logging.getLogger("dino.tracking")
 
-PENDING = "tracking_pending.jsonl"
-PROGRESS_KEY = "loss"  # every training log step logs it; its last step is the store's watermark
-MAX_METRICS, MAX_PARAMS_TAGS = 1000, 100  # MLflow's log_batch limits
 WARN_EVERY_S = 60.0
-
-
-def git_commit() -> str:
-    """The commit of the dinolab source tree this process runs ("" when it is not a git checkout)."""
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=10,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return out.stdout.strip() if out.returncode == 0 else ""
-
-
-def provenance_tags() -> dict[str, str]:
-    """Where this process runs: host, SLURM job, git commit."""
-    tags = {"dinolab.host": socket.gethostname(), "dinolab.git_commit": git_commit()}
-    job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if job:
-        job = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
-    job = job or os.environ.get("SLURM_JOB_ID", "")
-    if job:
-        tags["dinolab.slurm_job_id"] = job
-    return {k: v for k, v in tags.items() if v}
 
 
 class MLflowTracker:
@@ -130,10 +102,7 @@ class MLflowTracker:
             self._items.clear()
             self._cond.notify_all()
         if left:
-            path = storage.join(self.run_dir, PENDING)
-            lines = "".join(json.dumps({"kind": kind, "value": value}) + "\n" for kind, value in left)
-            old = storage.read_text(path) if storage.exists(path) else ""
-            storage.atomic_write_text(path, old + lines)  # whole-file write: object stores cannot append
+            path = tracking_spool.spool(self.run_dir, left)
             log.warning(
                 "tracking store %s unreachable for %.0f s: %d pending update(s) written to %s; "
                 "the next job or evaluation of this run sends them",
@@ -204,76 +173,16 @@ class MLflowTracker:
     def _connect(self) -> None:
         """Open the run (tracking.json's, or a new one), replay spooled updates, set the watermark."""
         client = mlflow_store.client(self.uri)
-        link = read_link(self.run_dir)
-        run = None
-        if link and link["uri"] == self.uri:
-            try:
-                run = client.get_run(link["run_id"])
-            except Exception as err:
-                if not mlflow_store.is_permanent(err):
-                    raise
-                log.warning("MLflow run %s of %s is gone (%s); starting a new one", link["run_id"],
-                            self.run_dir, str(err).splitlines()[0][:200])  # fmt: skip
-        if run is None:
-            experiment_id = mlflow_store.ensure_experiment(client, self.uri, self.experiment)
-            run_id = mlflow_store.create_run(
-                client, self.uri, experiment_id, self.run_name, {"dinolab.kind": "run"}
-            )
-            write_link(self.run_dir, self.uri, experiment_id, run_id)
-            run = client.get_run(run_id)
-        run_id = run.info.run_id
-        self._known_params = dict(run.data.params)
-        history = client.get_metric_history(run_id, PROGRESS_KEY)
-        self._watermark = max((m.step for m in history), default=-1)
-        with mlflow_store.locked(self.uri):
-            if self.training:
-                starts = int(run.data.tags.get("dinolab.starts", "0")) + 1
-                tags = {
-                    **provenance_tags(),
-                    "dinolab.starts": str(starts),
-                    "dinolab.requeues": str(starts - 1),
-                }
-                job = tags.get("dinolab.slurm_job_id")
-                if job:
-                    jobs = [j for j in run.data.tags.get("dinolab.slurm_job_ids", "").split(",") if j]
-                    tags["dinolab.slurm_job_ids"] = ",".join(dict.fromkeys([*jobs, job]))
-                client.log_batch(run_id, tags=_tags(tags))
-                client.update_run(run_id, status="RUNNING")
-        self._client, self.run_id = client, run_id
-        spooled = self._read_spool()
-        backfill = self._backfill() if self.training else []
+        opened = open_run(client, self.uri, self.run_dir, self.experiment, self.run_name, self.training)
+        self._known_params, self._watermark = opened.known_params, opened.watermark
+        self._client, self.run_id = client, opened.run_id
+        spooled = tracking_spool.take_spooled(self.run_dir, self.training)
+        backfill = tracking_spool.backfill(self.run_dir, self._watermark) if self.training else []
         with self._cond:
             self._items.extendleft(reversed(spooled + backfill))
         log.info(
-            "tracking: MLflow run %s in %s (store has steps up to %d)", run_id, self.uri, self._watermark
+            "tracking: MLflow run %s in %s (store has steps up to %d)", self.run_id, self.uri, self._watermark
         )
-
-    def _read_spool(self) -> list[tuple[str, Any]]:
-        path = storage.join(self.run_dir, PENDING)
-        if not storage.exists(path):
-            return []
-        items = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
-        storage.remove(path)  # they are in the queue now; a failure spools them again at close
-        return [(i["kind"], i["value"]) for i in items if i["kind"] != "status" or not self.training]
-
-    def _backfill(self) -> list[tuple[str, Any]]:
-        """Training steps in metrics.jsonl the store does not have (a killed process never sent them)."""
-        path = storage.join(self.run_dir, "metrics.jsonl")
-        if not storage.exists(path):
-            return []
-        rows: dict[int, dict[str, float]] = {}
-        for line in storage.read_text(path).splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by the kill
-            if row.get("step", -1) > self._watermark:
-                rows[int(row["step"])] = row
-        now = int(time.time() * 1000)
-        return [
-            ("metrics", [(k, float(v), now, step) for k, v in row.items() if k != "step"])
-            for step, row in sorted(rows.items())
-        ]
 
     def _send_head(self) -> None:
         """Send the oldest queued updates: consecutive metrics/params/tags in one log_batch."""
@@ -291,42 +200,20 @@ class MLflowTracker:
             with mlflow_store.locked(self.uri):
                 self._client.set_terminated(self.run_id, value)
             return self._pop(1)
-        # `mark` moves through the batch too: a backfilled step and the same step logged again by
-        # the resumed loop can meet in one batch.
-        metrics, params, tags, taken, mark = [], {}, {}, 0, self._watermark
-        for kind, value in items:
-            if kind == "metrics":
-                fresh = [m for m in value if not self.training or m[3] > mark]
-                if metrics and len(metrics) + len(fresh) > MAX_METRICS:
-                    break
-                metrics += fresh
-                if self.training:
-                    mark = max([mark, *(m[3] for m in fresh)])
-            elif kind == "params":
-                new = {k: v for k, v in value.items() if k not in self._known_params}
-                if len(params) + len(new) + len(tags) > MAX_PARAMS_TAGS and (params or tags or metrics):
-                    break
-                params.update(new)
-            elif kind == "tags":
-                if len(params) + len(tags) + len(value) > MAX_PARAMS_TAGS and (params or tags or metrics):
-                    break
-                tags.update(value)
-            else:
-                break
-            taken += 1
-        param_items = list(params.items())
+        batch = take_batch(items, self.training, self._watermark, self._known_params)
+        param_items = list(batch.params.items())
         for i in range(0, max(len(param_items), 1), MAX_PARAMS_TAGS):  # a config has > 100 keys
             chunk = param_items[i : i + MAX_PARAMS_TAGS]
             with mlflow_store.locked(self.uri):
                 self._client.log_batch(
                     self.run_id,
-                    metrics=[Metric(k, v, ts, s) for k, v, ts, s in metrics] if i == 0 else [],
+                    metrics=[Metric(k, v, ts, s) for k, v, ts, s in batch.metrics] if i == 0 else [],
                     params=[Param(k, v) for k, v in chunk],
-                    tags=_tags(tags) if i == 0 else [],
+                    tags=run_tags(batch.tags) if i == 0 else [],
                 )
             self._known_params.update(chunk)
-            self._watermark = mark  # sent: a retry of a later chunk must not repeat the metrics
-        self._pop(taken)
+            self._watermark = batch.mark  # sent: a retry of a later chunk must not repeat the metrics
+        self._pop(batch.taken)
 
     def _pop(self, n: int) -> None:
         with self._cond:
@@ -334,9 +221,3 @@ class MLflowTracker:
                 if self._items:
                     self._items.popleft()
             self._cond.notify_all()
-
-
-def _tags(tags: dict[str, str]) -> list:
-    from mlflow.entities import RunTag
-
-    return [RunTag(k, v) for k, v in tags.items()]

@@ -14,9 +14,9 @@ How a dead holder's lock is freed, without guessing from a timeout:
   rewriting it every `heartbeat_s` with a conditional PUT (If-Match its own version). Another process
   takes over only a lease not renewed for `stale_after_s` (default 10 minutes, many heartbeats), or
   one whose holder was a process of this very machine that no longer exists (pid and start time),
-  and only with a conditional PUT on the exact version it judged stale: of two contenders one wins. A
-  holder whose renewal fails because another took over has lost the lock: `check()` raises and the
-  train loop stops before it writes again.
+  and only with a conditional PUT on the exact version it judged stale (dino/lease_object.py): of
+  two contenders one wins. A holder whose renewal fails because another took over has lost the
+  lock: `check()` raises and the train loop stops before it writes again.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dino import storage
+from dino.lease_object import put_lease, read_lease
 
 LOCK_FILE = "LOCK"
 log = logging.getLogger("dino.lock")
@@ -99,22 +100,6 @@ def describe(holder: dict[str, Any]) -> str:
     return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}{job}, since {when}{beat}"
 
 
-def _condition_failed(err: BaseException | None) -> bool:
-    """Whether an S3 error (or what it wraps: s3fs turns botocore's ClientError into OSError) is a
-    failed condition: 412 PreconditionFailed, or 409 ConditionalRequestConflict (a race on the key)."""
-    while err is not None:
-        code = (
-            getattr(err, "response", {}).get("Error", {}).get("Code", "") if hasattr(err, "response") else ""
-        )
-        if code in (
-            "PreconditionFailed",
-            "ConditionalRequestConflict",
-        ) or "pre-conditions you specified" in str(err):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
 @dataclass
 class RunLock:
     run_dir: str
@@ -175,7 +160,7 @@ class RunLock:
             self._file = None
         if self.remote and self._etag and not self._lost:
             try:
-                if self._read_remote()[1] == self._etag:  # still ours (a taken-over lease is not)
+                if read_lease(self.path)[1] == self._etag:  # still ours (a taken-over lease is not)
                     storage.remove(self.path)
             except Exception as err:  # noqa: BLE001 - an outage: the lease then expires by itself
                 log.warning("could not remove the lock %s (it expires unrenewed): %s", self.path, err)
@@ -217,37 +202,6 @@ class RunLock:
         self._file = file
         return None
 
-    def _fs(self):
-        return storage.filesystem(self.path)
-
-    def _read_remote(self) -> tuple[dict[str, Any], str]:
-        """(lease content, its ETag); ({}, "") when there is none."""
-        fs, p = self._fs()
-        try:
-            info = fs.info(p)
-            data = fs.cat_file(p)
-        except FileNotFoundError:
-            return {}, ""
-        try:
-            content = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            content = {}
-        return content, info.get("ETag", "")
-
-    def _put_remote(self, content: dict[str, Any], **condition: str) -> str | None:
-        """Conditional PUT of the lease; its new ETag, or None when the condition failed."""
-        fs, p = self._fs()
-        try:
-            out = fs.pipe_file(p, json.dumps(content).encode(), **condition)
-        except FileExistsError:  # s3fs's mapping of a failed If-None-Match
-            return None
-        except OSError as err:
-            if _condition_failed(err):
-                return None
-            raise
-        etag = (out or {}).get("ETag") if isinstance(out, dict) else None
-        return etag or self._read_remote()[1]
-
     @staticmethod
     def _read_local_holder(file: Any, settle_s: float = 2.0) -> dict[str, Any]:
         """The holder's description. A holder writes it just after it takes the flock (truncate, then
@@ -267,9 +221,9 @@ class RunLock:
     def _try_remote(self) -> dict[str, Any] | None:
         storage.makedirs(self.run_dir)
         holder = holder_description() | {"heartbeat": time.time()}
-        etag = self._put_remote(holder, mode="create")
+        etag = put_lease(self.path, holder, mode="create")
         if etag is None:
-            current, current_etag = self._read_remote()
+            current, current_etag = read_lease(self.path)
             if not current_etag:
                 return self._try_remote()  # released between the two calls: try again
             age = time.time() - float(current.get("heartbeat", 0) or 0)
@@ -277,9 +231,9 @@ class RunLock:
                 return current
             # Not renewed for stale_after_s (many heartbeats): the holder is gone. Take over exactly
             # that version; a contender that took it first makes this PUT fail.
-            etag = self._put_remote(holder, IfMatch=current_etag)
+            etag = put_lease(self.path, holder, IfMatch=current_etag)
             if etag is None:
-                return self._read_remote()[0]
+                return read_lease(self.path)[0]
             why = f"not renewed for {age:.0f} s" if age >= self.stale_after_s else "that process has ended"
             log.warning("took over the lock of %s from %s: %s", self.run_dir, describe(current), why)
         self._holder, self._etag = holder, etag
@@ -291,12 +245,12 @@ class RunLock:
         while not self._stop.wait(self.heartbeat_s):
             self._holder["heartbeat"] = time.time()
             try:
-                etag = self._put_remote(self._holder, IfMatch=self._etag)
+                etag = put_lease(self.path, self._holder, IfMatch=self._etag)
             except Exception as err:  # noqa: BLE001 - an outage: try again next beat
                 log.warning("could not renew the lock %s: %s", self.path, err)
                 continue
             if etag is None:
-                current, _ = self._read_remote()
+                current, _ = read_lease(self.path)
                 self._lost = (
                     f"the lock of {self.run_dir} was taken over by {describe(current)} (this process's lease "
                     f"was not renewed in time); stopping without writing"

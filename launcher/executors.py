@@ -62,11 +62,16 @@ def build_executor(sweep: Sweep, stage: str, executor: str, folder: str) -> subm
 
 
 def sbatch_preview(sweep: Sweep, stage: str, folder: str, array_size: int, dependency: str = "") -> str:
-    """The sbatch script of this stage's job array as SLURM would get it (for `plan`; no cluster needed)."""
+    """The sbatch script of this stage's job array as SLURM would get it (for `plan`; no cluster needed).
+
+    The one use of submitit's private API in the launcher: submitit renders the script only while
+    submitting, so the array size (`map_count`), the command and the rendering are reached through
+    the SLURM executor inside the AutoExecutor (`ex._executor`), as submitit itself does."""
     ex = build_executor(sweep, stage, "slurm", folder)
-    if dependency:
-        extra = dict(ex._executor.parameters.get("additional_parameters", {}), dependency=dependency)
-        ex._executor.parameters["additional_parameters"] = extra
-    ex._executor.parameters["map_count"] = array_size
-    command = " ".join(ex._executor._submitit_command_str.split())
-    return ex._executor._make_submission_file_text(command, "<uid>")
+    if dependency:  # the stage's own extra sbatch options (what build_executor passed) plus the dependency
+        extra = dict(sweep.stage_resources(stage).additional, dependency=dependency)
+        ex.update_parameters(slurm_additional_parameters=extra)
+    slurm = ex._executor
+    slurm.parameters["map_count"] = array_size
+    command = " ".join(slurm._submitit_command_str.split())
+    return slurm._make_submission_file_text(command, "<uid>")

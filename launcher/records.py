@@ -1,11 +1,15 @@
 """Run records: what a job reports (`record.json`) and what the launcher submitted (`jobs.json`).
 
-Files with one writer each, so a job starting while `submit` is still writing can never lose an
-update: the pretraining job owns `record.json` (state, step, loss, requeues, heartbeat, error), each
-evaluation job its own `record-<protocol>.json` (k-NN and linear jobs of one run may finish together;
-in one shared file one could overwrite the other's state), the launcher owns `jobs.json` (every
-submission: stage, job id, executor, log paths, time). All are written atomically through
-`dino.storage`; `read_record` shows the evaluation states as the record's `evals`.
+This module is the only one that writes record files; jobs and the launcher call its named
+functions. Each file has one writer role, so a job starting while `submit` is still writing can
+never lose an update: the pretraining job owns `record.json` while it runs (state, step, loss,
+requeues, heartbeat, error: `update_record`), and the launcher touches it only when no job of the
+run is live (`mark_pending` before submitting, `mark_cancelled` after stopping the job, `restore`
+after a refused submission); each evaluation job owns its own `record-<protocol>.json` (k-NN and
+linear jobs of one run may finish together; in one shared file one could overwrite the other's
+state); the launcher owns `jobs.json` (every submission: stage, job id, executor, log paths, time:
+`add_job`). All are written atomically through `dino.storage`; `read_record` shows the evaluation
+states as the record's `evals`.
 """
 
 from __future__ import annotations
@@ -87,6 +91,18 @@ def update_record(run_dir: str, **changes: Any) -> dict[str, Any]:
     storage.makedirs(run_dir)
     storage.atomic_write_text(storage.join(run_dir, RECORD), json.dumps(record, indent=1))
     return record
+
+
+def mark_pending(run_dir: str, estimates: dict[str, Any]) -> None:
+    """The launcher is about to (re)submit the run: state `pending`, no error, its cost estimates
+    (`launcher.cost.record_fields`), and every evaluation to run again."""
+    update_record(run_dir, state=PENDING, error="", evals={}, **estimates)
+    reset_evals(run_dir)
+
+
+def mark_cancelled(run_dir: str) -> None:
+    """`sweep cancel` stopped the run's job."""
+    update_record(run_dir, state=CANCELLED)
 
 
 def snapshot(run_dir: str) -> dict[str, str | None]:

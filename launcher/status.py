@@ -13,7 +13,7 @@ from rich.text import Text
 
 from dino.eval.results import headline, read_results
 from launcher import records
-from launcher.plan import job_is_live, slurm_states
+from launcher.scheduler import job_is_live, slurm_states
 from launcher.sweep import RunSpec, Sweep
 
 

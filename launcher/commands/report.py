@@ -146,12 +146,11 @@ def _with_weights(args: argparse.Namespace, summary, by, columns):
 def write_html(path, uri, experiment, df, summary, by, columns, with_paper, shown=None) -> None:
     import math
 
-    from mlflow.tracking import MlflowClient
-
+    from dino.mlflow_store import existing_client
     from reports import plots, tables
     from reports.html import page
 
-    client = MlflowClient(uri)
+    client = existing_client(uri)
     main = columns[0]
     table = shown if shown is not None else summary
     sections = [("Ablation", tables.render(table, by, columns, "html", with_paper=with_paper))]
@@ -193,9 +192,9 @@ def _attach(folder: str, path: str) -> None:
     link = read_link(folder)
     if link is None:
         return
-    from mlflow.tracking import MlflowClient
+    from dino.mlflow_store import existing_client
 
     try:
-        MlflowClient(link["uri"]).log_artifact(link["run_id"], path, "reports")
+        existing_client(link["uri"]).log_artifact(link["run_id"], path, "reports")
     except Exception as err:  # noqa: BLE001 - the report itself is written; say why it is not attached
         print(f"note: report not attached to MLflow run {link['run_id']}: {err}", file=sys.stderr)

@@ -137,28 +137,28 @@ def _estimate_submission(args: argparse.Namespace, sweep, todos) -> dict:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from launcher import manifest, plan
+    from launcher import manifest, plan, submission
 
     sweep, runs, everything = _load(args)
     todo = plan.classify(sweep, runs)
     show(console, plan.plan_table(sweep, runs, todo))
     estimates = _estimate_submission(args, sweep, todo)
-    submitted = plan.submit(sweep, todo, args.executor, only=args.only, estimates=estimates)
+    submitted = submission.submit(sweep, todo, args.executor, only=args.only, estimates=estimates)
     manifest.write(sweep, everything)  # what status, logs and cancel read back
     console.print(submitted.summary())
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    from launcher import manifest, plan, status
+    from launcher import manifest, plan, status, submission
 
     sweep, runs, everything = _load(args)
     todo = plan.classify(sweep, runs)
     estimates = _estimate_submission(args, sweep, todo)
-    submitted = plan.submit(sweep, todo, args.executor, only=args.only, estimates=estimates)
+    submitted = submission.submit(sweep, todo, args.executor, only=args.only, estimates=estimates)
     manifest.write(sweep, everything)
     console.print(submitted.summary())
-    ok = plan.wait(sweep, runs, submitted, console)
+    ok = submission.wait(sweep, runs, submitted, console)
     show(console, status.status_table(sweep, runs))
     return 0 if ok else 1
 
@@ -197,9 +197,9 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    from launcher import plan
+    from launcher import submission
 
     sweep, runs, _ = _load(args, submitted=True)
-    for line in plan.cancel(runs):
+    for line in submission.cancel(runs):
         console.print(line)
     return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino import checkpoint, storage
+from dino import checkpoint, object_store, storage
 from tests.conftest import load_final
 from tests.integration.cli import DINOLAB, REPO, TINY, dinolab, env
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
@@ -126,8 +126,8 @@ def test_missing_credentials_say_where_they_come_from(s3_env, tmp_path, monkeypa
 
 
 def test_unreachable_endpoint_is_retried_then_reported(s3_env, monkeypatch):
-    monkeypatch.setattr(storage, "RETRIES", 2)
-    monkeypatch.setattr(storage, "RETRY_WAIT_S", 0.1)
+    monkeypatch.setattr(object_store, "RETRIES", 2)
+    monkeypatch.setattr(object_store, "RETRY_WAIT_S", 0.1)
     s3_env.stop_proxy()
     try:
         with pytest.raises(
@@ -149,9 +149,9 @@ def test_unreachable_endpoint_is_not_a_missing_bucket(s3_env, monkeypatch):
     """s3fs answers "no such bucket" for an endpoint it cannot reach (after ~24 s of botocore
     retries); the bucket check reaches the endpoint first and says so, in seconds."""
     endpoint = f"http://127.0.0.1:{_closed_port()}"
-    monkeypatch.setattr(storage, "RETRIES", 3)  # the default
-    monkeypatch.setattr(storage, "_options", {})
-    monkeypatch.setattr(storage, "_checked_buckets", set())
+    monkeypatch.setattr(object_store, "RETRIES", 3)  # the default
+    monkeypatch.setattr(object_store, "_options", {})
+    monkeypatch.setattr(object_store, "_checked_buckets", set())
     storage.configure(endpoint)
     start = time.monotonic()
     with pytest.raises(storage.StorageError) as err:

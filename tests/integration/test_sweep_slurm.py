@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from launcher import records
-from launcher.plan import slurm_states
+from launcher.scheduler import slurm_states
 from tests.conftest import load_final
 from tests.integration.cli import dinolab
 from tests.integration.slurm_cluster import slurm_cluster  # noqa: F401

@@ -1,4 +1,4 @@
-"""launcher/cost.py's arithmetic: images per stage, GPU-hours, wall-clock with array parallelism, cards,
+"""launcher/cost*.py's arithmetic: images per stage, GPU-hours, wall-clock with array parallelism, cards,
 the order of trust of the sources and the budget check. No MLflow, no training."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher import cost
+from launcher import cost, cost_bench, cost_flops, cost_images, cost_measured, cost_model, cost_shapes
 from launcher.sweep import expand, load_sweep
 from tests.conftest import TINY_OVERRIDES
 
@@ -36,27 +36,31 @@ def _flop_cache(tmp_path, monkeypatch):
 def test_pretrain_images_count_whole_global_batches_as_the_train_loop(tmp_path):
     (run,) = expand(load_sweep(sweep_file(tmp_path, grid={"optim.batch_size": [8]})))
     cfg = run.config  # 64 synthetic images, batch 8, 2 epochs
-    assert cost.pretrain_images(cfg, 1) == 2 * 8 * 8
-    assert cost.pretrain_images(cfg, 3) == 2 * (64 // 24) * 24  # the remainder of an epoch is dropped
+    assert cost_images.pretrain_images(cfg, 1) == 2 * 8 * 8
+    assert cost_images.pretrain_images(cfg, 3) == 2 * (64 // 24) * 24  # the remainder of an epoch is dropped
     cfg.train.max_steps = 5
-    assert cost.pretrain_images(cfg, 1) == 5 * 8
+    assert cost_images.pretrain_images(cfg, 1) == 5 * 8
 
 
 def test_gpu_hours_and_wall_clock_of_a_stage():
-    speed = cost.Speed(100.0, 2.0, cost.MEASURED, "")
-    stage = cost.StageCost("pretrain", 3_600_000, 16, speed)
+    speed = cost_model.Speed(100.0, 2.0, cost_model.MEASURED, "")
+    stage = cost_model.StageCost("pretrain", 3_600_000, 16, speed)
     assert stage.gpu_hours == pytest.approx(10.0)  # 3.6M images at 100 img/s per GPU
     assert stage.hours == pytest.approx(10.0 / 16)  # spread over 2 nodes x 8 GPUs
-    assert cost.StageCost("pretrain", None, 1, speed).gpu_hours is None  # dataset size unknown
+    assert cost_model.StageCost("pretrain", None, 1, speed).gpu_hours is None  # dataset size unknown
 
 
 def test_wall_clock_runs_array_parallelism_jobs_at_a_time_and_chains_evaluations(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path, grid={"optim.batch_size": [8, 4, 2]}, evals=["knn"]))
     runs = expand(sweep)
-    one_hour = cost.Speed(1.0, None, cost.ESTIMATED, "")
+    one_hour = cost_model.Speed(1.0, None, cost_model.ESTIMATED, "")
     costs = [
-        cost.RunCost(
-            r, [cost.StageCost("pretrain", 3600, 1, one_hour), cost.StageCost("knn", 1800, 1, one_hour)]
+        cost_model.RunCost(
+            r,
+            [
+                cost_model.StageCost("pretrain", 3600, 1, one_hour),
+                cost_model.StageCost("knn", 1800, 1, one_hour),
+            ],
         )
         for r in runs
     ]
@@ -76,33 +80,37 @@ def test_the_card_comes_from_the_config_and_the_resources(tmp_path):
             },
         )  # fmt: skip
     )
-    assert cost.stage_card(sweep, "pretrain", "auto") == "H100"
-    assert cost.stage_card(sweep, "pretrain", "cpu") == "cpu"  # train.device=cpu asks for no GPU
-    assert cost.stage_card(sweep, "knn", "auto") == cost.UNKNOWN_GPU
-    assert cost.devices(sweep, "pretrain") == 16 and cost.devices(sweep, "knn") == 1
+    assert cost_shapes.stage_card(sweep, "pretrain", "auto") == "H100"
+    assert cost_shapes.stage_card(sweep, "pretrain", "cpu") == "cpu"  # train.device=cpu asks for no GPU
+    assert cost_shapes.stage_card(sweep, "knn", "auto") == cost_shapes.UNKNOWN_GPU
+    assert cost_shapes.devices(sweep, "pretrain") == 16 and cost_shapes.devices(sweep, "knn") == 1
 
 
 def test_a_measured_shape_wins_over_a_calibration_which_wins_over_a_flop_estimate(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path))
     big, small = expand(sweep)
-    shape = cost.shape_of(big.config, "cpu")
+    shape = cost_shapes.shape_of(big.config, "cpu")
     measured = [(shape, 500.0, 1.0, "elsewhere")]
-    bench = {cost.bench_key(shape): {"img_per_s": 300.0, "memory_gib": 1.5, "device": "cpu", "time": 0}}
-    assert cost._measured(shape, measured).img_per_s == 500.0
-    assert cost._measured(cost.shape_of(small.config, "cpu"), measured) is None  # batch 4: another shape
-    assert cost._measured(cost.shape_of(big.config, "H100"), measured) is None  # another card
-    assert cost._calibrated(shape, bench).source == cost.CALIBRATED
-    guess = cost._estimated(big.config, "cpu", 1)
-    assert guess.source == cost.ESTIMATED and guess.detail.startswith("guess:")
-    flops = cost.train_flops(big.config)["flops"]
-    assert guess.img_per_s == pytest.approx(cost.CPU_FLOPS_PER_THREAD / flops)
+    bench = {cost_bench.bench_key(shape): {"img_per_s": 300.0, "memory_gib": 1.5, "device": "cpu", "time": 0}}
+    assert cost_measured.measured_speed(shape, measured).img_per_s == 500.0
+    assert (
+        cost_measured.measured_speed(cost_shapes.shape_of(small.config, "cpu"), measured) is None
+    )  # batch 4: another shape
+    assert (
+        cost_measured.measured_speed(cost_shapes.shape_of(big.config, "H100"), measured) is None
+    )  # another card
+    assert cost_bench.calibrated_speed(shape, bench).source == cost_model.CALIBRATED
+    guess = cost_flops.estimated_speed(big.config, "cpu", 1)
+    assert guess.source == cost_model.ESTIMATED and guess.detail.startswith("guess:")
+    flops = cost_flops.train_flops(big.config)["flops"]
+    assert guess.img_per_s == pytest.approx(cost_flops.CPU_FLOPS_PER_THREAD / flops)
 
 
 def test_flops_per_image_match_the_reference_step():
     """ViT-S/16, 2x224 + 10x96, K=65536: 124 GFLOP per image (ANCHORS, one H200 step)."""
     from dino.config_compose import compose
 
-    counted = cost.train_flops(compose(["model=vit_small"]))
+    counted = cost_flops.train_flops(compose(["model=vit_small"]))
     assert counted["flops"] / 1e9 == pytest.approx(124, rel=0.02)
 
 
@@ -111,30 +119,35 @@ def test_evaluation_images_are_bank_and_queries_or_epochs_of_the_train_split(tmp
 
     data = {"name": "fashion_mnist", "root": "/x"}
     knn = compose_eval(["knn.max_train=2000", "run.dir=r"], data)
-    assert cost.eval_images("knn", knn) == 2000 + 10000
+    assert cost_images.eval_images("knn", knn) == 2000 + 10000
     linear = compose_eval(["linear.epochs=3", "run.dir=r"], data)
-    assert cost.eval_images("linear", linear) == 10000 + 3 * 60000
+    assert cost_images.eval_images("linear", linear) == 10000 + 3 * 60000
 
 
 def test_the_budget_refuses_naming_the_most_expensive_runs(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path, grid={"optim.batch_size": [8, 4, 2, 1]}))
     costs = [
-        cost.RunCost(
-            r, [cost.StageCost("pretrain", 3600 * (i + 1), 1, cost.Speed(1.0, None, cost.MEASURED, ""))]
+        cost_model.RunCost(
+            r,
+            [
+                cost_model.StageCost(
+                    "pretrain", 3600 * (i + 1), 1, cost_model.Speed(1.0, None, cost_model.MEASURED, "")
+                )
+            ],
         )
         for i, r in enumerate(expand(sweep))
     ]
-    total = cost.SweepCost(costs, None)
+    total = cost_model.SweepCost(costs, None)
     assert total.gpu_hours == pytest.approx(10.0)
     cost.check_budget(sweep, total, 10.0, "--max-gpu-hours")  # at the limit: allowed
-    with pytest.raises(cost.BudgetExceeded) as err:
+    with pytest.raises(cost_model.BudgetExceeded) as err:
         cost.check_budget(sweep, total, 9.5, "--max-gpu-hours")
     message = str(err.value)
     assert "estimated at 10.0 GPU-hours" in message and "over --max-gpu-hours of 9.5" in message
     assert "most expensive: batch_size1 (4, measured), batch_size2 (3, measured)" in message
     assert "Nothing was submitted" in message
-    unknown = cost.SweepCost([cost.RunCost(costs[0].run, [cost.StageCost("pretrain", None, 1, costs[0].stages[0].speed)])], None)  # fmt: skip
-    with pytest.raises(cost.BudgetExceeded, match="have no estimate"):
+    unknown = cost_model.SweepCost([cost_model.RunCost(costs[0].run, [cost_model.StageCost("pretrain", None, 1, costs[0].stages[0].speed)])], None)  # fmt: skip
+    with pytest.raises(cost_model.BudgetExceeded, match="have no estimate"):
         cost.check_budget(sweep, unknown, 100.0, "the sweep's budget")
 
 

@@ -55,6 +55,7 @@ def test_sweep_status_and_plan_load_neither_torch_nor_hydra_nor_mlflow():
         "launcher.commands.sweep",
         "launcher.status",
         "launcher.plan",
+        "launcher.scheduler",
         "launcher.manifest",
     ]
     assert _loaded_after(commands, ["torch", "hydra", "mlflow", "pandas", "timm"]) == []

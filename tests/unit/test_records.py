@@ -43,8 +43,7 @@ def test_older_records_keep_their_evaluation_states_and_a_resubmission_forgets_t
     records.set_eval_state(str(run_dir), "knn", records.COMPLETED)
     assert records.read_record(str(run_dir))["evals"] == {"knn": "completed"}  # the job's own file wins
     saved = records.snapshot(str(run_dir))
-    records.update_record(str(run_dir), state=records.PENDING, evals={})
-    records.reset_evals(str(run_dir))
+    records.mark_pending(str(run_dir), {})
     assert records.read_record(str(run_dir))["evals"] == {}
     records.restore(str(run_dir), saved)  # a refused submission leaves no trace, eval states included
     assert records.read_record(str(run_dir))["evals"] == {"knn": "completed"}

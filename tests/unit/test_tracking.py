@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from dino import mlflow_store
 from dino.config import ConfigError
-from dino.mlflow_tracker import PENDING, MLflowTracker
+from dino.mlflow_tracker import MLflowTracker
+from dino.tracking_spool import PENDING
 from launcher.sweep import SweepError, load_sweep
 from reports.collect import flag
 

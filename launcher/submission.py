@@ -1,0 +1,206 @@
+"""Submit a plan (all or nothing), wait for its jobs, cancel a sweep's live jobs.
+
+The launcher's side of the run records goes through `launcher/records.py` (`mark_pending`,
+`mark_cancelled`, `restore`, `add_job`); the scheduler through `launcher/scheduler.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from launcher import records, tracking_runs
+from launcher.executors import build_executor
+from launcher.jobs import EvalJob, TrainJob
+from launcher.plan import Todo, slots_folder, submitit_folder, to_submit
+from launcher.scheduler import SchedulerError, cancel_job, job_is_live, slurm_message
+from launcher.sweep import RunSpec, Sweep
+
+
+@dataclass
+class Submitted:
+    pretrain: list[tuple[RunSpec, Any]] = field(default_factory=list)
+    evals: list[tuple[RunSpec, str, Any]] = field(default_factory=list)
+    skipped: list[Todo] = field(default_factory=list)
+
+    def summary(self) -> str:
+        ids = sorted({str(j.job_id).split("_")[0] for _, j in self.pretrain})
+        lines = [f"submitted {len(self.pretrain)} pretraining job(s) {' '.join(ids)}".rstrip()]
+        if self.evals:
+            lines.append(
+                f"submitted {len(self.evals)} evaluation job(s) ({', '.join(sorted({p for _, p, _ in self.evals}))})"
+            )
+        for todo in self.skipped:
+            lines.append(f"skipped {todo.run.label}: {' '.join(filter(None, (todo.action, todo.note)))}")
+        return "\n".join(lines)
+
+
+def _record_submission(run: RunSpec, stage: str, job: Any, executor: str) -> None:
+    records.add_job(
+        run.run_dir, stage, str(job.job_id), executor, str(job.paths.stdout), str(job.paths.stderr)
+    )
+
+
+def submit(
+    sweep: Sweep, todos: list[Todo], executor: str, only: str | None = None,
+    estimates: dict[str, dict[str, Any]] | None = None,
+) -> Submitted:  # fmt: skip
+    """One array for the pretraining runs, one per evaluation; evaluations of runs being trained wait
+    for their own run (SLURM `aftercorr` on the pretrain array; locally a wait on the run record).
+    `estimates` (run id -> launcher.cost.record_fields) go into each (re)trained run's record and
+    MLflow tags, for `status` and `report` to show beside the GPU-hours spent."""
+    train, eval_only = to_submit(todos, only)
+    out = Submitted(skipped=[t for t in todos if t not in train and t not in eval_only])
+    before = {t.run.run_dir: records.snapshot(t.run.run_dir) for t in [*train, *eval_only]}
+    created: list[str] = []
+    try:
+        _submit_arrays(sweep, train, eval_only, executor, out, created, estimates or {})
+    except Exception as err:
+        # All or nothing: a refused array leaves no job queued, no record changed, no MLflow run.
+        for job in [j for _, j in out.pretrain] + [j for _, _, j in out.evals]:
+            with contextlib.suppress(Exception):  # the refusal is what the user must see
+                cancel_job({"executor": executor, "job_id": str(job.job_id)}, {})
+        for run_dir, files in before.items():
+            records.restore(run_dir, files)
+        tracking_runs.rollback(sweep, created)
+        if isinstance(err, SubmitRefused):
+            raise SchedulerError(f"{sweep.path}: {err}; nothing was submitted") from None
+        raise
+    return out
+
+
+class SubmitRefused(RuntimeError):
+    """sbatch (or the local executor) refused an array; the message names the stage and the reason."""
+
+
+def _submit_array(sweep: Sweep, ex: Any, stage: str, executor: str, jobs: list[Any]) -> list[Any]:
+    """Submit `jobs` as one array; SubmitRefused with the scheduler's own message when refused.
+    The refusal names the stage's partition, read from the sweep (what the executor was given) rather
+    than from submitit's private `ex._executor.parameters`."""
+    import submitit
+
+    try:
+        with ex.batch():
+            return [ex.submit(job) for job in jobs]
+    except (submitit.core.utils.FailedJobError, OSError) as err:
+        partition = sweep.stage_resources(stage).partition if executor == "slurm" else ""
+        where = f" (partition {partition})" if partition else ""
+        raise SubmitRefused(
+            f"{executor} refused the {stage} array{where}: {slurm_message(str(err))}"
+        ) from None
+
+
+def _submit_arrays(sweep, train, eval_only, executor, out, created, estimates) -> None:
+    folder = submitit_folder(sweep)
+    local_slots = sweep.array_parallelism if executor == "local" else 0
+    # Experiment, parent and child MLflow runs exist before any job starts (no races between jobs).
+    tags = {
+        run_id: {f"dinolab.{k}": str(v) for k, v in fields.items()} for run_id, fields in estimates.items()
+    }
+    tracking_runs.prepare(sweep, [t.run for t in [*train, *eval_only]], created, tags)
+    for todo in train:  # fresh record state for the runs about to be (re)submitted
+        # Evaluations chained to an earlier attempt wait on a pretraining that will never succeed.
+        for job in records.read_jobs(todo.run.run_dir):
+            if job["stage"] != "pretrain" and job_is_live(job):
+                cancel_job(job, records.read_record(todo.run.run_dir))
+        records.mark_pending(todo.run.run_dir, estimates.get(todo.run.run_id, {}))
+    if train:
+        ex = build_executor(sweep, "pretrain", executor, folder)
+        jobs = _submit_array(sweep, ex, "pretrain", executor,
+                             [TrainJob(t.run.overrides, t.run.run_dir, local_slots, slots_folder(sweep)) for t in train])  # fmt: skip
+        for todo, job in zip(train, jobs, strict=True):
+            _record_submission(todo.run, "pretrain", job, executor)
+            out.pretrain.append((todo.run, job))
+    for protocol in sweep.evals:
+        # Every run (re)trained now needs this evaluation again, on its final checkpoint; keeping the
+        # eval array the same size and order as the pretrain array lets SLURM pair task i with task i.
+        chained = [(t, j) for t, (_, j) in zip(train, out.pretrain, strict=True)]
+        alone = [t for t in eval_only if protocol in t.evals]
+        overrides = sweep.eval_overrides.get(protocol, [])
+        if chained:
+            ex = build_executor(sweep, protocol, executor, folder)
+            if executor == "slurm":
+                array_id = str(chained[0][1].job_id).split("_")[0]
+                # The stage's own extra sbatch options (what build_executor passed) plus the dependency.
+                extra = dict(sweep.stage_resources(protocol).additional, dependency=f"aftercorr:{array_id}")
+                ex.update_parameters(slurm_additional_parameters=extra)
+            jobs = _submit_array(sweep, ex, protocol, executor,
+                                 [EvalJob(protocol, t.run.run_dir, overrides, executor != "slurm", local_slots,
+                                          slots_folder(sweep)) for t, _ in chained])  # fmt: skip
+            for (todo, _), job in zip(chained, jobs, strict=True):
+                _record_submission(todo.run, protocol, job, executor)
+                out.evals.append((todo.run, protocol, job))
+        if alone:
+            ex = build_executor(sweep, protocol, executor, folder)
+            jobs = _submit_array(sweep, ex, protocol, executor,
+                                 [EvalJob(protocol, t.run.run_dir, overrides, False, local_slots, slots_folder(sweep))
+                                  for t in alone])  # fmt: skip
+            for todo, job in zip(alone, jobs, strict=True):
+                _record_submission(todo.run, protocol, job, executor)
+                out.evals.append((todo.run, protocol, job))
+
+
+def wait(sweep: Sweep, runs: list[RunSpec], submitted: Submitted, console) -> bool:
+    """Wait for every submitted job with a progress bar per run; True when all succeeded."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    jobs = [(run, "pretrain", job) for run, job in submitted.pretrain] + list(submitted.evals)
+    if not jobs:
+        return True
+    ok = True
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=console) as progress:  # fmt: skip
+        tasks = {
+            run.run_id: progress.add_task(run.name, total=1, info="pending") for run, _ in submitted.pretrain
+        }
+        pending = list(jobs)
+        while pending:
+            for run, stage, job in list(pending):
+                if executor_is_debug(job):
+                    _result(job)  # the debug executor runs jobs in this process, on demand
+                if job.done():
+                    pending.remove((run, stage, job))
+                    try:
+                        job.result()
+                    except Exception as err:  # noqa: BLE001 - shown, then the others go on
+                        ok = False
+                        console.print(
+                            f"[red]{run.label} {stage} failed:[/red] {str(err).strip().splitlines()[-1]}"
+                        )
+            for run, _ in submitted.pretrain:
+                rec = records.read_record(run.run_dir)
+                total = rec.get("total_steps") or 1
+                evals = rec.get("evals", {})
+                info = f"{rec.get('state', 'pending')} step {rec.get('step', 0)}/{total}"
+                if rec.get("loss") is not None:
+                    info += f" loss {rec['loss']:.3f}"
+                if evals:
+                    info += " " + " ".join(f"{p}:{s}" for p, s in evals.items())
+                progress.update(tasks[run.run_id], completed=rec.get("step", 0), total=total, info=info)
+            if pending:
+                time.sleep(1.0)
+    return ok
+
+
+def executor_is_debug(job: Any) -> bool:
+    return type(job).__name__ == "DebugJob"
+
+
+def _result(job: Any) -> None:
+    with contextlib.suppress(Exception):  # failures are reported by wait()
+        job.result()
+
+
+def cancel(runs: list[RunSpec]) -> list[str]:
+    """Cancel every live job of the runs (SLURM: scancel; local: SIGTERM to the job's processes)."""
+    lines = []
+    for run in runs:
+        for job in records.read_jobs(run.run_dir):
+            if not job_is_live(job):
+                continue
+            cancel_job(job, records.read_record(run.run_dir))
+            records.mark_cancelled(run.run_dir)
+            lines.append(f"cancelled {run.label} {job['stage']} job {job['job_id']}")
+    return lines or ["no live jobs"]

@@ -123,7 +123,7 @@ def test_compiled_models_keep_the_checkpoint_keys(tiny_cfg):
         assert all(
             torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
         )
-    assert compiled[0].backbone._compiled_call_impl is not None
+    assert compiled.student.backbone._compiled_call_impl is not None
 
 
 @pytest.mark.slow

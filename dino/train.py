@@ -1,4 +1,5 @@
-"""DINO pretraining: `run(cfg)` sets up, resumes from the newest complete checkpoint, loops, closes.
+"""DINO pretraining: `run(cfg)` sets up (run-folder lock, config.yaml, logs, tracking), runs the loop
+of dino/loop.py (which resumes from the newest complete checkpoint) and closes.
 
 Resume belongs here: started again in the same run.dir, a run continues exactly (same weights as an
 uninterrupted run) from its newest complete checkpoint. Requeueing belongs to the launcher, which only

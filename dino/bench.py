@@ -17,10 +17,9 @@ import torch
 from dino import distributed
 from dino.cards import PEAK_BF16
 from dino.config import DinoConfig
-from dino.data import build_loader, steps_per_epoch
-from dino.schedules import build_schedules
+from dino.run_build import build_run
 from dino.step import StepState, train_step
-from dino.train import build_models, build_pipeline
+from dino.train_data import TrainData
 from dino.train_metrics import memory_gib
 
 
@@ -90,12 +89,7 @@ def run(cfg: DinoConfig, warmup: int = 5, steps: int = 20, inputs: str = "both")
     result = BenchResult(name, f"{cfg.model.name}/{cfg.model.patch_size} 2x{cfg.crops.global_size}+"
                          f"{cfg.crops.num_local}x{cfg.crops.local_size} K={cfg.head.out_dim} {cfg.train.precision}",
                          cfg.optim.batch_size, warmup, steps, compile=cfg.train.compile)  # fmt: skip
-    student, teacher, loss_fn, optimizer, scaler = build_models(cfg, device)
-    schedules = build_schedules(cfg, max(warmup + steps, 1), 1)
-    state = StepState(
-        student, student, teacher, loss_fn, optimizer, scaler, schedules,
-        device.type, cfg.train.precision, cfg.optim.clip_grad,
-    )  # fmt: skip
+    state = build_run(cfg, device, steps_per_epoch=max(warmup + steps, 1)).step_state
     batch = cfg.optim.batch_size
     total = warmup + steps
     if device.type == "cuda":
@@ -117,19 +111,16 @@ def run(cfg: DinoConfig, warmup: int = 5, steps: int = 20, inputs: str = "both")
             result.notes.append(f"no bf16 peak known for {name}: MFU not computed")
 
     if inputs in ("loader", "both"):
-        _, dataset, batch_augment = build_pipeline(cfg, device)
-        result.notes.append("augmentation " + ("batched on the device; the loader only decodes" if batch_augment
+        data = TrainData.open(cfg, device, world_size=1)
+        result.notes.append("augmentation " + ("batched on the device; the loader only decodes" if data.batch_augment
                                                else "per image in the loader workers"))  # fmt: skip
-        spe = steps_per_epoch(len(dataset), batch, 1)
+        spe = data.steps_per_epoch
         if spe == 0:
-            raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch of {batch}")
+            raise ValueError(f"the dataset has {len(data.dataset)} images, fewer than one batch of {batch}")
         epochs_needed = total // spe + 1
         end = spe * epochs_needed
 
-        def loader():
-            return build_loader(cfg, dataset, 0, end, 0, 1, device.type == "cuda")
-
-        it = iter(loader())
+        it = iter(data.loader(0, end))
         for _ in range(warmup):
             next(it)
         start = time.perf_counter()
@@ -138,22 +129,16 @@ def run(cfg: DinoConfig, warmup: int = 5, steps: int = 20, inputs: str = "both")
         result.loader_img_per_s = batch * steps / (time.perf_counter() - start)
         del it
 
-        it = iter(loader())
+        batches = data.batches(0, end)
 
         def real_step(i: int) -> None:
-            item = next(it)
-            if batch_augment is not None:
-                gen = torch.Generator().manual_seed(i)
-                crops = batch_augment(item[0].to(device, non_blocking=True), item[1], gen)
-            else:
-                crops = [c.to(device, non_blocking=True) for c in item[0]]
-            train_step(state, crops, i % total)
+            train_step(state, next(batches), i % total)
 
         _, per_step = _timed(real_step, warmup, steps, device)
         result.end_to_end_img_per_s = batch / per_step
         if result.synthetic_img_per_s:
             result.end_to_end_fraction = result.end_to_end_img_per_s / result.synthetic_img_per_s
-        del it
+        del batches
     result.peak_memory_gib = memory_gib(device)
     return result
 

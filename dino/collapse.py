@@ -22,7 +22,12 @@ runs of docs/collapse.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dino.config import TrainConfig
 
 UNIFORM, ONE_DIM = "uniform", "one dimension"
 MARKER = "collapsed.json"  # in run.dir: the decision, read back by a restart (dino/train.py)
@@ -46,12 +51,14 @@ class CollapseRule:
     """Uniform only: a KL that stays within this range (nats) over the stretch is flat too."""
 
     @classmethod
-    def from_config(cls, cfg, steps_per_epoch: int) -> CollapseRule:
-        """The rule of a run: its train.collapse_* keys, K, and the end of its warm-ups."""
-        warmup_epochs = max(cfg.optim.warmup_epochs, cfg.teacher.warmup_temp_epochs)
-        t = cfg.train
+    def from_config(
+        cls, train: TrainConfig, out_dim: int, warmup_epochs: Iterable[int], steps_per_epoch: int
+    ) -> CollapseRule:
+        """The rule of a run: its train.collapse_* keys, K, and the end of
+        its longest warm-up (`warmup_epochs`: optim.warmup_epochs, teacher.warmup_temp_epochs)."""
+        t = train
         return cls(
-            cfg.head.out_dim, warmup_epochs * steps_per_epoch, t.collapse_patience_steps,
+            out_dim, max(warmup_epochs) * steps_per_epoch, t.collapse_patience_steps,
             t.collapse_uniform_margin, t.collapse_one_dim_fraction, t.collapse_kl_flat, t.collapse_kl_range,
         )  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""Datasets (synthetic, fashion_mnist, imagefolder), the deterministic sampler and the loader.
+"""Datasets (synthetic, fashion_mnist, imagefolder) and the deterministic sampler (the loader: dino/train_data.py).
 
 Every base dataset returns (uint8 image [3, H, W], label). `MultiCropDataset` is indexed by
 (epoch, index) and seeds the augmentation from (seed, epoch, index), so a sample's crops depend on
@@ -16,12 +16,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import Dataset, Sampler, Subset
 
 from dino import storage
 from dino.augment import MultiCropAugment, sample_seed
 from dino.bad_images import BadImages
-from dino.config import DataConfig, DinoConfig
+from dino.config import DataConfig
 
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -215,8 +215,13 @@ def pad_collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, 
     return batch, sizes, torch.tensor([label for _, label in samples])
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's order (the folder's permutation, the shards' order)."""
+    return seed * 100_003 + epoch
+
+
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     return torch.randperm(num_samples, generator=gen)
 
 
@@ -224,7 +229,32 @@ def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
     return num_samples // (batch_size * world_size)
 
 
-class RunBatchSampler(Sampler[list[tuple[int, int]]]):
+class RankSteps:
+    """One rank's share of the global steps [start_step, end_step), epochs of `steps_per_epoch` batches
+    of `batch_size` per rank: what the folder's batch sampler and the shards' stream have in common.
+    `too_few` is the error when the data do not hold one step."""
+
+    def __init__(
+        self,
+        steps_per_epoch: int,
+        batch_size: int,
+        seed: int,
+        start_step: int,
+        end_step: int,
+        rank: int,
+        world_size: int,
+        too_few: str,
+    ) -> None:
+        self.steps_per_epoch, self.batch_size, self.seed = steps_per_epoch, batch_size, seed
+        self.start_step, self.end_step, self.rank, self.world_size = start_step, end_step, rank, world_size
+        if steps_per_epoch == 0:
+            raise ValueError(too_few)
+
+    def __len__(self) -> int:
+        return max(self.end_step - self.start_step, 0)
+
+
+class RunBatchSampler(RankSteps, Sampler[list[tuple[int, int]]]):
     """Batches of (epoch, index) for one rank from global step `start_step` to `end_step`.
 
     Epoch e uses `epoch_permutation(n, seed, e)` truncated to whole global batches; rank r takes every
@@ -242,17 +272,13 @@ class RunBatchSampler(Sampler[list[tuple[int, int]]]):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.start_step, self.end_step, self.rank, self.world_size = start_step, end_step, rank, world_size
-        self.steps_per_epoch = steps_per_epoch(num_samples, batch_size, world_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{num_samples} images are fewer than one global batch "
-                f"(optim.batch_size={batch_size} x {world_size} devices)"
-            )
-
-    def __len__(self) -> int:
-        return max(self.end_step - self.start_step, 0)
+        self.num_samples = num_samples
+        too_few = (
+            f"{num_samples} images are fewer than one global batch "
+            f"(optim.batch_size={batch_size} x {world_size} devices)"
+        )
+        spe = steps_per_epoch(num_samples, batch_size, world_size)
+        super().__init__(spe, batch_size, seed, start_step, end_step, rank, world_size, too_few)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         step = self.start_step
@@ -265,29 +291,3 @@ class RunBatchSampler(Sampler[list[tuple[int, int]]]):
                     return
                 yield [(epoch, int(j)) for j in mine[i * self.batch_size : (i + 1) * self.batch_size]]
                 step += 1
-
-
-def build_loader(
-    cfg: DinoConfig,
-    dataset: MultiCropDataset | DecodedDataset,
-    start_step: int,
-    end_step: int,
-    rank: int,
-    world_size: int,
-    pin_memory: bool,
-) -> DataLoader:
-    sampler = RunBatchSampler(
-        len(dataset), cfg.optim.batch_size, cfg.train.seed, start_step, end_step, rank, world_size
-    )
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=cfg.train.workers,
-        collate_fn=pad_collate if isinstance(dataset, DecodedDataset) else None,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-        prefetch_factor=4 if cfg.train.workers > 0 else None,
-        # A private generator: building the loader must not consume the global RNG, or a resumed run's
-        # drop-path randomness would differ from an uninterrupted one.
-        generator=torch.Generator().manual_seed(cfg.train.seed),
-    )

@@ -6,7 +6,7 @@ import timm
 import torch
 from torch import nn
 
-from dino.config import ARCHS, DinoConfig
+from dino.config import ARCHS, HeadConfig, ModelConfig
 from dino.heads import DINOHead
 
 
@@ -49,18 +49,21 @@ class MultiCropWrapper(nn.Module):
         return self.head(torch.cat(features))
 
 
-def build_student_teacher(cfg: DinoConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
-    """Student (with drop path) and teacher (without), the teacher a copy of the student's weights."""
+def build_student_teacher(
+    model: ModelConfig, head_cfg: HeadConfig, img_size: int
+) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    """Student (with drop path) and teacher (without), the teacher a copy of the student's weights;
+    `img_size` is the global crops' side (crops.global_size)."""
     nets = []
-    for drop_path in (cfg.model.drop_path, 0.0):
-        backbone = build_backbone(cfg.model.name, cfg.model.patch_size, cfg.crops.global_size, drop_path)
+    for drop_path in (model.drop_path, 0.0):
+        backbone = build_backbone(model.name, model.patch_size, img_size, drop_path)
         head = DINOHead(
             backbone.num_features,
-            cfg.head.out_dim,
-            cfg.head.hidden_dim,
-            cfg.head.bottleneck_dim,
-            cfg.head.num_layers,
-            cfg.head.norm_last_layer,
+            head_cfg.out_dim,
+            head_cfg.hidden_dim,
+            head_cfg.bottleneck_dim,
+            head_cfg.num_layers,
+            head_cfg.norm_last_layer,
         )
         nets.append(MultiCropWrapper(backbone, head))
     student, teacher = nets

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dino.config import DinoConfig
+from dino.config import OptimConfig, TeacherConfig
 
 
 def cosine_schedule(
@@ -39,17 +39,19 @@ class Schedules:
         return len(self.lr)
 
 
-def build_schedules(cfg: DinoConfig, steps_per_epoch: int, world_size: int) -> Schedules:
+def build_schedules(
+    optim: OptimConfig, teacher: TeacherConfig, steps_per_epoch: int, world_size: int
+) -> Schedules:
     """All schedules of ANCHORS.md for `optim.epochs * steps_per_epoch` steps."""
-    total = cfg.optim.epochs * steps_per_epoch
-    global_batch = cfg.optim.batch_size * world_size
-    peak_lr = cfg.optim.lr * global_batch / 256
+    total = optim.epochs * steps_per_epoch
+    global_batch = optim.batch_size * world_size
+    peak_lr = optim.lr * global_batch / 256
     return Schedules(
-        lr=cosine_schedule(peak_lr, cfg.optim.min_lr, total, cfg.optim.warmup_epochs * steps_per_epoch),
-        weight_decay=cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total),
-        momentum=cosine_schedule(cfg.teacher.momentum, 1.0, total),
+        lr=cosine_schedule(peak_lr, optim.min_lr, total, optim.warmup_epochs * steps_per_epoch),
+        weight_decay=cosine_schedule(optim.weight_decay, optim.weight_decay_end, total),
+        momentum=cosine_schedule(teacher.momentum, 1.0, total),
         teacher_temp=teacher_temp_schedule(
-            cfg.teacher.warmup_temp, cfg.teacher.temp, total, cfg.teacher.warmup_temp_epochs * steps_per_epoch
+            teacher.warmup_temp, teacher.temp, total, teacher.warmup_temp_epochs * steps_per_epoch
         ),
-        freeze_last_layer_steps=cfg.optim.freeze_last_layer * steps_per_epoch,
+        freeze_last_layer_steps=optim.freeze_last_layer * steps_per_epoch,
     )

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -30,14 +29,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
 from dino import storage
 from dino.bad_images import BadImages
-from dino.data import decode_image
+from dino.data import RankSteps, decode_image, epoch_seed
 
-log = logging.getLogger("dino.shards")
 INDEX = "index.json"
 STREAMS = 8
 FORMAT = "dinolab-webdataset-1"
@@ -242,7 +240,7 @@ def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
     return num_samples // (batch_size * world_size * STREAMS) * STREAMS
 
 
-class ShardStream(IterableDataset):
+class ShardStream(RankSteps, IterableDataset):
     """One rank's batches from global step `start_step` to `end_step`: (collated crops, labels), or with
     `augment=None` the decoded images for batched augmentation (padded batch, sizes, labels)."""
 
@@ -257,23 +255,19 @@ class ShardStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.shards, self.augment, self.seed, self.batch_size = shards, augment, seed, batch_size
-        self.start_step, self.end_step, self.rank, self.world_size = start_step, end_step, rank, world_size
-        self.steps_per_epoch = steps_per_epoch(len(shards), batch_size, world_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{len(shards)} packed images are fewer than {STREAMS} global batches "
-                f"(optim.batch_size={batch_size} x {world_size} devices x {STREAMS} streams)"
-            )
+        self.shards, self.augment = shards, augment
+        too_few = (
+            f"{len(shards)} packed images are fewer than {STREAMS} global batches "
+            f"(optim.batch_size={batch_size} x {world_size} devices x {STREAMS} streams)"
+        )
+        spe = steps_per_epoch(len(shards), batch_size, world_size)
+        super().__init__(spe, batch_size, seed, start_step, end_step, rank, world_size, too_few)
         self._sequence: tuple[int, torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return max(self.end_step - self.start_step, 0)
 
     def epoch_sequence(self, epoch: int) -> torch.Tensor:
         """Pack positions of the whole epoch in reading order (shards permuted, images within)."""
         if self._sequence is None or self._sequence[0] != epoch:
-            base = self.seed * 100_003 + epoch
+            base = epoch_seed(self.seed, epoch)
             shard_order = torch.randperm(
                 self.shards.num_shards, generator=torch.Generator().manual_seed(base)
             )
@@ -318,18 +312,3 @@ class ShardStream(IterableDataset):
                 yield pad_collate(batch)
             else:
                 yield default_collate(batch)
-
-
-def build_loader(stream: ShardStream, workers: int, pin_memory: bool) -> DataLoader:
-    if workers and STREAMS % workers:
-        log.warning(
-            "train.workers=%d does not divide the %d shard streams: workers share streams and read "
-            "some shards more than once (same batches, more traffic); use 1, 2, 4 or 8", workers, STREAMS,
-        )  # fmt: skip
-    return DataLoader(
-        stream,
-        batch_size=None,  # the stream yields whole batches
-        num_workers=workers,
-        pin_memory=pin_memory,
-        prefetch_factor=4 if workers else None,
-    )

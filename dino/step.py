@@ -64,9 +64,9 @@ def ema_update_(
     torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepState:
-    """Everything one step touches; built once by the train loop."""
+    """Everything one step touches; built once per run (`dino/run_build.py`), by keyword."""
 
     student: nn.Module  # MultiCropWrapper, possibly wrapped in DistributedDataParallel
     student_module: nn.Module  # the unwrapped student (EMA source)

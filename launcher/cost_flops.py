@@ -73,7 +73,7 @@ def train_flops(cfg: DinoConfig) -> dict[str, float]:
         from dino.models import build_student_teacher
 
         with torch.device("meta"):
-            student, teacher = build_student_teacher(cfg)
+            student, teacher = build_student_teacher(cfg.model, cfg.head, cfg.crops.global_size)
         g, loc = cfg.crops.global_size, cfg.crops.local_size
         crops = [torch.empty(1, 3, g, g, device="meta") for _ in range(2)]
         crops += [torch.empty(1, 3, loc, loc, device="meta") for _ in range(cfg.crops.num_local)]

@@ -118,7 +118,9 @@ def replay(run_dir: Path, keys: dict[str, float]) -> dict[str, object]:
     cfg = from_dict(saved)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     spe = round(metrics[-1]["step"] / metrics[-1]["epoch"])
-    rule = CollapseRule.from_config(cfg, spe)
+    rule = CollapseRule.from_config(
+        cfg.train, cfg.head.out_dim, (cfg.optim.warmup_epochs, cfg.teacher.warmup_temp_epochs), spe
+    )
     guard = CollapseGuard(rule)
     fired, onset = None, None
     for m in metrics:

@@ -101,7 +101,12 @@ def test_a_resumed_guard_counts_from_its_start_step():
 def test_rule_reads_the_config_and_the_longest_warmup():
     cfg = compose(["model=vit_test", "optim.epochs=10", "optim.warmup_epochs=2", "teacher.warmup_temp_epochs=3",
                    "train.collapse_patience_steps=7", "head.out_dim=256"])  # fmt: skip
-    rule = CollapseRule.from_config(cfg, steps_per_epoch=50)
+    rule = CollapseRule.from_config(
+        cfg.train,
+        cfg.head.out_dim,
+        (cfg.optim.warmup_epochs, cfg.teacher.warmup_temp_epochs),
+        steps_per_epoch=50,
+    )
     assert (rule.out_dim, rule.warmup_steps, rule.patience_steps) == (256, 150, 7)
 
 

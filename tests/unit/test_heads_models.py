@@ -21,7 +21,7 @@ def test_head_weight_g_trainable_without_norm_last_layer():
 
 def test_multicrop_wrapper_batches_each_resolution_once(tiny_cfg):
     cfg = tiny_cfg("crops.num_local=3")
-    student, teacher = build_student_teacher(cfg)
+    student, teacher = build_student_teacher(cfg.model, cfg.head, cfg.crops.global_size)
     calls = []
     student.backbone.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
     crops = [torch.randn(4, 3, 32, 32)] * 2 + [torch.randn(4, 3, 16, 16)] * 3

@@ -242,13 +242,14 @@ def test_baselines_use_the_same_code_and_their_own_cache(trained_run):
 def test_the_random_baseline_is_the_runs_own_initial_backbone(tiny_cfg, tmp_path):
     """Without baseline_seed the random baseline uses the run's train.seed: the very backbone the run
     started from, so "pretraining vs random init" compares a run with its own starting point."""
-    from dino.train import build_models, run
+    from dino.run_build import build_state
+    from dino.train import run
 
     run(tiny_cfg("train.seed=2", "train.max_steps=1", run_dir=tmp_path / "seed2"))
     _, target = resolve(knn_args(tmp_path / "seed2", "baseline=random"))
     run_cfg = target.run_cfg
     assert run_cfg.train.seed == 2 and target.key == "random-seed2"
-    initial = build_models(run_cfg, torch.device("cpu"))[0].backbone.state_dict()
+    initial = build_state(run_cfg, torch.device("cpu")).student.backbone.state_dict()
     for key, value in target.backbone.state_dict().items():
         assert torch.equal(value, initial[key]), key
 

@@ -19,7 +19,7 @@ def test_build_schedules_follows_the_recipe(tiny_cfg):
     cfg = tiny_cfg(
         "optim.epochs=10", "optim.warmup_epochs=2", "teacher.warmup_temp=0.02", "teacher.warmup_temp_epochs=3"
     )
-    sch = build_schedules(cfg, steps_per_epoch=5, world_size=4)
+    sch = build_schedules(cfg.optim, cfg.teacher, steps_per_epoch=5, world_size=4)
     assert sch.total_steps == 50
     peak = 0.0005 * 8 * 4 / 256  # lr per 256 images x global batch
     assert abs(sch.lr[10] - peak) < 1e-15 and sch.lr[0] == 0.0

@@ -9,12 +9,13 @@ from dino.step import StepState, build_optimizer, clip_gradients_, param_groups,
 
 def make_state(cfg):
     torch.manual_seed(0)
-    student, teacher = build_student_teacher(cfg)
+    student, teacher = build_student_teacher(cfg.model, cfg.head, cfg.crops.global_size)
     loss_fn = DINOLoss(cfg.head.out_dim, 2 + cfg.crops.num_local)
-    sched = build_schedules(cfg, steps_per_epoch=4, world_size=1)
+    sched = build_schedules(cfg.optim, cfg.teacher, steps_per_epoch=4, world_size=1)
     return StepState(
-        student, student, teacher, loss_fn, build_optimizer(student, "cpu"),
-        torch.amp.GradScaler("cpu", enabled=False), sched, "cpu", cfg.train.precision, cfg.optim.clip_grad,
+        student=student, student_module=student, teacher=teacher, loss_fn=loss_fn,
+        optimizer=build_optimizer(student, "cpu"), scaler=torch.amp.GradScaler("cpu", enabled=False),
+        schedules=sched, device_type="cpu", precision=cfg.train.precision, clip_grad=cfg.optim.clip_grad,
     )  # fmt: skip
 
 
@@ -70,7 +71,8 @@ def test_clipping_matches_the_reference_per_parameter_loop():
 
 
 def test_no_weight_decay_on_biases_and_norms(tiny_cfg):
-    student, _ = build_student_teacher(tiny_cfg())
+    cfg = tiny_cfg()
+    student, _ = build_student_teacher(cfg.model, cfg.head, cfg.crops.global_size)
     decay, no_decay = param_groups(student)
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
     assert no_decay["weight_decay"] == 0.0
@@ -161,18 +163,14 @@ def test_compiled_step_matches_the_eager_step(tiny_cfg):
     eager mode: same losses, same student, teacher and centre after three updates, to float tolerance.
     On the CPU inductor emits C++ instead of Triton, but graph capture, the recompilation for the
     local crops' resolution and the backward graph are the same as on a GPU."""
-    from dino.train import build_models
+    from dino.run_build import build_run
 
     overrides = ("optim.warmup_epochs=0", "train.precision=fp32", "model.drop_path=0")
     cfg = tiny_cfg(*overrides)
     states = []
     for compiled in ("false", "true"):
-        student, teacher, loss_fn, optimizer, scaler = build_models(
-            tiny_cfg(*overrides, f"train.compile={compiled}"), torch.device("cpu")
-        )
-        sched = build_schedules(cfg, steps_per_epoch=4, world_size=1)
-        states.append(StepState(student, student, teacher, loss_fn, optimizer, scaler, sched, "cpu", "fp32",
-                                cfg.optim.clip_grad))  # fmt: skip
+        run_cfg = tiny_cfg(*overrides, f"train.compile={compiled}")
+        states.append(build_run(run_cfg, torch.device("cpu"), steps_per_epoch=4).step_state)
     eager, compiled = states
     assert compiled.student.backbone._compiled_call_impl is not None
     gen = torch.Generator().manual_seed(0)

@@ -114,16 +114,16 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
 def test_compiled_models_keep_the_checkpoint_keys(tiny_cfg):
     """train.compile compiles the backbones in place: state dict keys (and so checkpoints) are unchanged."""
-    from dino.train import build_models
+    from dino.run_build import build_state
 
-    plain = build_models(tiny_cfg(), torch.device("cpu"))
-    compiled = build_models(tiny_cfg("train.compile=true"), torch.device("cpu"))
-    for a, b in zip(plain[:2], compiled[:2], strict=True):
+    plain = build_state(tiny_cfg(), torch.device("cpu"))
+    compiled = build_state(tiny_cfg("train.compile=true"), torch.device("cpu"))
+    for a, b in ((plain.student, compiled.student), (plain.teacher, compiled.teacher)):
         assert list(a.state_dict()) == list(b.state_dict())
         assert all(
             torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
         )
-    assert compiled[0].backbone._compiled_call_impl is not None
+    assert compiled.student.backbone._compiled_call_impl is not None
 
 
 @pytest.mark.slow

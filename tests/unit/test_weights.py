@@ -92,12 +92,13 @@ def test_arbitrary_pickles_are_refused_not_executed(tmp_path):
 
 
 def test_train_init_weights_starts_both_networks_from_the_reference_checkpoint(tiny_cfg):
+    from dino.run_build import build_state
     from dino.run_identity import config_hash
-    from dino.train import build_models
 
     # model=vit_test is the fixture's architecture: 64 wide, 2 blocks, patch 8, head 128/32/256.
     cfg = tiny_cfg(f"train.init_weights={FIXTURES / 'full_checkpoint.pth'}")
-    student, teacher, *_ = build_models(cfg, torch.device("cpu"))
+    state = build_state(cfg, torch.device("cpu"))
+    student, teacher = state.student, state.teacher
     with torch.no_grad():
         for net in (student.eval(), teacher):
             features = net.backbone(EXPECTED["x32"])
@@ -106,12 +107,12 @@ def test_train_init_weights_starts_both_networks_from_the_reference_checkpoint(t
     assert config_hash(cfg) != config_hash(tiny_cfg())  # another start, another run
     # A backbone-only file: its backbone, a fresh head.
     cfg = tiny_cfg(f"train.init_weights={FIXTURES / 'backbone_pretrain.pth'}")
-    _, teacher, *_ = build_models(cfg, torch.device("cpu"))
+    teacher = build_state(cfg, torch.device("cpu")).teacher
     with torch.no_grad():
         torch.testing.assert_close(teacher.backbone(EXPECTED["x32"]), EXPECTED["cls_32"], atol=1e-5, rtol=0)
     with pytest.raises(weights.WeightsError, match="does not fit model=vit_test model.patch_size=16"):
         wrong = tiny_cfg("model.patch_size=16", f"train.init_weights={FIXTURES / 'backbone_pretrain.pth'}")
-        build_models(wrong, torch.device("cpu"))
+        build_state(wrong, torch.device("cpu"))
 
 
 def test_a_timm_checkpoint_with_a_classifier_loads_without_it(tmp_path):

@@ -26,16 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from dino.bad_images import UnreadableImageError
-    from dino.checkpoint import CheckpointError
-    from dino.checkpoint_writer import CheckpointWriteError
-    from dino.config import ConfigError
-    from dino.data import DatasetNotFoundError
-    from dino.distributed import DeviceError
-    from dino.run_lock import LockLost, RunLocked
-    from dino.storage import StorageError
-    from dino.train import ConfigMismatchError
-    from dino.train_metrics import NonFiniteLossError
+    from dino.config.schema import ConfigError
+    from dino.data.bad_images import UnreadableImageError
+    from dino.data.datasets import DatasetNotFoundError
+    from dino.io.checkpoint import CheckpointError
+    from dino.io.checkpoint_writer import CheckpointWriteError
+    from dino.io.run_lock import LockLost, RunLocked
+    from dino.io.storage import StorageError
+    from dino.run.distributed import DeviceError
+    from dino.run.train import ConfigMismatchError
+    from dino.run.train_metrics import NonFiniteLossError
     from launcher.sweep import SweepError
     from launcher.tracking_runs import TrackingUnavailable
 

@@ -58,8 +58,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.__dict__.update(state, _stop=None, _thread=None, _started=False)
 
     def __call__(self) -> dict[str, Any]:
-        from dino.config_compose import compose
-        from dino.train import run
+        from dino.config.compose import compose
+        from dino.run.train import run
 
         job_id, rank, num_tasks = _job_env()
         _export_distributed_env(num_tasks)
@@ -104,7 +104,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         if slot is not None:
             slot.close()
         if "error" in outcome:
-            from dino.run_lock import RunLocked
+            from dino.io.run_lock import RunLocked
 
             # Refused because another process trains the run: its record is the holder's, not ours.
             if main and not isinstance(outcome["error"], RunLocked):
@@ -192,7 +192,7 @@ class EvalJob(submitit.helpers.Checkpointable):
     def _evaluate(self) -> None:
         """The protocol on the run's newest checkpoint; it logs its own result to MLflow."""
         from dino.eval.results import KNN
-        from dino.progress import setup_logging
+        from dino.run.progress import setup_logging
 
         setup_logging()  # progress and resume messages in the job's stderr
         overrides = [f"run.dir={self.run_dir}", *self.overrides]

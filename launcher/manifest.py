@@ -7,7 +7,7 @@ read that one file instead of expanding again, and then read each run's own file
 
 The manifest is used only while it describes the same grid: it carries a fingerprint of what decides
 the runs (the sweep's base, axes, seeds, names, root and tracking store, after command-line edits)
-and of the config schema and presets (dino/config.py, dino/conf): a different fingerprint means an
+and of the config schema and presets (dino/config/schema.py, dino/conf): a different fingerprint means an
 edited sweep or a dinolab whose defaults changed, and the sweep is expanded as before.
 """
 
@@ -19,7 +19,7 @@ import json
 import time
 from typing import Any
 
-from dino import storage
+from dino.io import storage
 from launcher.sweep import RunSpec, Sweep, expand
 
 MANIFEST = "manifest.json"
@@ -32,7 +32,7 @@ def path(sweep: Sweep) -> str:
 
 
 def _schema_files() -> list[Any]:
-    """dino/config.py and every preset under dino/conf: a change of a default can change run ids."""
+    """dino/config/schema.py and every preset under dino/conf: a change of a default can change run ids."""
     conf = importlib.resources.files("dino.conf")
     files = [importlib.resources.files("dino") / "config.py"]
     pending = [conf]

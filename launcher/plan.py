@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.table import Table
 
-from dino import checkpoint
+from dino.io import checkpoint
 from launcher import records
 from launcher.scheduler import LIVE_SLURM_STATES, job_is_live, slurm_states
 from launcher.sweep import RunSpec, Sweep

@@ -8,7 +8,7 @@ run is live (`mark_pending` before submitting, `mark_cancelled` after stopping t
 after a refused submission); each evaluation job owns its own `record-<protocol>.json` (k-NN and
 linear jobs of one run may finish together; in one shared file one could overwrite the other's
 state); the launcher owns `jobs.json` (every submission: stage, job id, executor, log paths, time:
-`add_job`). All are written atomically through `dino.storage`; `read_record` shows the evaluation
+`add_job`). All are written atomically through `dino.io.storage`; `read_record` shows the evaluation
 states as the record's `evals`.
 """
 
@@ -19,13 +19,13 @@ import socket
 import time
 from typing import Any
 
-from dino import storage
+from dino.io import storage
 
 RECORD = "record.json"
 JOBS = "jobs.json"
 
 # Run states, as the job reports them (and `cancelled`, as `sweep cancel` sets it). `collapsed`: the
-# collapse guard stopped the run early (dino/collapse.py), a decision like `completed`, never resubmitted.
+# collapse guard stopped the run early (dino/method/collapse.py), a decision like `completed`, never resubmitted.
 PENDING, RUNNING, REQUEUED, COMPLETED, FAILED = "pending", "running", "requeued", "completed", "failed"
 CANCELLED, COLLAPSED = "cancelled", "collapsed"
 DONE = (COMPLETED, COLLAPSED)  # pretraining that will not run again
@@ -95,7 +95,7 @@ def update_record(run_dir: str, **changes: Any) -> dict[str, Any]:
 
 def mark_pending(run_dir: str, estimates: dict[str, Any]) -> None:
     """The launcher is about to (re)submit the run: state `pending`, no error, its cost estimates
-    (`launcher.cost.record_fields`), and every evaluation to run again."""
+    (`launcher.cost.estimate.record_fields`), and every evaluation to run again."""
     update_record(run_dir, state=PENDING, error="", evals={}, **estimates)
     reset_evals(run_dir)
 

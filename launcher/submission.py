@@ -49,7 +49,7 @@ def submit(
 ) -> Submitted:  # fmt: skip
     """One array for the pretraining runs, one per evaluation; evaluations of runs being trained wait
     for their own run (SLURM `aftercorr` on the pretrain array; locally a wait on the run record).
-    `estimates` (run id -> launcher.cost.record_fields) go into each (re)trained run's record and
+    `estimates` (run id -> launcher.cost.estimate.record_fields) go into each (re)trained run's record and
     MLflow tags, for `status` and `report` to show beside the GPU-hours spent."""
     train, eval_only = to_submit(todos, only)
     out = Submitted(skipped=[t for t in todos if t not in train and t not in eval_only])

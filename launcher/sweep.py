@@ -17,11 +17,11 @@ from typing import Any
 
 import yaml
 
-from dino import mlflow_store, storage
-from dino.config import TRACKING_SCHEMES, ConfigError, DinoConfig, flatten, to_dict
-from dino.overrides import read_value
-from dino.overrides import split as split_override
-from dino.suggest import did_you_mean
+from dino.config.overrides import read_value
+from dino.config.overrides import split as split_override
+from dino.config.schema import TRACKING_SCHEMES, ConfigError, DinoConfig, flatten, to_dict
+from dino.config.suggest import did_you_mean
+from dino.io import mlflow_store, storage
 from launcher.sweep_checks import SweepError, check_gpus, check_types, expand_env, yaml_error
 
 EVALS = ("knn", "linear")
@@ -64,7 +64,7 @@ class Sweep:
     tracking_uri: str = "default"
     """MLflow store: "default" = sqlite:///<root>/mlflow.db, "none" = off, or a server URL."""
     budget: float = 0
-    """GPU-hours a submission may cost at most (its estimate, launcher/cost.py); 0 = no limit."""
+    """GPU-hours a submission may cost at most (its estimate, launcher/cost/estimate.py); 0 = no limit."""
     logs_root: str = ""
     """Shared-filesystem folder for what the scheduler needs as files (submitit logs and scripts,
     local slot locks, the default SQLite store): empty = root for a local root, ~/dinolab for s3://."""
@@ -108,7 +108,7 @@ class RunSpec:
     @property
     def config(self) -> DinoConfig:
         if self.resolved is None:
-            from dino.compose_many import shared_composer
+            from dino.config.compose_many import shared_composer
 
             self.resolved = shared_composer().compose(self.overrides)
         return self.resolved
@@ -277,7 +277,7 @@ def _check_axis_keys(sweep: Sweep) -> None:
 
 def expand(sweep: Sweep) -> list[RunSpec]:
     """Every (grid point, seed) as a RunSpec with its composed, validated config."""
-    from dino.compose_many import ConfigComposer
+    from dino.config.compose_many import ConfigComposer
 
     _check_axis_keys(sweep)
     composer = ConfigComposer()  # Hydra once per preset choice, not once per run

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from dino.schema_types import fits, type_name, type_words
+from dino.config.types import fits, type_name, type_words
 
 
 class SweepError(ValueError):
@@ -37,7 +37,7 @@ def check_types(path: str, where: str, values: dict[str, Any], schema: type) -> 
 
 
 def check_gpus(path: str, stage: str, res: Any) -> None:
-    """One task per GPU: each rank takes cuda:LOCAL_RANK (dino/distributed.py), so a node's tasks
+    """One task per GPU: each rank takes cuda:LOCAL_RANK (dino/run/distributed.py), so a node's tasks
     beyond its GPUs would have none (found here, not hours later in the queue)."""
     if res.gpus_per_node and res.tasks_per_node > res.gpus_per_node:
         raise SweepError(

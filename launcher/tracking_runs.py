@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dino import mlflow_store, storage
-from dino.tracking import LINK, read_link, write_link
+from dino.io import mlflow_store, storage
+from dino.io.tracking import LINK, read_link, write_link
 from launcher.sweep import RunSpec, Sweep
 
 

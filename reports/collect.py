@@ -1,6 +1,6 @@
 """MLflow -> one tidy DataFrame: a row per run of a sweep, with its axes, seed, state and metrics.
 
-Reads only the tracking store (a client of dino/mlflow_store.py), so a report can be made on a laptop pointed at
+Reads only the tracking store (a client of dino/io/mlflow_store.py), so a report can be made on a laptop pointed at
 the cluster's `mlflow server`; a local store (SQLite, file) that does not exist is an error, never
 created. Metric values are the latest logged ones: the final training step, the evaluation of the
 newest checkpoint.
@@ -43,8 +43,8 @@ class ReportError(ValueError):
 def search(uri: str, experiment: str) -> pd.DataFrame:
     """The dinolab runs of `experiment`, one row each: `run_id`, `status`, … and a `metrics.<key>`,
     `params.<key>` and `tags.<key>` column per key any run has (the layout of `mlflow.search_runs`),
-    read through a client of dino/mlflow_store.py rather than MLflow's global tracking URI."""
-    from dino.mlflow_store import existing_client, missing_store
+    read through a client of dino/io/mlflow_store.py rather than MLflow's global tracking URI."""
+    from dino.io.mlflow_store import existing_client, missing_store
 
     if missing_store(uri):  # opening it would create it: a report creates nothing
         raise ReportError(f"no MLflow store at {uri}: nothing has been tracked there")
@@ -132,12 +132,12 @@ def collect(uri: str, experiment: str) -> pd.DataFrame:
             df[re.sub(r"^(.*knn_top\d)_k(\d+)$", r"\1@\2", key[len("metrics.") :])] = pd.to_numeric(
                 runs[key], errors="coerce"
             )
-    # The pretraining GPU-hours its submission estimated (launcher/cost.py), for the runs table to
+    # The pretraining GPU-hours its submission estimated (launcher/cost/estimate.py), for the runs table to
     # set beside `gpu_hours`; absent for runs submitted before estimates were kept.
     df["est_gpu_hours"] = pd.to_numeric(_column(runs, "tags.dinolab.estimate_gpu_hours"), errors="coerce")
     df["est_source"] = _column(runs, "tags.dinolab.estimate_source")
     df["out_dim"] = pd.to_numeric(_column(runs, "params.head.out_dim"), errors="coerce")  # K, for ln K
-    # A run the collapse guard stopped ends FINISHED with the tag dinolab.state=collapsed (dino/train.py).
+    # A run the collapse guard stopped ends FINISHED with the tag dinolab.state=collapsed (dino/run/train.py).
     stopped = _column(runs, "tags.dinolab.state") == "collapsed"
     df.loc[stopped.to_numpy(), "state"] = "collapsed"
     df["collapse_step"] = pd.to_numeric(_column(runs, "tags.dinolab.collapse_step"), errors="coerce")

@@ -15,8 +15,8 @@ import posixpath
 
 import pandas as pd
 
-from dino import storage
 from dino.eval.results import read_results
+from dino.io import storage
 from reports.tables import Column
 
 
@@ -29,7 +29,7 @@ def results_folder(path: str) -> str:
     weights file (read to hash it)."""
     if storage.isdir(storage.join(path, "eval")):
         return path
-    from dino import weights
+    from dino.tools import weights
 
     return storage.join("runs", "weights", weights.read(path).identity)
 

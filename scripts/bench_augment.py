@@ -28,10 +28,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dino.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugment  # noqa: E402
-from dino.batch_augment import BatchMultiCrop, crop_kinds  # noqa: E402
-from dino.config import CropsConfig  # noqa: E402
-from dino.data import decode_image  # noqa: E402
+from dino.config.schema import CropsConfig  # noqa: E402
+from dino.data.datasets import decode_image  # noqa: E402
+from dino.method.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugment  # noqa: E402
+from dino.method.batch_augment import BatchMultiCrop, crop_kinds  # noqa: E402
 
 
 def synthetic_jpeg(seed: int, size: tuple[int, int] = (500, 375)) -> bytes:

@@ -1,4 +1,4 @@
-"""When would the collapse guard fire? Replays runs' metrics.jsonl through dino/collapse.py.
+"""When would the collapse guard fire? Replays runs' metrics.jsonl through dino/method/collapse.py.
 
     PYTHONPATH=$PWD .venv/bin/python scripts/collapse_table.py FOLDER [--train] [--fm-steps 1500]
 
@@ -24,8 +24,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dino.collapse import CollapseGuard, CollapseRule  # noqa: E402
-from dino.config import TrainConfig, from_dict  # noqa: E402
+from dino.config.schema import TrainConfig, from_dict  # noqa: E402
+from dino.method.collapse import CollapseGuard, CollapseRule  # noqa: E402
 
 # sweeps/quickstart.yaml's base (the grid below), and the Fashion-MNIST acceptance recipe
 # (tests/integration/fashion_mnist_run.py) as one process of batch 64 (the same global batch and

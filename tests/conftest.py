@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino.config import DinoConfig
-from dino.config_compose import compose
+from dino.config.compose import compose
+from dino.config.schema import DinoConfig
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
@@ -50,7 +50,7 @@ def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_final(run_dir: Path) -> dict:
-    from dino import checkpoint
+    from dino.io import checkpoint
 
     latest = checkpoint.load_latest(str(run_dir))
     assert latest is not None, f"no complete checkpoint in {run_dir}"
@@ -60,7 +60,7 @@ def load_final(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A finished tiny run (16 steps), trained once per test module that asks for it."""
-    from dino.train import run
+    from dino.run.train import run
 
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     torch.set_num_threads(2)

@@ -3,7 +3,7 @@
 An evaluation reads a run: its checkpoint (the newest complete one unless `checkpoint=` names one)
 and the config saved in it. The data defaults to the run's own data config; `data=<preset>` swaps in
 a preset of `dino/conf/data/` and `data.<key>=...` changes single keys. Overrides use the dotted
-syntax of `dinolab train` (`knn.k=[10,20] linear.epochs=10`), read by dino/overrides.py and merged
+syntax of `dinolab train` (`knn.k=[10,20] linear.epochs=10`), read by dino/config/overrides.py and merged
 into these dataclasses, so a typo fails naming the key and the nearest valid one.
 """
 
@@ -18,11 +18,11 @@ from typing import Any
 
 import yaml
 
-from dino.config import ConfigError, DataConfig
-from dino.config_validate import check_choice, check_positive
-from dino.overrides import apply, split_all
-from dino.run_identity import marked_fields
-from dino.suggest import did_you_mean
+from dino.config.identity import marked_fields
+from dino.config.overrides import apply, split_all
+from dino.config.schema import ConfigError, DataConfig
+from dino.config.suggest import did_you_mean
+from dino.config.validate import check_choice, check_positive
 
 BASELINES = ("none", "random", "pixels")
 DEVICES = ("auto", "cpu", "cuda")
@@ -105,7 +105,7 @@ class EvalConfig:
     """A checkpoint folder (<run>/checkpoints/<step>); empty: the run's newest complete checkpoint."""
     weights: str = ""
     """A weights file instead of a run: the reference's released .pth or checkpoint.pth, a timm
-    .safetensors/.pth, a dinolab state.pt or export (dino/weights.py); needs data=. Results go to
+    .safetensors/.pth, a dinolab state.pt or export (dino/tools/weights.py); needs data=. Results go to
     run.dir (default runs/weights/<file>-<hash>)."""
     weights_key: str = "teacher"
     """Which network of a file that holds both: teacher or student."""

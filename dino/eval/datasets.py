@@ -12,10 +12,10 @@ import torch
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms import InterpolationMode, v2
 
-from dino.augment import IMAGENET_MEAN, IMAGENET_STD
-from dino.config import ConfigError, DinoConfig
-from dino.data import FashionMNIST, ImageFolder, SyntheticDataset, build_dataset
+from dino.config.schema import ConfigError, DinoConfig
+from dino.data.datasets import FashionMNIST, ImageFolder, SyntheticDataset, build_dataset
 from dino.eval.config import EvalConfig
+from dino.method.augment import IMAGENET_MEAN, IMAGENET_STD
 
 # Seed offset of the synthetic "test" split: the same generator with another seed gives other
 # images of the same classes (the image of (seed, index) is drawn from seed * 1_000_003 + index).
@@ -43,7 +43,7 @@ def eval_dataset(cfg: EvalConfig, run_cfg: DinoConfig, split: str) -> Dataset:
         root = cfg.data.root if split == "train" else cfg.data.val_root
         return ImageFolder(root, cfg.data.max_decode_size, cfg.data.on_bad_image)
     if cfg.data.name == "webdataset":
-        from dino.shards import ShardedDataset
+        from dino.data.shards import ShardedDataset
 
         return ShardedDataset(
             cfg.data.root if split == "train" else cfg.data.val_root,

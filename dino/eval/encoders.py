@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dino.config import ConfigError
+from dino.config.schema import ConfigError
 from dino.eval.target import Target
 
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from dino import distributed, storage
 from dino.eval.config import EvalConfig, data_identity
 from dino.eval.datasets import (
     TransformedDataset,
@@ -34,6 +33,8 @@ from dino.eval.datasets import (
 )
 from dino.eval.encoders import build_encoder
 from dino.eval.target import Target
+from dino.io import storage
+from dino.run import distributed
 
 log = logging.getLogger("dino.eval")
 

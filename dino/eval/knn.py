@@ -18,13 +18,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dino import distributed, storage
 from dino.eval.config import EvalConfig, _plain, data_identity
 from dino.eval.datasets import eval_dataset, num_classes
 from dino.eval.features import FeatureSet, split_features
 from dino.eval.results import KNN, knn_metric, write_result
 from dino.eval.target import Target, resolve
 from dino.eval.track import log_result
+from dino.io import storage
+from dino.run import distributed
 
 log = logging.getLogger("dino.eval")
 

@@ -9,7 +9,7 @@ on workers, not on where it was resumed): a probe killed mid-way and started aga
 same weights as an uninterrupted one.
 
 State lives in `<run>/eval/linear/<target>-<data>-<probe hash>/checkpoints/<epoch>/` (written with
-`dino.checkpoint`: files first, marker last); the result JSON beside it reports the final accuracy
+`dino.io.checkpoint`: files first, marker last); the result JSON beside it reports the final accuracy
 and, labelled as such, the best over epochs (what the DINO paper reports).
 """
 
@@ -26,9 +26,8 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
-from dino import checkpoint, distributed, storage
-from dino.config import ConfigError
-from dino.data import MultiCropDataset
+from dino.config.schema import ConfigError
+from dino.data.datasets import MultiCropDataset
 from dino.eval.config import EvalConfig, _plain
 from dino.eval.datasets import eval_dataset, evenly_spaced_subset, image_size, num_classes
 from dino.eval.encoders import build_encoder
@@ -56,6 +55,8 @@ from dino.eval.results import (
 )
 from dino.eval.target import Target, resolve
 from dino.eval.track import log_result
+from dino.io import checkpoint, storage
+from dino.run import distributed
 
 log = logging.getLogger("dino.eval")
 

@@ -19,8 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from dino import distributed
-from dino.config import DinoConfig
+from dino.config.schema import DinoConfig
 from dino.eval.config import EvalConfig, EvalDataConfig, KnnConfig, _plain
 from dino.eval.datasets import (
     TransformedDataset,
@@ -32,6 +31,7 @@ from dino.eval.datasets import (
 from dino.eval.encoders import cls_features
 from dino.eval.features import encode_dataset
 from dino.eval.knn import knn_accuracy
+from dino.run import distributed
 
 log = logging.getLogger("dino.train")
 

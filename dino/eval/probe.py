@@ -15,10 +15,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 
-from dino import distributed
-from dino.augment import IMAGENET_MEAN, IMAGENET_STD
-from dino.data import epoch_permutation
+from dino.data.datasets import epoch_permutation
 from dino.eval.config import EvalConfig
+from dino.method.augment import IMAGENET_MEAN, IMAGENET_STD
+from dino.run import distributed
 
 
 def train_transform(size: int, scale: tuple[float, float]) -> v2.Compose:

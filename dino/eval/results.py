@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from dino import storage
+from dino.io import storage
 
 KNN, LINEAR = "knn", "linear"
 PROTOCOLS = (KNN, LINEAR)
@@ -58,7 +58,7 @@ def headline(result: dict[str, Any]) -> float | None:
 
 def write_result(path: str, result: dict[str, Any]) -> None:
     """Rank 0 writes a protocol's result JSON (atomically: a result that exists is complete)."""
-    from dino import distributed  # torch: only the writers pay for it
+    from dino.run import distributed  # torch: only the writers pay for it
 
     if distributed.info().is_main:
         storage.atomic_write_text(path, json.dumps(result, indent=1, default=str))

@@ -14,14 +14,15 @@ import torch
 import yaml
 from torch import nn
 
-from dino import checkpoint, storage, weights
-from dino.checkpoint import CheckpointError
-from dino.config import ConfigError, DinoConfig, from_dict
+from dino.config.identity import config_hash as run_config_hash
+from dino.config.overrides import split_all
+from dino.config.schema import ConfigError, DinoConfig, from_dict
 from dino.eval.config import EvalConfig, _plain, compose_eval, run_dir_of_checkpoint
 from dino.eval.datasets import validate_data
-from dino.models import build_backbone
-from dino.overrides import split_all
-from dino.run_identity import config_hash as run_config_hash
+from dino.io import checkpoint, storage
+from dino.io.checkpoint import CheckpointError
+from dino.method.models import build_backbone
+from dino.tools import weights
 
 
 @dataclass

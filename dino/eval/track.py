@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from dino.eval.config import EvalConfig
-from dino.tracking import NullTracker, Tracker, open_run_tracker
+from dino.io.tracking import NullTracker, Tracker, open_run_tracker
 
 
 def log_result(cfg: EvalConfig, record: dict[str, Any], metrics: dict[str, float], path: str) -> None:
@@ -28,7 +28,7 @@ def _weights_tracker(cfg: EvalConfig, record: dict[str, Any]) -> Tracker:
     """The MLflow run of a weights file's evaluations (tied to its results folder by tracking.json)."""
     if not cfg.tracking_uri or cfg.tracking_uri == "none":
         return NullTracker()
-    from dino.mlflow_tracker import MLflowTracker
+    from dino.io.mlflow_tracker import MLflowTracker
 
     name = os.path.basename(record["run_dir"].rstrip("/"))
     tracker = MLflowTracker(

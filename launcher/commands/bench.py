@@ -40,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from dino import bench
-    from dino.config_compose import compose
+    from dino.config.compose import compose
+    from dino.tools import bench
     from launcher.errors import UserError
 
     if args.steps <= 0 or args.warmup < 0:
@@ -49,7 +49,7 @@ def run_command(args: argparse.Namespace) -> int:
     cfg = compose(args.overrides)
     result = bench.run(cfg, args.warmup, args.steps, args.input)
     if args.save:
-        from launcher.cost_bench import save_bench
+        from launcher.cost.bench import save_bench
 
         path = save_bench(args.save, cfg, result)
         print(f"calibration saved to {path}", file=sys.stderr)

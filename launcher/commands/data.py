@@ -41,8 +41,8 @@ def run_command(args: argparse.Namespace) -> int:
     import torch
     from rich.progress import Progress
 
-    from dino import shards
-    from dino.data import FashionMNIST, ImageFolder
+    from dino.data import shards
+    from dino.data.datasets import FashionMNIST, ImageFolder
     from launcher.errors import UserError
 
     if args.shard_size <= 0:

@@ -70,7 +70,7 @@ def run_command(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = _console()
-    from dino.progress import setup_logging
+    from dino.run.progress import setup_logging
 
     setup_logging()  # progress and resume messages on stderr
     # Under torchrun every rank evaluates its share; only rank 0 prints.

@@ -44,7 +44,7 @@ def _run_dir(args: argparse.Namespace) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from dino.export import export_backbone
+    from dino.tools.export import export_backbone
 
     exported = export_backbone(_run_dir(args), args.out, args.format, args.step)
     arch = exported.sidecar["architecture"]

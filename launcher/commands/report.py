@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _source(args: argparse.Namespace) -> tuple[str, str, list[str], str]:
     """(tracking URI, experiment, default axes, sweep folder or "")."""
-    from dino.mlflow_store import missing_store
+    from dino.io.mlflow_store import missing_store
     from launcher.errors import UserError
 
     if args.sweep_file:
@@ -146,7 +146,7 @@ def _with_weights(args: argparse.Namespace, summary, by, columns):
 def write_html(path, uri, experiment, df, summary, by, columns, with_paper, shown=None) -> None:
     import math
 
-    from dino.mlflow_store import existing_client
+    from dino.io.mlflow_store import existing_client
     from reports import plots, tables
     from reports.html import page
 
@@ -187,12 +187,12 @@ def _attach(folder: str, path: str) -> None:
     """Keep the report as an artifact of the sweep's parent run (when there is one)."""
     if not folder:
         return
-    from dino.tracking import read_link
+    from dino.io.tracking import read_link
 
     link = read_link(folder)
     if link is None:
         return
-    from dino.mlflow_store import existing_client
+    from dino.io.mlflow_store import existing_client
 
     try:
         existing_client(link["uri"]).log_artifact(link["run_id"], path, "reports")

@@ -26,14 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_command(args: argparse.Namespace) -> int:
     import yaml
 
-    from dino.config import to_dict
-    from dino.config_compose import compose
+    from dino.config.compose import compose
+    from dino.config.schema import to_dict
 
     cfg = compose(args.overrides)
     if args.cfg:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    from dino.train import run
+    from dino.run.train import run
 
     result = run(cfg)
     if result.collapsed is not None:  # a decision, not a failure: exit 0

@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from dino.progress import setup_logging
-    from dino.viz import attention_figure
+    from dino.run.progress import setup_logging
+    from dino.tools.viz import attention_figure
 
     setup_logging()  # progress and resume messages on stderr
 

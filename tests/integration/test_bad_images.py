@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dino import checkpoint
-from dino.bad_images import UnreadableImageError
-from dino.data import ImageFolder, SyntheticDataset
+from dino.data.bad_images import UnreadableImageError
+from dino.data.datasets import ImageFolder, SyntheticDataset
+from dino.io import checkpoint
 from tests.integration.cli import TINY, dinolab
 
 pytestmark = pytest.mark.slow
@@ -161,7 +161,7 @@ def test_a_bad_image_inside_a_shard_is_replaced_by_the_next_one_in_pack_order(fo
     """Shards written by another tool (or before `pack` checked images) can hold a bad image too."""
     import webdataset as wds
 
-    from dino import shards
+    from dino.data import shards
 
     root, special = folder
     members = [special["truncated"], root / "class0" / "img004.jpg", root / "class1" / "img005.jpg"]

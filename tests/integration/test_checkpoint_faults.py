@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from dino import checkpoint, storage
-from dino.train import run
+from dino.io import checkpoint, storage
+from dino.run.train import run
 from tests.conftest import tiny_config
 from tests.integration.cli import TINY, dinolab
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from dino import checkpoint
+from dino.io import checkpoint
 from tests.conftest import tiny_config
 from tests.integration.cli import TINY, dinolab
 
@@ -47,7 +47,7 @@ def test_a_collapsing_run_stops_with_a_final_checkpoint_and_stays_stopped(tmp_pa
     assert (run_dir / "metrics.jsonl").read_text() == metrics  # nothing trained
 
     # Turned off, the guard's decision is dropped and the same run (same id) trains to its end.
-    from dino.train import run
+    from dino.run.train import run
 
     result = run(tiny_config(run_dir, *COLLAPSING, "train.collapse_stop=false"))
     assert result.finished and result.resumed_from == 8 and result.collapsed is None

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dino import mlflow_store
+from dino.io import mlflow_store
 from launcher import records
 from launcher.cli import main
 from tests.conftest import TINY_OVERRIDES, tiny_config
@@ -52,7 +52,7 @@ def row(out: str, run: str) -> str:
 
 
 def test_plan_uses_a_measured_twin_then_a_bench_calibration_then_a_flop_guess(tmp_path, capsys):
-    from dino.train import run
+    from dino.run.train import run
 
     root = tmp_path / "root"
     uri = mlflow_store.sqlite_uri(str(root))

@@ -119,7 +119,7 @@ def test_two_process_gloo_knn_equals_one_process(tiny_run, tmp_path):
 def test_two_process_gloo_linear_probe_equals_one_process(tiny_run, tmp_path):
     """Each rank augments only its share of a global batch; the summed update is one process's.
     Batch 9 of 64 images leaves a last batch of one image: rank 1 has nothing in it and still steps."""
-    from dino import checkpoint
+    from dino.io import checkpoint
 
     args = ["workers=0", "shard_size=16", "batch_size=8", "device=cpu", "linear.epochs=2",
             "linear.batch_size=9", "linear.lr=0.5", "linear.n_last_blocks=2"]  # fmt: skip

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dino import checkpoint
+from dino.io import checkpoint
 from tests.integration.cli import DINOLAB, REPO, TINY, dinolab, env
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dino import shards, storage
-from dino.augment import MultiCropAugment
-from dino.config import CropsConfig
-from dino.data import FashionMNIST
+from dino.config.schema import CropsConfig
+from dino.data import shards
+from dino.data.datasets import FashionMNIST
+from dino.io import storage
+from dino.method.augment import MultiCropAugment
 from tests.conftest import FASHION_MNIST_ROOT
 from tests.integration.cli import TINY, dinolab
 

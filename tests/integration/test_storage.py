@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino import checkpoint, object_store, storage
+from dino.io import checkpoint, object_store, storage
 from tests.conftest import load_final
 from tests.integration.cli import DINOLAB, REPO, TINY, dinolab, env
 from tests.s3_server import ACCESS_KEY, SECRET_KEY

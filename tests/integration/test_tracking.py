@@ -96,7 +96,7 @@ def test_killed_and_resumed_run_is_one_mlflow_run_with_a_gapless_history(store_u
 WRITER = textwrap.dedent(
     """
     import sys
-    from dino.mlflow_tracker import MLflowTracker
+    from dino.io.mlflow_tracker import MLflowTracker
     uri, run_dir, experiment = sys.argv[1:4]
     t = MLflowTracker(uri, run_dir, experiment=experiment, flush_timeout_s=120)
     t.log_params({"index": run_dir[-1], "lr": 0.1})

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from dino import checkpoint
+from dino.io import checkpoint
 from tests.conftest import load_final
 from tests.integration.cli import REPO, TINY, dinolab, env
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dino import checkpoint
+from dino.io import checkpoint
 from tests.integration.cli import DINOLAB, REPO, TINY, env
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def test_two_trainers_started_together_one_trains_the_other_is_refused(tmp_path)
 
 HOLDER = (
     "import sys, time, pathlib\n"
-    "from dino.run_lock import RunLock\n"
+    "from dino.io.run_lock import RunLock\n"
     "lock = RunLock(sys.argv[1]); lock.acquire(); print('held', flush=True)\n"
     "while not pathlib.Path(sys.argv[2]).exists(): time.sleep(0.1)\n"
 )

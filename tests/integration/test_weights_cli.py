@@ -10,9 +10,10 @@ import pytest
 import timm
 import torch
 
-from dino import checkpoint, weights
-from dino.config import from_dict
+from dino.config.schema import from_dict
 from dino.eval.target import teacher_backbone
+from dino.io import checkpoint
+from dino.tools import weights
 from tests.conftest import FASHION_MNIST_ROOT
 from tests.integration.cli import TINY, dinolab, results
 from tests.unit.test_weights import FIXTURES

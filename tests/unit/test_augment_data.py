@@ -2,8 +2,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dino.augment import MultiCropAugment
-from dino.data import (
+from dino.data.datasets import (
     DatasetNotFoundError,
     FashionMNIST,
     ImageFolder,
@@ -12,6 +11,7 @@ from dino.data import (
     SyntheticDataset,
     build_dataset,
 )
+from dino.method.augment import MultiCropAugment
 
 
 def test_augmentation_makes_two_global_and_n_local_crops(tiny_cfg):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from dino import batch_augment as ba
-from dino.augment import IMAGENET_MEAN, IMAGENET_STD
-from dino.config import CropsConfig
+from dino.config.schema import CropsConfig
+from dino.method import batch_augment as ba
+from dino.method.augment import IMAGENET_MEAN, IMAGENET_STD
 
 CROPS = CropsConfig(global_size=32, local_size=16, num_local=3)
 

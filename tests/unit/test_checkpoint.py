@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino import checkpoint
-from dino.checkpoint_writer import CheckpointWriter
+from dino.io import checkpoint
+from dino.io.checkpoint_writer import CheckpointWriter
 
 
 def _save(run_dir, step, keep_last=3):

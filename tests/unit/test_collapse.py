@@ -1,4 +1,4 @@
-"""The collapse guard (dino/collapse.py) on hand-made metric windows, and its config keys."""
+"""The collapse guard (dino/method/collapse.py) on hand-made metric windows, and its config keys."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from dino.collapse import ONE_DIM, UNIFORM, CollapseGuard, CollapseRule
-from dino.config import ConfigError, to_dict
-from dino.config_compose import compose
-from dino.run_identity import config_hash, semantic_diff
+from dino.config.compose import compose
+from dino.config.identity import config_hash, semantic_diff
+from dino.config.schema import ConfigError, to_dict
+from dino.method.collapse import ONE_DIM, UNIFORM, CollapseGuard, CollapseRule
 
 K = 1024
 LOG_K = math.log(K)

@@ -1,4 +1,4 @@
-"""The sweep's composer (dino/compose_many.py) gives exactly what Hydra's compose gives, per run."""
+"""The sweep's composer (dino/config/compose_many.py) gives exactly what Hydra's compose gives, per run."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from dino.compose_many import ConfigComposer
-from dino.config import ConfigError, to_dict
-from dino.config_compose import compose
-from dino.run_identity import config_hash
+from dino.config.compose import compose
+from dino.config.compose_many import ConfigComposer
+from dino.config.identity import config_hash
+from dino.config.schema import ConfigError, to_dict
 from launcher.sweep import expand, load_sweep
 
 SWEEPS = sorted((Path(__file__).resolve().parents[2] / "sweeps").glob("*.yaml"))

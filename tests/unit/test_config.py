@@ -3,9 +3,9 @@ import sys
 
 import pytest
 
-from dino.config import ConfigError, to_dict
-from dino.config_compose import compose
-from dino.run_identity import config_hash, semantic_diff
+from dino.config.compose import compose
+from dino.config.identity import config_hash, semantic_diff
+from dino.config.schema import ConfigError, to_dict
 
 
 def test_presets_compose_and_round_trip(tmp_path):

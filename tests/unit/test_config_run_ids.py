@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from dino.config import DinoConfig, to_dict
-from dino.config_compose import compose
-from dino.run_identity import config_hash, semantic_diff
+from dino.config.compose import compose
+from dino.config.identity import config_hash, semantic_diff
+from dino.config.schema import DinoConfig, to_dict
 from launcher.sweep import expand, load_sweep
 
 
@@ -54,9 +54,9 @@ def test_known_sweep_run_ids(monkeypatch):
 
 
 def test_the_fields_marked_out_of_the_run_id_are_the_keys_that_always_were():
-    """The marks on the fields (dino/config.py) replace lists of key prefixes; these are those lists."""
-    from dino.config import flatten
-    from dino.run_identity import is_semantic
+    """The marks on the fields (dino/config/schema.py) replace lists of key prefixes; these are those lists."""
+    from dino.config.identity import is_semantic
+    from dino.config.schema import flatten
 
     left_out = sorted(k for k in flatten(to_dict(DinoConfig())) if not is_semantic(k))
     sections = ("run.", "tracking.", "storage.", "monitor.")

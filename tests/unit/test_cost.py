@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher import cost, cost_bench, cost_flops, cost_images, cost_measured, cost_model, cost_shapes
+from launcher.cost import bench as cost_bench
+from launcher.cost import estimate as cost
+from launcher.cost import flops as cost_flops
+from launcher.cost import images as cost_images
+from launcher.cost import measured as cost_measured
+from launcher.cost import model as cost_model
+from launcher.cost import shapes as cost_shapes
 from launcher.sweep import expand, load_sweep
 from tests.conftest import TINY_OVERRIDES
 
@@ -108,7 +114,7 @@ def test_a_measured_shape_wins_over_a_calibration_which_wins_over_a_flop_estimat
 
 def test_flops_per_image_match_the_reference_step():
     """ViT-S/16, 2x224 + 10x96, K=65536: 124 GFLOP per image (ANCHORS, one H200 step)."""
-    from dino.config_compose import compose
+    from dino.config.compose import compose
 
     counted = cost_flops.train_flops(compose(["model=vit_small"]))
     assert counted["flops"] / 1e9 == pytest.approx(124, rel=0.02)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dino.config import ConfigError
+from dino.config.schema import ConfigError
 from dino.eval import results
 from dino.eval.linear import linear_metrics
 from launcher import records

@@ -10,15 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dino import checkpoint
-from dino.checkpoint import CheckpointError
-from dino.config import ConfigError
+from dino.config.schema import ConfigError
 from dino.eval import encoders
 from dino.eval import linear as linear_module
 from dino.eval.config import compose_eval
 from dino.eval.knn import evaluate_knn, knn_accuracy, knn_votes
 from dino.eval.linear import run_linear
 from dino.eval.target import resolve
+from dino.io import checkpoint
+from dino.io.checkpoint import CheckpointError
 
 KS = [1, 10, 20, 100, 200]
 
@@ -242,8 +242,8 @@ def test_baselines_use_the_same_code_and_their_own_cache(trained_run):
 def test_the_random_baseline_is_the_runs_own_initial_backbone(tiny_cfg, tmp_path):
     """Without baseline_seed the random baseline uses the run's train.seed: the very backbone the run
     started from, so "pretraining vs random init" compares a run with its own starting point."""
-    from dino.run_build import build_state
-    from dino.train import run
+    from dino.run.build import build_state
+    from dino.run.train import run
 
     run(tiny_cfg("train.seed=2", "train.max_steps=1", run_dir=tmp_path / "seed2"))
     _, target = resolve(knn_args(tmp_path / "seed2", "baseline=random"))

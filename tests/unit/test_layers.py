@@ -11,9 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 # The DINO method: tensors in, tensors out. No files, no tracking, no configuration machinery.
-METHOD = ["dino.loss", "dino.heads", "dino.schedules", "dino.step", "dino.augment", "dino.batch_augment",
-          "dino.models", "dino.collapse", "dino.rng"]  # fmt: skip
-EDGES = ["hydra", "omegaconf", "mlflow", "fsspec", "s3fs", "submitit", "dino.storage", "dino.tracking"]
+METHOD = ["dino.method.loss", "dino.method.heads", "dino.method.schedules", "dino.method.step", "dino.method.augment", "dino.method.batch_augment",
+          "dino.method.models", "dino.method.collapse", "dino.method.rng"]  # fmt: skip
+EDGES = ["hydra", "omegaconf", "mlflow", "fsspec", "s3fs", "submitit", "dino.io.storage", "dino.io.tracking"]
 
 
 def _imported(path: Path) -> set[str]:
@@ -41,6 +41,18 @@ def test_the_library_imports_nothing_of_the_launcher_or_the_reports(path):
     bad = sorted(m for m in _imported(path) if m.split(".")[0] in ("launcher", "reports"))
     assert not bad, (
         f"{path.relative_to(REPO)} imports {bad}: dino/ is used by launcher/ and reports/, not the reverse"
+    )
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "dino" / "method").glob("*.py")), ids=lambda p: str(p.relative_to(REPO))
+)
+def test_the_method_imports_only_the_method_and_the_plain_schema(path):
+    """dino/method/ is the DINO math: nothing of the run, data, storage, tracking, tools or evaluation."""
+    ours = {m for m in _imported(path) if m.split(".")[0] == "dino"}
+    bad = sorted(m for m in ours if not (m.startswith("dino.method") or m == "dino.config.schema"))
+    assert not bad, (
+        f"{path.relative_to(REPO)} imports {bad}: the method imports only dino.method and the schema"
     )
 
 

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino import checkpoint
-from dino.config import ConfigError
+from dino.config.schema import ConfigError
 from dino.eval import linear as lin
 from dino.eval import probe
 from dino.eval.encoders import cls_features, multi_block_features
 from dino.eval.linear import evaluate_linear
 from dino.eval.probe import build_head, cosine_lr
 from dino.eval.target import resolve
-from dino.models import build_backbone
+from dino.io import checkpoint
+from dino.method.models import build_backbone
 
 
 def probe_args(run_dir, *extra):

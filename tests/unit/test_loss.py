@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from dino.loss import DINOLoss
+from dino.method.loss import DINOLoss
 
 
 def reference_dino_loss(student_out, teacher_out, center, teacher_temp, num_crops, student_temp=0.1):

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from dino.config import to_dict
+from dino.config.schema import to_dict
 from launcher import long_tables, manifest, records
 from launcher.status import status_table
 from launcher.sweep import expand, load_sweep

@@ -1,5 +1,5 @@
-"""The one `key=value` parser of eval, viz and sweep edits (dino/overrides.py) and the one
-"did you mean" (dino/suggest.py)."""
+"""The one `key=value` parser of eval, viz and sweep edits (dino/config/overrides.py) and the one
+"did you mean" (dino/config/suggest.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import pytest
 from omegaconf import OmegaConf
 
-from dino.config import ConfigError
-from dino.overrides import apply, read_value, split, split_all
-from dino.suggest import did_you_mean, nearest, not_allowed, unknown_key
+from dino.config.overrides import apply, read_value, split, split_all
+from dino.config.schema import ConfigError
+from dino.config.suggest import did_you_mean, nearest, not_allowed, unknown_key
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The run folder's lock (dino/run_lock.py), on a local folder and on a real S3-compatible server."""
+"""The run folder's lock (dino/io/run_lock.py), on a local folder and on a real S3-compatible server."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from dino import run_lock, storage
-from dino.run_lock import LockLost, RunLock, RunLocked
+from dino.io import run_lock, storage
+from dino.io.run_lock import LockLost, RunLock, RunLocked
 
 
 def test_a_second_holder_is_refused_with_the_first_ones_description(tmp_path, monkeypatch):
@@ -90,7 +90,7 @@ def test_processes_started_at_the_same_instant_get_exactly_one_lock(tmp_path):
     however slow the machine."""
     code = (
         "import sys, time, pathlib\n"
-        "from dino.run_lock import RunLock, RunLocked\n"
+        "from dino.io.run_lock import RunLock, RunLocked\n"
         "folder, ready, go, release = sys.argv[1:5]\n"
         "lock = RunLock(folder)\n"
         "pathlib.Path(ready).touch()\n"
@@ -198,7 +198,7 @@ def test_s3_lease_of_a_dead_process_of_this_machine_is_taken_over_at_once(s3_run
     """A SIGKILL (or an outage) leaves the lease behind; its holder was a process of this machine
     that no longer exists (pid and start time), so it is known dead without waiting 10 minutes."""
     code = (
-        "import sys, time\nfrom dino import storage\nfrom dino.run_lock import RunLock\n"
+        "import sys, time\nfrom dino.io import storage\nfrom dino.io.run_lock import RunLock\n"
         f"storage.configure({s3_server.endpoint!r})\n"
         "lock = RunLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(600)\n"
     )

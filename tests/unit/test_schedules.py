@@ -1,6 +1,6 @@
 import numpy as np
 
-from dino.schedules import build_schedules, cosine_schedule, teacher_temp_schedule
+from dino.method.schedules import build_schedules, cosine_schedule, teacher_temp_schedule
 
 
 def test_cosine_endpoints_and_warmup():

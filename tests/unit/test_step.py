@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from dino.loss import DINOLoss
-from dino.models import build_student_teacher
-from dino.schedules import build_schedules
-from dino.step import StepState, build_optimizer, clip_gradients_, param_groups, train_step
+from dino.method.loss import DINOLoss
+from dino.method.models import build_student_teacher
+from dino.method.schedules import build_schedules
+from dino.method.step import StepState, build_optimizer, clip_gradients_, param_groups, train_step
 
 
 def make_state(cfg):
@@ -163,7 +163,7 @@ def test_compiled_step_matches_the_eager_step(tiny_cfg):
     eager mode: same losses, same student, teacher and centre after three updates, to float tolerance.
     On the CPU inductor emits C++ instead of Triton, but graph capture, the recompilation for the
     local crops' resolution and the backward graph are the same as on a GPU."""
-    from dino.run_build import build_run
+    from dino.run.build import build_run
 
     overrides = ("optim.warmup_epochs=0", "train.precision=fp32", "model.drop_path=0")
     cfg = tiny_cfg(*overrides)

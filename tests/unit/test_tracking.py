@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dino import mlflow_store
-from dino.config import ConfigError
-from dino.mlflow_tracker import MLflowTracker
-from dino.tracking_spool import PENDING
+from dino.config.schema import ConfigError
+from dino.io import mlflow_store
+from dino.io.mlflow_tracker import MLflowTracker
+from dino.io.tracking_spool import PENDING
 from launcher.sweep import SweepError, load_sweep
 from reports.collect import flag
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 import yaml
 
-from dino import checkpoint
-from dino.train import ConfigMismatchError, run
-from dino.train_metrics import NonFiniteLossError
+from dino.io import checkpoint
+from dino.run.train import ConfigMismatchError, run
+from dino.run.train_metrics import NonFiniteLossError
 from tests.conftest import load_final
 
 
@@ -114,7 +114,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
 def test_compiled_models_keep_the_checkpoint_keys(tiny_cfg):
     """train.compile compiles the backbones in place: state dict keys (and so checkpoints) are unchanged."""
-    from dino.run_build import build_state
+    from dino.run.build import build_state
 
     plain = build_state(tiny_cfg(), torch.device("cpu"))
     compiled = build_state(tiny_cfg("train.compile=true"), torch.device("cpu"))

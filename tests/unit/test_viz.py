@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dino.config import ConfigError
-from dino.models import build_backbone
-from dino.train import run
-from dino.viz import attention_figure, cls_attention, figure_layout, render
+from dino.config.schema import ConfigError
+from dino.method.models import build_backbone
+from dino.run.train import run
+from dino.tools.viz import attention_figure, cls_attention, figure_layout, render
 from tests.conftest import tiny_config
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino import weights
-from dino.heads import DINOHead
-from dino.viz import last_block_attention
+from dino.method.heads import DINOHead
+from dino.tools import weights
+from dino.tools.viz import last_block_attention
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference-dino"
 EXPECTED = torch.load(FIXTURES / "expected_outputs.pt", weights_only=True)
@@ -92,8 +92,8 @@ def test_arbitrary_pickles_are_refused_not_executed(tmp_path):
 
 
 def test_train_init_weights_starts_both_networks_from_the_reference_checkpoint(tiny_cfg):
-    from dino.run_build import build_state
-    from dino.run_identity import config_hash
+    from dino.config.identity import config_hash
+    from dino.run.build import build_state
 
     # model=vit_test is the fixture's architecture: 64 wide, 2 blocks, patch 8, head 128/32/256.
     cfg = tiny_cfg(f"train.init_weights={FIXTURES / 'full_checkpoint.pth'}")

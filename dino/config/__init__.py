@@ -1,0 +1,1 @@
+"""Configuration: the plain schema, its validation, Hydra composition, run identity, overrides."""

@@ -1,0 +1,1 @@
+"""Training data: datasets, webdataset shards, unreadable images, the train loader."""

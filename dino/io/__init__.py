@@ -1,0 +1,1 @@
+"""Edges to the outside world: files (local and s3://), checkpoints, the run lock, MLflow."""

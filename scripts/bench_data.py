@@ -23,9 +23,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dino.io import storage  # noqa: E402
 from dino.data import shards
 from dino.data.datasets import ImageFolder  # noqa: E402
+from dino.io import storage  # noqa: E402
 from tests.s3_server import S3Server  # noqa: E402
 
 

@@ -1,1 +1,1 @@
-"""dinolab's launcher: the `dinolab` command line, and (to come) sweeps on submitit/SLURM."""
+"""dinolab's launcher: the `dinolab` command line, sweeps on submitit/SLURM, their records, status and cost."""

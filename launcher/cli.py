@@ -34,7 +34,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from dino.io.run_lock import LockLost, RunLocked
     from dino.io.storage import StorageError
     from dino.run.distributed import DeviceError
-    from dino.run.train import ConfigMismatchError
+    from dino.run.state import ConfigMismatchError
     from dino.run.train_metrics import NonFiniteLossError
     from launcher.sweep import SweepError
     from launcher.tracking_runs import TrackingUnavailable

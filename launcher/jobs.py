@@ -141,7 +141,7 @@ class EvalJob(submitit.helpers.Checkpointable):
     """The `protocol` evaluation (`run_knn`, `run_linear`) of a run's newest checkpoint, after its
     pretraining completed.
 
-    On SLURM the dependency (afterok) orders it; on the local executor it waits for the run record
+    On SLURM the dependency (aftercorr) orders it; on the local executor it waits for the run record
     to say completed. Evaluations keep their own resumable state, so a requeue just starts again.
     """
 

@@ -32,10 +32,11 @@ def path(sweep: Sweep) -> str:
 
 
 def _schema_files() -> list[Any]:
-    """dino/config/schema.py and every preset under dino/conf: a change of a default can change run ids."""
-    conf = importlib.resources.files("dino.conf")
-    files = [importlib.resources.files("dino") / "config.py"]
-    pending = [conf]
+    """dino/config/ (the schema's defaults and the identity rules) and every preset under dino/conf: a
+    change of either can change run ids."""
+    config = importlib.resources.files("dino.config")
+    files = sorted((e for e in config.iterdir() if e.name.endswith(".py")), key=lambda e: e.name)
+    pending = [importlib.resources.files("dino.conf")]
     while pending:
         folder = pending.pop()
         for entry in sorted(folder.iterdir(), key=lambda e: e.name):

@@ -106,7 +106,7 @@ def mark_cancelled(run_dir: str) -> None:
 
 
 def snapshot(run_dir: str) -> dict[str, str | None]:
-    """The run's two record files as they are (None: absent), for `restore`."""
+    """The run's record files as they are (None: absent), for `restore`."""
     files = {}
     for name in (RECORD, JOBS, *map(eval_record, EVAL_PROTOCOLS)):
         path = storage.join(run_dir, name)

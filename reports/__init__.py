@@ -1,1 +1,1 @@
-"""dinolab's reports: MLflow runs -> tidy DataFrame -> ablation tables and plots (to come)."""
+"""dinolab's reports: MLflow runs -> tidy DataFrame -> ablation tables, plots and an HTML page."""

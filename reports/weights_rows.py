@@ -15,7 +15,7 @@ import posixpath
 
 import pandas as pd
 
-from dino.eval.results import read_results
+from dino.eval.results import HEADLINE_K, KNN_HEADLINE_COLUMN, LINEAR_TOP1, read_results
 from dino.io import storage
 from reports.tables import Column
 
@@ -58,8 +58,8 @@ def weights_rows(paths: list[str], by: list[str], columns: list[Column], data: d
             )
         source = (knn or linear)[-1]["weights"]  # the file itself, also when PATH is a results folder
         stem = posixpath.basename(source.rstrip("/")).split(".")[0]
-        values = {"knn_top1@20": knn[-1]["top1"].get("20") if knn else None,
-                  "linear_top1": linear[-1]["final"]["top1"] if linear else None}  # fmt: skip
+        values = {KNN_HEADLINE_COLUMN: knn[-1]["top1"].get(str(HEADLINE_K)) if knn else None,
+                  LINEAR_TOP1: linear[-1]["final"]["top1"] if linear else None}  # fmt: skip
         row: dict = {axis: (f"weights: {stem}" if i == 0 else "—") for i, axis in enumerate(by)}
         for col in columns:
             value = values.get(col.key)

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
 from dino.data.bad_images import BadImages
 from dino.data.datasets import RankSteps, decode_image, epoch_seed

@@ -8,6 +8,8 @@ import argparse
 import os
 import sys
 
+from dino.eval.results import EVAL_COLUMNS, HEADLINE_K, KNN_HEADLINE_COLUMN
+
 EPILOG = """\
 The table has one row per ablation value (mean ± std over finished seeds, n), the state of the runs
 (pending/running/preempted/failed/finished, collapsed: stopped early by the collapse guard, and
@@ -30,7 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="sweep file edits, e.g. root=/tmp/x")
     p.add_argument("--experiment", help="MLflow experiment (default: the sweep's name)")
     p.add_argument("--tracking-uri", help="MLflow store (default: the sweep's, else $MLFLOW_TRACKING_URI)")
-    p.add_argument("--metric", default="knn_top1@20", help="the main column (default knn_top1@20)")
+    p.add_argument(
+        "--metric", default=KNN_HEADLINE_COLUMN, help=f"the main column (default {KNN_HEADLINE_COLUMN})"
+    )
     p.add_argument(
         "--by", action="append", default=[], help="axis to group by (repeat for two; default: all)"
     )
@@ -163,8 +167,8 @@ def write_html(path, uri, experiment, df, summary, by, columns, with_paper, show
                         plots.metric_vs_axis(summary, by, main.key, main.header)))  # fmt: skip
     shown = df.head(40)  # curves of more runs are unreadable; the table has them all
     curves = [("loss", "training loss"), ("teacher_entropy", "teacher entropy")]
-    if df["knn_top1@20"].notna().any():  # one point per evaluated checkpoint
-        curves.insert(0, ("knn_top1_k20", "k-NN top-1 (k=20)"))
+    if df[KNN_HEADLINE_COLUMN].notna().any():  # one point per evaluated checkpoint
+        curves.insert(0, (EVAL_COLUMNS[KNN_HEADLINE_COLUMN], f"k-NN top-1 (k={HEADLINE_K})"))
     if "monitor_knn_top1" in df and df["monitor_knn_top1"].notna().any():  # monitor.knn_every_*
         curves.insert(0, ("monitor_knn_top1", "k-NN top-1 during pretraining (monitor)"))
     for key, label in curves:

@@ -32,60 +32,23 @@ METRICS = {
 }
 
 
-# Runs a report reads, and read per store call (as `mlflow.search_runs` pages them).
-MAX_RUNS, RUNS_PER_PAGE = 100_000, 10_000
-
-
 class ReportError(ValueError):
     """Nothing to report: no such store, experiment or runs."""
 
 
 def search(uri: str, experiment: str) -> pd.DataFrame:
-    """The dinolab runs of `experiment`, one row each: `run_id`, `status`, … and a `metrics.<key>`,
-    `params.<key>` and `tags.<key>` column per key any run has (the layout of `mlflow.search_runs`),
-    read through a client of dino/io/mlflow_store.py rather than MLflow's global tracking URI."""
-    from dino.io.mlflow_store import existing_client, missing_store
+    """The dinolab runs of `experiment`, one row each (the layout of `mlflow.search_runs`), read
+    through dino/io/mlflow_store.py."""
+    from dino.io import mlflow_store
 
-    if missing_store(uri):  # opening it would create it: a report creates nothing
+    if mlflow_store.missing_store(uri):  # opening it would create it: a report creates nothing
         raise ReportError(f"no MLflow store at {uri}: nothing has been tracked there")
-    client = existing_client(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
+    if mlflow_store.existing_client(uri).get_experiment_by_name(experiment) is None:
         raise ReportError(f"no experiment '{experiment}' in {uri} (has the sweep been submitted?)")
-    runs, token = [], None
-    while len(runs) < MAX_RUNS:
-        page = client.search_runs(
-            [found.experiment_id], "tags.`dinolab.kind` = 'run'",
-            max_results=min(RUNS_PER_PAGE, MAX_RUNS - len(runs)), page_token=token,
-        )  # fmt: skip
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
-    if not runs:
+    runs = mlflow_store.search_runs(uri, experiment, "tags.`dinolab.kind` = 'run'", max_results=100_000)
+    if runs.empty:
         raise ReportError(f"experiment '{experiment}' in {uri} has no dinolab runs yet")
-    return _frame(runs)
-
-
-def _frame(runs: list) -> pd.DataFrame:
-    """MLflow runs as `mlflow.search_runs` lays them out: run info, then metrics (NaN where a run has
-    none), params and tags (None where missing), each key in the order first seen."""
-    columns: dict[str, list] = {key: [] for key in ("run_id", "experiment_id", "status", "artifact_uri")}
-    columns.update(start_time=[], end_time=[])
-    for run in runs:
-        for key in ("run_id", "experiment_id", "status", "artifact_uri"):
-            columns[key].append(getattr(run.info, key))
-        for key in ("start_time", "end_time"):
-            columns[key].append(pd.to_datetime(getattr(run.info, key), unit="ms", utc=True))
-    for prefix, values, missing in (
-        ("metrics.", [r.data.metrics for r in runs], float("nan")),
-        ("params.", [r.data.params for r in runs], None),
-        ("tags.", [r.data.tags for r in runs], None),
-    ):
-        keys = dict.fromkeys(key for per_run in values for key in per_run)
-        for key in keys:
-            columns[prefix + key] = [per_run.get(key, missing) for per_run in values]
-    return pd.DataFrame(columns)
+    return runs
 
 
 def flag(row: pd.Series, out_dim: float) -> str:

@@ -98,6 +98,23 @@ def existing_client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+def search_runs(uri: str, experiment: str, filter_string: str, max_results: int) -> Any:
+    """`mlflow.search_runs` (its DataFrame and paging) on an existing store: that function reads only
+    MLflow's global tracking URI, so it is set for the call and put back after it."""
+    if path := missing_store(uri):
+        raise FileNotFoundError(f"no MLflow store at {path}")
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.search_runs(
+            experiment_names=[experiment], filter_string=filter_string, max_results=max_results
+        )
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def is_permanent(err: BaseException) -> bool:
     return getattr(err, "error_code", None) in PERMANENT_ERRORS
 

@@ -20,7 +20,8 @@ import time
 from typing import Any
 
 from dino.io import storage
-from launcher.sweep import RunSpec, Sweep, expand
+from launcher.grid import RunSpec, expand
+from launcher.sweep import Sweep
 
 MANIFEST = "manifest.json"
 # The Sweep fields that decide which runs exist, their ids and their folders.

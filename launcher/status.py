@@ -13,8 +13,9 @@ from rich.text import Text
 
 from dino.eval.results import headline, read_results
 from launcher import records
+from launcher.grid import RunSpec
 from launcher.scheduler import job_is_live, slurm_states
-from launcher.sweep import RunSpec, Sweep
+from launcher.sweep import Sweep
 
 
 @dataclass

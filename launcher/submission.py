@@ -13,10 +13,11 @@ from typing import Any
 
 from launcher import records, tracking_runs
 from launcher.executors import build_executor
+from launcher.grid import RunSpec
 from launcher.jobs import EvalJob, TrainJob
 from launcher.plan import Todo, slots_folder, submitit_folder, to_submit
 from launcher.scheduler import SchedulerError, cancel_job, job_is_live, slurm_message
-from launcher.sweep import RunSpec, Sweep
+from launcher.sweep import Sweep
 
 
 @dataclass

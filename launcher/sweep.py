@@ -1,15 +1,15 @@
-"""Sweep files (`sweeps/*.yaml`) -> validated `Sweep` -> one `RunSpec` per grid point and seed.
+"""A sweep file (`sweeps/*.yaml`) -> a validated `Sweep`: its runs' base overrides and axes, resources,
+evaluations, store and budget (launcher/grid.py expands it into runs).
 
-A sweep file is a diff: base overrides plus axes. Every run's config is composed with the same Hydra
-compose API as `dinolab train`, so a typo fails here, at `plan`, with the file, the key and the
-nearest valid name. A run's id is the hash of its resolved config without non-semantic keys, so the
-same grid point always lands in the same folder: `<root>/<sweep name>/<run name>-<id>/`.
+Every key of the file is checked against the typed `Sweep`/`Resources` (launcher/sweep_checks.py), so a
+typo or a wrong type fails at `plan` naming the file, the key, the value and the nearest valid name.
+`key=value` edits on the command line (`root=/tmp/x`, `eval_overrides.knn=[knn.max_train=5000]`) are
+read by the same parser as every other override (dino/config/overrides.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ import yaml
 
 from dino.config.overrides import read_value
 from dino.config.overrides import split as split_override
-from dino.config.schema import TRACKING_SCHEMES, ConfigError, DinoConfig, flatten, to_dict
+from dino.config.schema import TRACKING_SCHEMES
 from dino.config.suggest import did_you_mean
 from dino.io import mlflow_store, storage
 from launcher.sweep_checks import SweepError, check_gpus, check_types, expand_env, yaml_error
@@ -88,32 +88,6 @@ class Sweep:
         return self.resources.get(stage) or self.resources.get("pretrain") or Resources()
 
 
-@dataclass
-class RunSpec:
-    """One run of a sweep: its name, id, folder and the overrides that compose its config."""
-
-    name: str
-    run_id: str
-    run_dir: str
-    overrides: list[str]
-    axes: dict[str, Any]
-    seed: int
-    resolved: DinoConfig | None = field(default=None, repr=False, compare=False)
-    """The composed config; None for a run read back from the sweep's manifest until asked for."""
-
-    @property
-    def label(self) -> str:
-        return f"{self.name}-{self.run_id}"
-
-    @property
-    def config(self) -> DinoConfig:
-        if self.resolved is None:
-            from dino.config.compose_many import shared_composer
-
-            self.resolved = shared_composer().compose(self.overrides)
-        return self.resolved
-
-
 SWEEP_KEYS = {f.name for f in dataclasses.fields(Sweep)} - {"path"}
 RESOURCE_KEYS = {f.name for f in dataclasses.fields(Resources)}
 
@@ -133,9 +107,9 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     extra_base = []
     for ov in overrides:
         key, value = split_override(ov)
-        if value is None:  # ~key: a base override for Hydra
-            extra_base.append(ov)
-        elif key.startswith("eval_overrides."):
+        if value is None:
+            raise SweepError(f"{path}: override {ov!r} must look like key=value (e.g. root=/tmp/x)")
+        if key.startswith("eval_overrides."):
             # eval_overrides.knn=[knn.max_train=5000]: appended to that stage's overrides.
             try:
                 values = read_value(value) if value.startswith("[") else [value]
@@ -235,91 +209,3 @@ def _tracking_uri(sweep: Sweep) -> str:
             "none, sqlite:////abs/path/mlflow.db or http://host:port"
         )
     return uri
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, list | tuple):
-        return "[" + ",".join(_value(x) for x in v) + "]"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return str(v)
-
-
-def _short(key: str, sweep: Sweep) -> str:
-    if key in sweep.short_names:
-        return sweep.short_names[key]
-    return key.split(".")[-1].split("=")[0]
-
-
-def _grid_points(sweep: Sweep) -> list[dict[str, Any]]:
-    grid_keys = list(sweep.grid)
-    zipped = [
-        dict(zip(sweep.zip, values, strict=True)) for values in zip(*sweep.zip.values(), strict=True)
-    ] or [{}]
-    points = []
-    for values in itertools.product(*(sweep.grid[k] for k in grid_keys)):
-        for z in zipped:
-            points.append({**dict(zip(grid_keys, values, strict=True)), **z})
-    return points
-
-
-def _check_axis_keys(sweep: Sweep) -> None:
-    """Axes must name config keys or config groups; say which and the nearest valid one."""
-    valid = set(flatten(to_dict(DinoConfig())))
-    groups = {f.name for f in dataclasses.fields(DinoConfig)}
-    for section in ("grid", "zip"):
-        for key in getattr(sweep, section):
-            if key not in valid and key not in groups:
-                raise SweepError(
-                    f"{sweep.path}: {section}.{key} names no config key{did_you_mean(key, valid)}"
-                )
-
-
-def expand(sweep: Sweep) -> list[RunSpec]:
-    """Every (grid point, seed) as a RunSpec with its composed, validated config."""
-    from dino.config.compose_many import ConfigComposer
-
-    _check_axis_keys(sweep)
-    composer = ConfigComposer()  # Hydra once per preset choice, not once per run
-    runs: list[RunSpec] = []
-    for point in _grid_points(sweep):
-        for seed in sweep.seeds:
-            parts = [f"{_short(k, sweep)}{_value(v)}" for k, v in point.items()]
-            if len(sweep.seeds) > 1:
-                parts.append(f"s{seed}")
-            name = "-".join(parts) or "run"
-            overrides = [*sweep.base, *(f"{k}={_value(v)}" for k, v in point.items()), f"train.seed={seed}"]
-            exact = {"run.dir": "PLACEHOLDER"}
-            if sweep.tracking_uri:  # the launcher creates the MLflow run; these name it for `train` alone
-                overrides += [f"tracking.uri={sweep.tracking_uri}", f"tracking.experiment={sweep.name}"]
-                exact["tracking.run_name"] = name
-            try:
-                # The run's name is set as is (unique to each run: not worth Hydra's parser); the job
-                # composes the same value from the quoted override.
-                cfg, run_id = composer.compose_with_id(overrides, exact)
-                if sweep.tracking_uri:
-                    overrides.append(f"tracking.run_name='{name}'")
-            except ConfigError as err:
-                raise SweepError(f"{sweep.path}: run {name}: {err}") from None
-            run_dir = storage.join(sweep.folder, f"{name}-{run_id}")
-            cfg.run.dir = run_dir
-            runs.append(RunSpec(name, run_id, run_dir, [*overrides, f"run.dir={run_dir}"], point, seed, cfg))
-    ids = [r.run_id for r in runs]
-    if len(set(ids)) != len(ids):
-        dup = next(r for r in runs if ids.count(r.run_id) > 1)
-        raise SweepError(
-            f"{sweep.path}: two runs have the same config (id {dup.run_id}, e.g. {dup.name}); an axis changes nothing"
-        )
-    return runs
-
-
-def select(runs: list[RunSpec], names: list[str] | None) -> list[RunSpec]:
-    """Runs whose name, id or label is in `names` (all when `names` is empty)."""
-    if not names:
-        return runs
-    chosen = [r for r in runs if r.name in names or r.run_id in names or r.label in names]
-    missing = set(names) - {r.name for r in chosen} - {r.run_id for r in chosen} - {r.label for r in chosen}
-    if missing:
-        name = sorted(missing)[0]
-        raise SweepError(f"no run named '{name}'{did_you_mean(name, [r.name for r in runs])}")
-    return chosen

@@ -13,7 +13,8 @@ from typing import Any
 
 from dino.io import mlflow_store, storage
 from dino.io.tracking import LINK, read_link, write_link
-from launcher.sweep import RunSpec, Sweep
+from launcher.grid import RunSpec
+from launcher.sweep import Sweep
 
 
 class TrackingUnavailable(RuntimeError):

@@ -72,7 +72,8 @@ def look_submitted(path: Path) -> int:
     """Write what `sweep submit` and the jobs would have left, for every run; returns the count."""
     sys.path.insert(0, str(REPO))
     from launcher import manifest, records
-    from launcher.sweep import expand, load_sweep
+    from launcher.grid import expand
+    from launcher.sweep import load_sweep
 
     sweep = load_sweep(path)
     runs = expand(sweep)

@@ -1,5 +1,11 @@
-"""Hydra composition of a run's config: `dino/conf/config.yaml`, its presets and `key=value` overrides
--> a validated `DinoConfig`, and Hydra's and OmegaConf's errors turned into one line naming the key.
+"""A run's config: the schema, the chosen presets and `key=value` overrides -> a validated `DinoConfig`.
+
+Overrides are read by the one parser of every command (dino/config/overrides.py). An override whose
+key is a config group (`model=vit_test`, `data=fashion_mnist`) picks the preset file
+`dino/conf/<group>/<name>.yaml`, and Hydra's compose API composes the schema with those presets
+(`dino/conf/config.yaml` holds the defaults list); every other override is then merged into that,
+in the order given (the last value of a key wins), with OmegaConf's type checks. Presets are applied
+before values whatever the order on the command line, so `model.patch_size=8 model=vit_test` is ViT-test/8.
 
 Hydra and OmegaConf are imported inside the functions: commands that only read a sweep's files
 (`sweep status`, `plan`) must not pay their import (tests/unit/test_layers.py).
@@ -7,102 +13,82 @@ Hydra and OmegaConf are imported inside the functions: commands that only read a
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import re
-import typing
+import copy
+import functools
+import importlib.resources
 from typing import Any
 
-from dino.config.schema import ConfigError, DinoConfig, flatten, to_dict
-from dino.config.suggest import unknown_key
-from dino.config.types import type_name as schema_type_name
-from dino.config.types import type_words
+from dino.config.overrides import apply, read_value, split_all
+from dino.config.schema import ConfigError, DinoConfig
+from dino.config.suggest import not_allowed
 from dino.config.validate import validate
 
 
-def register_configs() -> None:
-    """Register the schema so YAML presets and overrides are type-checked against it."""
-    # Hydra is imported here, not at the top: commands that only read a sweep's files (status)
-    # should not pay its import.
-    from hydra.core.config_store import ConfigStore
+@functools.cache
+def preset_groups() -> dict[str, tuple[str, ...]]:
+    """{group: its preset names}: the folders of dino/conf and the YAML files in them."""
+    root = importlib.resources.files("dino.conf")
+    return {
+        entry.name: tuple(
+            sorted(f.name[: -len(".yaml")] for f in entry.iterdir() if f.name.endswith(".yaml"))
+        )
+        for entry in root.iterdir()
+        if entry.is_dir() and not entry.name.startswith("_")
+    }
 
-    ConfigStore.instance().store(name="dino_schema", node=DinoConfig)
+
+def split_presets(overrides: list[str] | tuple[str, ...]) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """({group: preset name}, [(key, value text)...]) of `overrides`; a preset that does not exist is
+    refused naming the group, the nearest name and the choices."""
+    groups = preset_groups()
+    chosen: dict[str, str] = {}
+    values = []
+    for key, text in split_all(overrides):
+        if key not in groups:
+            values.append((key, text))
+            continue
+        name = str(read_value(text) if text.strip() else text)  # model='vit_test' as model=vit_test
+        problem = not_allowed(key, name, groups[key])
+        if problem:
+            raise ConfigError(problem)
+        chosen[key] = name
+    return chosen, values
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), check: bool = True) -> DinoConfig:
-    """Compose `dino/conf/config.yaml` with Hydra overrides and return a validated `DinoConfig`
-    (`check=False`: not validated, for a preset that later overrides complete)."""
+@functools.cache
+def _preset_base(choices: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """The schema composed with the chosen presets by Hydra (once per distinct choice)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
+    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    register_configs()
+    # The schema is the first entry of the defaults list: Hydra type-checks each preset against it.
+    ConfigStore.instance().store(name="dino_schema", node=DinoConfig)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="dino.conf", version_base="1.3"):
-            dict_cfg = hydra_compose(config_name="config", overrides=list(overrides))
-        cfg = OmegaConf.to_object(dict_cfg)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(_explain_compose_error(err, overrides)) from None
+            composed = hydra_compose(config_name="config", overrides=[f"{g}={n}" for g, n in choices])
+        return OmegaConf.to_container(composed, resolve=False)
+    except (HydraException, OmegaConfBaseException) as err:  # a preset file that does not fit the schema
+        raise ConfigError(" ".join(str(err).split())) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def preset_base(chosen: dict[str, str]) -> dict[str, Any]:
+    """The config as a plain dict with `chosen` presets and no other override (a copy of its own)."""
+    return copy.deepcopy(_preset_base(tuple(sorted(chosen.items()))))
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), check: bool = True) -> DinoConfig:
+    """The validated `DinoConfig` of `overrides` (`check=False`: not validated, for a preset that
+    later overrides complete)."""
+    chosen, values = split_presets(overrides)
+    cfg = apply(DinoConfig, values, preset_base(chosen))
     if check:
         validate(cfg)
     return cfg
-
-
-def _explain_compose_error(err: Exception, overrides: list[str] | tuple[str, ...]) -> str:
-    """Turn Hydra/OmegaConf errors into one line naming the key and the nearest valid name."""
-    from omegaconf.errors import OmegaConfBaseException, ValidationError
-
-    cause: BaseException | None = err
-    while cause is not None and not isinstance(cause, ValidationError):
-        cause = cause.__cause__  # Hydra's "Error merging override" wraps OmegaConf's reason
-    if cause is not None and cause.full_key:
-        return _explain_type_error(cause, overrides)
-    msg = str(err).strip().splitlines()[0]
-    for ov in overrides:
-        key = ov.split("=", 1)[0].lstrip("+~")
-        if "=" not in ov:
-            continue
-        if "." not in key and key in {f.name for f in dataclasses.fields(DinoConfig)}:
-            continue  # a config group choice; Hydra's own message lists the options
-        valid = flatten(to_dict(DinoConfig()))
-        if key not in valid and "." in key:
-            return unknown_key(key, valid)
-    if isinstance(err, OmegaConfBaseException) and err.full_key and err.msg:
-        return f"{err.full_key}: {err.msg.strip().splitlines()[0]}"  # without reference_type=... lines
-    full = str(err).strip().replace("\n", " ")
-    return full if len(full) < 400 else msg
-
-
-def _schema_field(key: str) -> tuple[Any, Any] | None:
-    """(type, default) of a dotted schema key, e.g. (int, 64) for optim.batch_size."""
-    *parents, name = key.split(".")
-    node: Any = DinoConfig()
-    for part in parents:
-        node = getattr(node, part, None)
-    if not dataclasses.is_dataclass(node) or name not in {f.name for f in dataclasses.fields(node)}:
-        return None
-    hint = typing.get_type_hints(type(node))[name]
-    return hint, getattr(node, name)
-
-
-def _explain_type_error(cause: Any, overrides: list[str] | tuple[str, ...]) -> str:
-    """`optim.batch_size='abc' is not an integer; expected int, e.g. optim.batch_size=64`: the key,
-    the value as given, the reason and the expected type (OmegaConf's text only when the key is not
-    a schema field)."""
-    key = re.sub(r"(\[\d+\])+$", "", str(cause.full_key))  # crops.global_scale[0] -> crops.global_scale
-    given = [ov.split("=", 1)[1] for ov in overrides if "=" in ov and ov.split("=", 1)[0].lstrip("+~") == key]
-    value = given[-1] if given else cause.value
-    schema = _schema_field(key)
-    if schema is None:
-        return f"{key}={value!r}: {(cause.msg or str(cause)).strip().splitlines()[0]}"
-    hint, default = schema
-    words, type_name = type_words(hint), schema_type_name(hint)
-    example = json.dumps(list(default) if isinstance(default, tuple) else default).replace(" ", "").strip('"')
-    hint = f", e.g. {key}={example}" if example else ""
-    return f"{key}={value!r} is not {words}; expected {type_name}{hint}"

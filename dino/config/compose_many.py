@@ -1,39 +1,35 @@
 """Compose many configs that differ in a few values: a sweep's runs, at a dictionary copy's cost each.
 
-Hydra's compose takes 70-200 ms on our 2-core machine (it rebuilds the defaults tree and deep-copies
-OmegaConf nodes each time), so `sweep plan`/`status` of a 1,000-run grid spent minutes composing.
-The runs of a sweep share their config groups (`model=vit_test`, `data=fashion_mnist`) and differ in
-a few values, so:
-- Hydra composes once per distinct list of group choices;
-- each distinct `key=value` override is parsed by Hydra's own override parser and type-checked (and
-  converted: 1 -> 1.0 for a float key) by OmegaConf against the schema once;
-- a run's config is then the group base's flat dict updated with its values, built into the
+`compose()` builds an OmegaConf tree of the whole schema and merges into it (10-30 ms on our 2-core
+machine; Hydra's compose per run took 70-200 ms), so `sweep plan`/`status` of a 1,000-run grid would
+spend most of their time composing. The runs of a sweep share their presets (`model=vit_test`,
+`data=fashion_mnist`) and differ in a few values, so:
+- the presets are composed once per distinct choice (`dino.config.compose.preset_base`);
+- each distinct `key=value` override is read by the one parser (dino/config/overrides.py) and
+  type-checked (and converted: 1 -> 1.0 for a float key) by OmegaConf against the schema once;
+- a run's config is then the preset base's flat dict updated with its values, built into the
   dataclasses directly and validated like `compose()` does.
-Anything this cannot mirror exactly (`+key`, `~key`, a key that is not a schema leaf, a value that
-fails its type check) goes through `dino.config.compose.compose` itself, which also gives the error message.
-`tests/unit/test_compose_many.py` checks that both give the same config and run id.
+Anything this cannot mirror exactly (a key that is not a schema leaf, a value that fails its type
+check or YAML cannot read) goes through `dino.config.compose.compose` itself, which also gives the
+error message. `tests/unit/test_compose_many.py` checks that both give the same config and run id.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.resources
 import typing
 from typing import Any
 
-from dino.config.compose import compose
+import yaml
+
+from dino.config.compose import compose, preset_groups
 from dino.config.identity import config_hash
+from dino.config.overrides import read_value, split
 from dino.config.schema import DinoConfig, flatten, to_dict
 from dino.config.validate import validate
 
 _MISSING = object()
-
-
-def _config_groups() -> set[str]:
-    """The config group folders of dino/conf (model, data): overrides of these pick a preset."""
-    root = importlib.resources.files("dino.conf")
-    return {entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("_")}
 
 
 def _schema_leaves() -> set[str]:
@@ -69,10 +65,7 @@ class ConfigComposer:
     """`compose(overrides)` for many override lists, equal to `dino.config.compose.compose(overrides)`."""
 
     def __init__(self) -> None:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        self._parser = OverridesParser.create()
-        self._groups = _config_groups()
+        self._groups = set(preset_groups())
         self._leaves = _schema_leaves()
         self._parsed: dict[str, tuple[str, str, Any] | None] = {}
         self._bases: dict[tuple[str, ...], dict[str, Any]] = {}
@@ -90,7 +83,7 @@ class ConfigComposer:
         """The config and its run id (`config_hash`, here of the flat values it was built from:
         dataclasses.asdict of 1,000 configs took a second)."""
         flat = self._flat(overrides)
-        if flat is None:  # not mirrored: Hydra itself (and its error message)
+        if flat is None:  # not mirrored: compose() itself (and its error message)
             cfg = compose(overrides)
             for key, value in (exact or {}).items():
                 *parents, name = key.split(".")
@@ -115,7 +108,7 @@ class ConfigComposer:
             (groups if kind == "group" else values).append((override, key, value))
         base_key = tuple(override for override, _, _ in groups)
         if base_key not in self._bases:
-            self._bases[base_key] = flatten(to_dict(compose(list(base_key), check=False)))
+            self._bases[base_key] = flatten(to_dict(compose(list(base_key), check=False)))  # checks the names
         flat = dict(self._bases[base_key])
         for _, key, value in values:
             converted = self._convert(key, value)
@@ -130,26 +123,21 @@ class ConfigComposer:
         return self._parsed[override]
 
     def _classify(self, override: str) -> tuple[str, str, Any] | None:
-        from hydra.errors import HydraException
-
-        try:
-            parsed = self._parser.parse_override(override)
-        except HydraException:
+        key, text = split(override)
+        if text is None:
             return None
-        if parsed.is_add() or parsed.is_delete() or parsed.is_force_add() or parsed.is_sweep_override():
-            return None
-        if parsed.package is not None:
-            return None
-        key = parsed.key_or_group
         if key in self._groups:
-            return ("group", key, parsed.value())
-        if key in self._leaves:
-            return ("value", key, parsed.value())
-        return None
+            return ("group", key, text)
+        if key not in self._leaves:
+            return None
+        try:
+            return ("value", key, read_value(text))
+        except yaml.YAMLError:
+            return None
 
     def _convert(self, key: str, value: Any) -> Any:
-        """The value as the schema stores it (OmegaConf's validation and conversion, as Hydra's
-        compose applies an override), once per distinct (key, value)."""
+        """The value as the schema stores it (OmegaConf's validation and conversion, as `compose()`
+        applies an override), once per distinct (key, value)."""
         cache_key = (key, repr(value))
         if cache_key not in self._values:
             from omegaconf import OmegaConf

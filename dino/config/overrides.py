@@ -1,22 +1,28 @@
-"""`key=value` overrides of eval, viz and sweep files: one syntax, one parser, one value reader.
+"""`key=value` overrides: one syntax and one parser for train, a sweep's base and axes, eval, viz and
+sweep-file edits.
 
-`dinolab train` (and the sweep runs it composes) hand their overrides to Hydra's override grammar
-(dino/config/compose.py, dino/config/compose_many.py), which also knows `+key`, `~key` and group choices.
-Everything else splits at the first `=` here, and reads the value as YAML the way OmegaConf reads a
-dotlist (`1e-3` is a number, dates stay text), so `knn.k=[10,20]`, `linear.lr=1e-3`, `budget=0.5`
-and `eval_overrides.knn=[knn.max_train=5000]` mean the same wherever they are written.
+An override splits at its first `=`; the value is read as YAML the way OmegaConf reads a dotlist
+(`1e-3` is a number, `[10,20]` a list, dates stay text), so `optim.lr=1e-3`, `knn.k=[10,20]`,
+`budget=0.5` and `eval_overrides.knn=[knn.max_train=5000]` mean the same wherever they are written.
+`apply` merges them into a schema dataclass with OmegaConf's type checks (and its `${oc.env:RANK}`
+interpolation); a wrong key or type is one line naming the key, the value and what was expected.
+`dinolab train` picks presets with the same syntax (`model=vit_test`): dino/config/compose.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import re
+import typing
 from typing import Any
 
 import yaml
 
 from dino.config.schema import ConfigError, flatten
 from dino.config.suggest import unknown_key
+from dino.config.types import type_name, type_words
 
 # YAML 1.1 misses floats without a dot (1e-3); OmegaConf's loader adds them, and so does this one.
 _FLOAT = re.compile(
@@ -59,7 +65,7 @@ def _read(key: str, text: str) -> Any:
 
 
 def split(override: str) -> tuple[str, str | None]:
-    """`key=value` -> (key, value text); (override, None) when it has no `=` (Hydra's `~key`)."""
+    """`key=value` -> (key, value text); (override, None) when it has no `=`."""
     key, sep, value = override.partition("=")
     return (key.strip(), value) if sep else (override, None)
 
@@ -76,13 +82,11 @@ def split_all(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
 
 
 def apply(schema: type, pairs: list[tuple[str, str]], base: dict[str, Any] | None = None) -> Any:
-    """`schema` dataclass <- `base` dict <- dotted `pairs`, type-checked by OmegaConf; an unknown key
-    names the nearest valid one."""
-    import dataclasses
-    import json
-
+    """`schema` dataclass <- `base` dict <- dotted `pairs`, in order (the last value of a key wins),
+    type-checked and converted by OmegaConf. An unknown key names the nearest valid one; a wrong type
+    names the key, the value as given and the expected type."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import OmegaConfBaseException, ValidationError
 
     valid = flatten(json.loads(json.dumps(dataclasses.asdict(schema()))))
     groups = {k.split(".")[0] for k in valid if "." in k}
@@ -99,7 +103,42 @@ def apply(schema: type, pairs: list[tuple[str, str]], base: dict[str, Any] | Non
                 OmegaConf.update(edits, key, _read(key, text))  # as OmegaConf.from_dotlist does
             merged = OmegaConf.merge(merged, edits)
         return OmegaConf.to_object(merged)
+    except ValidationError as err:
+        if err.full_key:
+            raise ConfigError(_wrong_type(schema, err, pairs)) from None
+        raise ConfigError(_first_line(err)) from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "") or ""
-        msg = str(err).strip().splitlines()[0]
-        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+        raise ConfigError(f"{key}: {_first_line(err)}" if key else _first_line(err)) from None
+
+
+def _first_line(err: Exception) -> str:
+    return str(getattr(err, "msg", "") or err).strip().splitlines()[0]
+
+
+def _field(schema: type, key: str) -> tuple[Any, Any] | None:
+    """(type, default) of a dotted key of `schema`, e.g. (int, 64) for optim.batch_size."""
+    *parents, name = key.split(".")
+    node: Any = schema()
+    for part in parents:
+        node = getattr(node, part, None)
+    if not dataclasses.is_dataclass(node) or name not in {f.name for f in dataclasses.fields(node)}:
+        return None
+    return typing.get_type_hints(type(node))[name], getattr(node, name)
+
+
+def _wrong_type(schema: type, err: Any, pairs: list[tuple[str, str]]) -> str:
+    """`optim.batch_size='abc' is not an integer; expected int, e.g. optim.batch_size=64`: the key,
+    the value as given, the reason and the expected type (OmegaConf's text when the key is not a
+    field of `schema`). OmegaConf's own line ("Value 'abc' of type 'str' could not be converted to
+    Integer") names neither the key as typed nor an example."""
+    key = re.sub(r"(\[\d+\])+$", "", str(err.full_key))  # crops.global_scale[0] -> crops.global_scale
+    given = [text for k, text in pairs if k == key]
+    value = given[-1] if given else err.value
+    found = _field(schema, key)
+    if found is None:
+        return f"{key}={value!r}: {_first_line(err)}"
+    hint, default = found
+    example = json.dumps(list(default) if isinstance(default, tuple) else default).replace(" ", "").strip('"')
+    example = f", e.g. {key}={example}" if example else ""
+    return f"{key}={value!r} is not {type_words(hint)}; expected {type_name(hint)}{example}"

@@ -134,7 +134,8 @@ def _with_weights(args: argparse.Namespace, summary, by, columns):
 
     from dino.eval.config import _plain
     from launcher.errors import UserError
-    from launcher.sweep import expand, load_sweep
+    from launcher.grid import expand
+    from launcher.sweep import load_sweep
     from reports.weights_rows import WeightsRowError, weights_rows
 
     if not args.sweep_file:

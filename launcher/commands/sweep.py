@@ -66,7 +66,8 @@ def _load(args: argparse.Namespace, submitted: bool = False):
     """(sweep, its runs as `--run` selects them, all its runs). `submitted`: commands about runs
     already submitted read them from the sweep's manifest instead of expanding the grid again."""
     from launcher import manifest
-    from launcher.sweep import expand, load_sweep, select
+    from launcher.grid import expand, select
+    from launcher.sweep import load_sweep
 
     sweep = load_sweep(args.sweep_file, args.overrides)
     everything = manifest.runs(sweep) if submitted else expand(sweep)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 EPILOG = """\
-overrides are Hydra syntax: group choices (model=vit_small, data=fashion_mnist) and keys
-(optim.epochs=10 crops.num_local=6 run.dir=runs/a). Groups: model={vit_test,vit_tiny,vit_small,vit_base},
+overrides are key=value, read as YAML values (the syntax of eval, viz and sweep files): presets
+(model=vit_small, data=fashion_mnist) and keys (optim.epochs=10 optim.lr=1e-3 crops.global_scale=[0.4,1.0]
+run.dir=runs/a). Groups: model={vit_test,vit_tiny,vit_small,vit_base},
 data={synthetic,fashion_mnist,imagefolder}. Show the resolved config with --cfg.
 """
 
@@ -18,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=vit_test optim.epochs=2")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=vit_test optim.epochs=2")
     parser.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
     parser.set_defaults(func=run_command)
 

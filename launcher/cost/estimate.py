@@ -32,7 +32,8 @@ from launcher.cost.images import eval_images, pretrain_images
 from launcher.cost.measured import measured_runs, measured_speed
 from launcher.cost.model import ESTIMATED, UNKNOWN, BudgetExceeded, RunCost, Speed, StageCost, SweepCost
 from launcher.cost.shapes import devices, shape_of, stage_card
-from launcher.sweep import RunSpec, Sweep
+from launcher.grid import RunSpec
+from launcher.sweep import Sweep
 
 
 def estimate(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from launcher.errors import UserError
-from launcher.sweep import RunSpec
+from launcher.grid import RunSpec
 
 # Where a speed comes from, in order of trust (launcher/cost/estimate.py); unknown: no figure at all.
 MEASURED, CALIBRATED, ESTIMATED, UNKNOWN = "measured", "calibrated", "estimated", "unknown"

@@ -98,7 +98,8 @@ def test_export_loads_into_plain_timm_and_back_into_dinolab(tmp_path):
 
 
 def test_export_names_a_sweep_run_by_its_name(tmp_path):
-    from launcher.sweep import expand, load_sweep
+    from launcher.grid import expand
+    from launcher.sweep import load_sweep
 
     sweep = tmp_path / "s.yaml"
     sweep.write_text(

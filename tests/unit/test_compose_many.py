@@ -10,7 +10,8 @@ from dino.config.compose import compose
 from dino.config.compose_many import ConfigComposer
 from dino.config.identity import config_hash
 from dino.config.schema import ConfigError, to_dict
-from launcher.sweep import expand, load_sweep
+from launcher.grid import expand
+from launcher.sweep import load_sweep
 
 SWEEPS = sorted((Path(__file__).resolve().parents[2] / "sweeps").glob("*.yaml"))
 

@@ -8,7 +8,8 @@ import pytest
 from dino.config.compose import compose
 from dino.config.identity import config_hash, semantic_diff
 from dino.config.schema import DinoConfig, to_dict
-from launcher.sweep import expand, load_sweep
+from launcher.grid import expand
+from launcher.sweep import load_sweep
 
 
 @pytest.mark.parametrize(

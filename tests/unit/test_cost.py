@@ -15,7 +15,8 @@ from launcher.cost import images as cost_images
 from launcher.cost import measured as cost_measured
 from launcher.cost import model as cost_model
 from launcher.cost import shapes as cost_shapes
-from launcher.sweep import expand, load_sweep
+from launcher.grid import expand
+from launcher.sweep import load_sweep
 from tests.conftest import TINY_OVERRIDES
 
 

@@ -11,8 +11,9 @@ from rich.console import Console
 
 from dino.config.schema import to_dict
 from launcher import long_tables, manifest, records
+from launcher.grid import expand
 from launcher.status import status_table
-from launcher.sweep import expand, load_sweep
+from launcher.sweep import load_sweep
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "sweeps" / "quickstart.yaml"
 

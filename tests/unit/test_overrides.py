@@ -1,5 +1,5 @@
-"""The one `key=value` parser of eval, viz and sweep edits (dino/config/overrides.py) and the one
-"did you mean" (dino/config/suggest.py)."""
+"""The one `key=value` parser of train, sweeps, eval, viz and sweep edits (dino/config/overrides.py)
+and the one "did you mean" (dino/config/suggest.py)."""
 
 from __future__ import annotations
 
@@ -51,8 +51,9 @@ def test_apply_merges_types_and_names_the_nearest_key():
     assert cfg.inner.k == [5, 6] and cfg.lr == 0.001
     with pytest.raises(ConfigError, match="unknown config key 'inner.kk'; did you mean inner.k?"):
         apply(_Schema, [("inner.kk", "5")])
-    with pytest.raises(ConfigError, match="^lr: "):
+    with pytest.raises(ConfigError) as err:
         apply(_Schema, [("lr", "fast")])
+    assert str(err.value) == "lr='fast' is not a number; expected float, e.g. lr=0.1"
     with pytest.raises(ConfigError, match=r"^inner.k='\[5' is not a value YAML can read: "):
         apply(_Schema, [("inner.k", "[5")])
 
@@ -68,3 +69,29 @@ def test_one_did_you_mean():
     assert not_allowed("device", "cpy", ["auto", "cpu"]) == (
         "device='cpy' is not allowed (did you mean cpu?); choose one of: auto, cpu"
     )
+
+
+def test_train_reads_values_with_the_same_parser(monkeypatch):
+    """Train's overrides are read like eval's: `=` inside a value, YAML numbers, env interpolation;
+    presets are picked with the same syntax and a wrong preset or a form without `=` is one line."""
+    from dino.config.compose import compose
+
+    monkeypatch.setenv("RANK", "3")
+    cfg = compose(
+        ["data.root=s3://b/k=v", "optim.lr=1e-3", "run.dir=/r/rank${oc.env:RANK}", "model='vit_test'"]
+    )
+    assert (cfg.data.root, cfg.optim.lr, cfg.run.dir, cfg.model.name) == (
+        "s3://b/k=v",
+        0.001,
+        "/r/rank3",
+        "vit_test",
+    )
+    with pytest.raises(ConfigError) as err:
+        compose(["model=vit_smal"])
+    assert str(err.value) == (
+        "model='vit_smal' is not allowed (did you mean vit_small?); choose one of: vit_base, vit_small, vit_test, vit_tiny"
+    )
+    with pytest.raises(ConfigError, match=r"^override '~train.seed' must look like key=value"):
+        compose(["~train.seed"])
+    with pytest.raises(ConfigError, match=r"^unknown config key '\+optim.lr'; did you mean optim.lr\?"):
+        compose(["+optim.lr=1"])

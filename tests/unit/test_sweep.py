@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from launcher.executors import sbatch_preview
+from launcher.grid import expand
 from launcher.plan import submitit_folder
-from launcher.sweep import SweepError, expand, load_sweep
+from launcher.sweep import SweepError, load_sweep
 from launcher.sweep_checks import expand_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,7 +72,7 @@ def test_grid_times_zip_times_seeds_and_stable_ids(tmp_path):
             {"grid": {"model.pach_size": [8]}},
             "grid.model.pach_size names no config key (did you mean model.patch_size?)",
         ),
-        ({"base": ["model=vit_smal"]}, "model/vit_smal"),
+        ({"base": ["model=vit_smal"]}, "model='vit_smal' is not allowed (did you mean vit_small?)"),
         ({"base": ["optim.epohcs=3"]}, "unknown config key 'optim.epohcs'; did you mean optim.epochs?"),
         (
             {"resources": {"pretrain": {"partiton": "gpu"}}},

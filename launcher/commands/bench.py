@@ -25,7 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("overrides", nargs="*", help="key=value overrides as for train, e.g. model=vit_small optim.batch_size=64")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value overrides as for train, e.g. model=vit_small optim.batch_size=64",
+    )
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     p.add_argument("--input", choices=("synthetic", "loader", "both"), default="both")

@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=vit_test optim.epochs=2")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. model=vit_test optim.epochs=2"
+    )
     parser.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
     parser.set_defaults(func=run_command)
 

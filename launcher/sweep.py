@@ -104,29 +104,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise SweepError(yaml_error(path, err)) from None
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: expected a mapping at the top level")
-    extra_base = []
-    for ov in overrides:
-        key, value = split_override(ov)
-        if value is None:
-            raise SweepError(f"{path}: override {ov!r} must look like key=value (e.g. root=/tmp/x)")
-        if key.startswith("eval_overrides."):
-            # eval_overrides.knn=[knn.max_train=5000]: appended to that stage's overrides.
-            try:
-                values = read_value(value) if value.startswith("[") else [value]
-            except yaml.YAMLError:
-                raise SweepError(
-                    f"{path}: {ov}: not a list of overrides; quote items that hold brackets: {key}=['knn.k=[5]']"
-                ) from None
-            stages = raw["eval_overrides"] = raw.get("eval_overrides") or {}
-            stage = key.split(".", 1)[1]
-            stages[stage] = [*(stages.get(stage) or []), *values]  # a "[...]" value parses to a list
-        elif key in SWEEP_KEYS and key not in ("base", "grid", "zip", "resources", "eval_overrides"):
-            try:
-                raw[key] = read_value(value)
-            except yaml.YAMLError as err:
-                raise SweepError(yaml_error(f"{path}: {ov}", err)) from None
-        else:
-            extra_base.append(ov)
+    extra_base = _apply_edits(raw, overrides, path)
     unknown = set(raw) - SWEEP_KEYS
     if unknown:
         key = sorted(unknown)[0]
@@ -136,23 +114,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if "name" not in raw:
         raise SweepError(f"{path}: missing key 'name'")
     check_types(path, "", raw, Sweep)
-    resources = {}
-    for stage, res in (raw.pop("resources", None) or {}).items():
-        if stage not in ("pretrain", *EVALS):
-            raise SweepError(
-                f"{path}: resources.{stage}: unknown stage{did_you_mean(stage, ['pretrain', *EVALS])}"
-            )
-        if not isinstance(res, dict | None):
-            raise SweepError(f"{path}: resources.{stage}: {res!r} is not a mapping of scheduler parameters")
-        bad = set(res or {}) - RESOURCE_KEYS
-        if bad:
-            key = sorted(bad)[0]
-            raise SweepError(
-                f"{path}: unknown key 'resources.{stage}.{key}'{did_you_mean(key, RESOURCE_KEYS)}"
-            )
-        check_types(path, f"resources.{stage}.", res or {}, Resources)
-        resources[stage] = Resources(**(res or {}))
-        check_gpus(path, stage, resources[stage])
+    resources = _read_resources(raw.pop("resources", None) or {}, path)
     sweep = Sweep(path=path, resources=resources, **raw)
     sweep.root = expand_env(str(sweep.root), path, "root")  # root: /checkpoint/${USER:-me}/dinolab
     sweep.logs_root = os.path.expanduser(expand_env(str(sweep.logs_root or ""), path, "logs_root"))
@@ -192,6 +154,57 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise SweepError(f"{path}: budget: '{sweep.budget}' must be GPU-hours (a number >= 0; 0 = no limit)")
     sweep.budget = budget
     return sweep
+
+
+def _apply_edits(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], path: str) -> list[str]:
+    """Apply the command line's `key=value` edits of sweep-file keys to `raw` (in place); return the
+    other overrides, which are extra base overrides of every run."""
+    extra_base = []
+    for ov in overrides:
+        key, value = split_override(ov)
+        if value is None:
+            raise SweepError(f"{path}: override {ov!r} must look like key=value (e.g. root=/tmp/x)")
+        if key.startswith("eval_overrides."):
+            # eval_overrides.knn=[knn.max_train=5000]: appended to that stage's overrides.
+            try:
+                values = read_value(value) if value.startswith("[") else [value]
+            except yaml.YAMLError:
+                raise SweepError(
+                    f"{path}: {ov}: not a list of overrides; quote items that hold brackets: {key}=['knn.k=[5]']"
+                ) from None
+            stages = raw["eval_overrides"] = raw.get("eval_overrides") or {}
+            stage = key.split(".", 1)[1]
+            stages[stage] = [*(stages.get(stage) or []), *values]  # a "[...]" value parses to a list
+        elif key in SWEEP_KEYS and key not in ("base", "grid", "zip", "resources", "eval_overrides"):
+            try:
+                raw[key] = read_value(value)
+            except yaml.YAMLError as err:
+                raise SweepError(yaml_error(f"{path}: {ov}", err)) from None
+        else:
+            extra_base.append(ov)
+    return extra_base
+
+
+def _read_resources(raw: dict[str, Any], path: str) -> dict[str, Resources]:
+    """The `resources:` mapping as {stage: Resources}, every key and value checked."""
+    resources = {}
+    for stage, res in raw.items():
+        if stage not in ("pretrain", *EVALS):
+            raise SweepError(
+                f"{path}: resources.{stage}: unknown stage{did_you_mean(stage, ['pretrain', *EVALS])}"
+            )
+        if not isinstance(res, dict | None):
+            raise SweepError(f"{path}: resources.{stage}: {res!r} is not a mapping of scheduler parameters")
+        bad = set(res or {}) - RESOURCE_KEYS
+        if bad:
+            key = sorted(bad)[0]
+            raise SweepError(
+                f"{path}: unknown key 'resources.{stage}.{key}'{did_you_mean(key, RESOURCE_KEYS)}"
+            )
+        check_types(path, f"resources.{stage}.", res or {}, Resources)
+        resources[stage] = Resources(**(res or {}))
+        check_gpus(path, stage, resources[stage])
+    return resources
 
 
 def _tracking_uri(sweep: Sweep) -> str:

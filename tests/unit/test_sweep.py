@@ -125,6 +125,10 @@ def test_command_line_edits_of_the_evaluations():
         load_sweep(path, ["eval_overrides.knn=[knn.max_train=64,knn.k=[5]]"])
     with pytest.raises(SweepError, match="eval_overrides.knnn: unknown evaluation"):
         load_sweep(path, ["eval_overrides.knnn=knn.max_test=5"])
+    with pytest.raises(SweepError, match=r"quickstart.yaml: override '~train.seed' must look like key=value"):
+        load_sweep(path, ["~train.seed"])
+    # Any other key is a base override of every run, read like train reads it.
+    assert load_sweep(path, ["data.root=/d/a=b"]).base[-1] == "data.root=/d/a=b"
 
 
 def test_sbatch_script_matches_the_golden_file():

@@ -269,8 +269,9 @@ class DinoConfig:
     monitor: MonitorConfig = not_in_run_id(default_factory=MonitorConfig)
 
 
-def to_dict(cfg: DinoConfig) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass (`DinoConfig`, one of its sections, an evaluation's `EvalConfig`...) as the
+    plain nested dict YAML and JSON take: nested dataclasses as dicts, tuples as lists."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
-from dino.config.schema import ConfigError
+from dino.config.schema import ConfigError, to_dict
 from dino.data.datasets import MultiCropDataset
-from dino.eval.config import EvalConfig, _plain
+from dino.eval.config import EvalConfig
 from dino.eval.datasets import eval_dataset, evenly_spaced_subset, image_size, num_classes
 from dino.eval.encoders import build_encoder
 from dino.eval.features import split_features
@@ -65,7 +65,7 @@ NON_SEMANTIC = ("max_epochs",)
 
 
 def probe_id(cfg: EvalConfig) -> str:
-    semantic = {k: v for k, v in _plain(cfg.linear).items() if k not in NON_SEMANTIC}
+    semantic = {k: v for k, v in to_dict(cfg.linear).items() if k not in NON_SEMANTIC}
     lrs = learning_rates(cfg)
     if len(lrs) == 1:  # a single lr (or a one-element list) is today's probe: same identity, no held-out part
         semantic["lr"] = lrs[0]  # a float, as the field's type made it before lists were allowed
@@ -183,7 +183,7 @@ def evaluate_linear(
                 f" held-out top-1 {row['val_top1']:.2f}" if "val_top1" in row else "",
             )  # fmt: skip
         if dist.is_main:
-            payload: dict[str, Any] = {"step": epoch, "config": _plain(cfg), "target": target.provenance}
+            payload: dict[str, Any] = {"step": epoch, "config": to_dict(cfg), "target": target.provenance}
             if len(heads) == 1:
                 payload.update(head=heads[0].state_dict(), optimizer=optimizers[0].state_dict(), history=histories[0])  # fmt: skip
             else:
@@ -208,8 +208,8 @@ def evaluate_linear(
         "protocol": LINEAR,
         **target.provenance,
         "target": target.key,
-        "data": _plain(cfg.data),
-        "linear": _plain(lin),
+        "data": to_dict(cfg.data),
+        "linear": to_dict(lin),
         "seed": cfg.seed,
         "image_size": size,
         "num_train": num_train,

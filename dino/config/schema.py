@@ -36,7 +36,8 @@ class ConfigError(ValueError):
 
 
 # Run identity (dino/config/identity.py) reads these marks off the fields: a run's id is the hash of
-# the keys that can change its result.
+# the keys that can change its result. The linear probe's id reads the same marks off
+# `dino.eval.config.LinearConfig` (dino/eval/linear.py:probe_id).
 NOT_IN_RUN_ID = "not_in_run_id"
 ADDED_LATER = "added_later"
 

@@ -19,7 +19,7 @@ import yaml
 
 from dino.config.identity import marked_fields
 from dino.config.overrides import apply, split_all
-from dino.config.schema import ConfigError, DataConfig, to_dict
+from dino.config.schema import ConfigError, DataConfig, not_in_run_id, to_dict
 from dino.config.suggest import did_you_mean
 from dino.config.validate import check_choice, check_positive
 
@@ -54,9 +54,13 @@ class KnnConfig:
 
 @dataclass
 class LinearConfig:
+    """The probe's settings. Its id (dino/eval/linear.py:probe_id, part of the probe's folder name) is
+    the hash of these fields but those marked `not_in_run_id`, as a run's id is of `DinoConfig`'s; a
+    field added here needs `added_later` (dino/config/schema.py) or existing probes start again."""
+
     epochs: int = 100
     """Epochs of the probe; the cosine learning-rate schedule spans them."""
-    max_epochs: int = 0
+    max_epochs: int = not_in_run_id(0)
     """Stop after this epoch (0: run all); run again with a higher value to continue."""
     batch_size: int = 256
     """Images per step (global)."""

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
+from dino.config.identity import identity_items
 from dino.config.schema import ConfigError, to_dict
 from dino.data.datasets import MultiCropDataset
 from dino.eval.config import EvalConfig
@@ -60,17 +61,21 @@ from dino.run import distributed
 
 log = logging.getLogger("dino.eval")
 
-# Keys of the probe config that do not change its result (left out of its identity hash).
-NON_SEMANTIC = ("max_epochs",)
-
 
 def probe_id(cfg: EvalConfig) -> str:
-    semantic = {k: v for k, v in to_dict(cfg.linear).items() if k not in NON_SEMANTIC}
+    """Short hash of what can change the probe's result: same id, same state folder (a resume).
+
+    The fields come from `LinearConfig`'s marks (`dino.config.identity.identity_items`); what a mark
+    cannot say is written out below, each case pinned by tests/unit/test_probe_ids.py."""
+    semantic = identity_items(cfg.linear)
     lrs = learning_rates(cfg)
+    # Not a mark: whether val_fraction counts depends on lr, another field's value.
     if len(lrs) == 1:  # a single lr (or a one-element list) is today's probe: same identity, no held-out part
         semantic["lr"] = lrs[0]  # a float, as the field's type made it before lists were allowed
         semantic.pop("val_fraction")
+    # Not marks: these are EvalConfig's own fields, outside the probe's section.
     semantic.update(seed=cfg.seed, image_size=cfg.image_size)
+    # Not a mark: a key no field holds, added when either subset is set.
     if cfg.linear.max_train or cfg.linear.max_test:
         # Subsets were the first N images before they were evenly spaced: a new probe, not a resume.
         semantic["subsets"] = "evenly_spaced"

@@ -4,9 +4,13 @@ resumes only if its id is the same. These were computed with `probe_id` reading 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pytest
 
-from dino.eval.config import compose_eval
+from dino.config.identity import identity_items, marked_fields
+from dino.config.schema import added_later, not_in_run_id
+from dino.eval.config import LinearConfig, compose_eval
 from dino.eval.linear import probe_id
 
 
@@ -31,3 +35,26 @@ from dino.eval.linear import probe_id
 )  # fmt: skip
 def test_known_probe_ids(overrides, expected):
     assert probe_id(compose_eval(["run.dir=runs/x", *overrides])) == expected
+
+
+def test_the_marked_probe_fields_are_the_one_left_out_before():
+    assert marked_fields(LinearConfig) == {"max_epochs"}
+
+
+@dataclass
+class _Section:
+    a: int = 1
+    b: int = not_in_run_id(2)
+
+
+@dataclass
+class _Config:
+    x: float = 0.5
+    new: str = added_later("old")
+    section: _Section = field(default_factory=_Section)
+    skipped: _Section = not_in_run_id(default_factory=_Section)
+
+
+def test_identity_items_read_the_marks_of_any_config_dataclass():
+    assert identity_items(_Config()) == {"x": 0.5, "section.a": 1}
+    assert identity_items(_Config(new="changed")) == {"x": 0.5, "new": "changed", "section.a": 1}

@@ -53,9 +53,13 @@ def _schema_marks() -> tuple[frozenset[str], dict[str, Any]]:
 def is_semantic(key: str) -> bool:
     """Whether `key` (dotted) can change a run's result: neither it nor a section above it is marked
     `not_in_run_id`. A key the schema no longer has counts (an old checkpoint's config keeps it)."""
-    left_out = _schema_marks()[0]
+    return not _left_out(key, _schema_marks()[0])
+
+
+def _left_out(key: str, left_out: frozenset[str] | list[str]) -> bool:
+    """Whether dotted `key` or a section above it is among `left_out`."""
     parts = key.split(".")
-    return not any(".".join(parts[:n]) in left_out for n in range(1, len(parts) + 1))
+    return any(".".join(parts[:n]) in left_out for n in range(1, len(parts) + 1))
 
 
 def semantic_items(cfg: DinoConfig | dict[str, Any]) -> dict[str, Any]:
@@ -66,6 +70,19 @@ def semantic_items(cfg: DinoConfig | dict[str, Any]) -> dict[str, Any]:
 
 
 _ABSENT = object()
+
+
+def identity_items(cfg: Any) -> dict[str, Any]:
+    """The flat {dotted key: value} of any config dataclass that identifies its result, read off its
+    own field marks as `semantic_items` reads the schema's: keys marked `not_in_run_id` (or under a
+    section so marked) left out, keys marked `added_later` left out at their old value. The linear
+    probe's id (dino/eval/linear.py:probe_id) is built on this over `LinearConfig`."""
+    left_out, later = _marks(type(cfg))
+    return {
+        k: v
+        for k, v in flatten(to_dict(cfg)).items()
+        if not _left_out(k, left_out) and later.get(k, _ABSENT) != v
+    }
 
 
 def config_hash(cfg: DinoConfig | dict[str, Any]) -> str:

@@ -36,7 +36,8 @@ class ConfigError(ValueError):
 
 
 # Run identity (dino/config/identity.py) reads these marks off the fields: a run's id is the hash of
-# the keys that can change its result.
+# the keys that can change its result. The linear probe's id reads the same marks off
+# `dino.eval.config.LinearConfig` (dino/eval/linear.py:probe_id).
 NOT_IN_RUN_ID = "not_in_run_id"
 ADDED_LATER = "added_later"
 
@@ -269,8 +270,9 @@ class DinoConfig:
     monitor: MonitorConfig = not_in_run_id(default_factory=MonitorConfig)
 
 
-def to_dict(cfg: DinoConfig) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass (`DinoConfig`, one of its sections, an evaluation's `EvalConfig`...) as the
+    plain nested dict YAML and JSON take: nested dataclasses as dicts, tuples as lists."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 

@@ -9,7 +9,6 @@ into these dataclasses, so a typo fails naming the key and the nearest valid one
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import yaml
 
 from dino.config.identity import marked_fields
 from dino.config.overrides import apply, split_all
-from dino.config.schema import ConfigError, DataConfig
+from dino.config.schema import ConfigError, DataConfig, not_in_run_id, to_dict
 from dino.config.suggest import did_you_mean
 from dino.config.validate import check_choice, check_positive
 
@@ -55,9 +54,13 @@ class KnnConfig:
 
 @dataclass
 class LinearConfig:
+    """The probe's settings. Its id (dino/eval/linear.py:probe_id, part of the probe's folder name) is
+    the hash of these fields but those marked `not_in_run_id`, as a run's id is of `DinoConfig`'s; a
+    field added here needs `added_later` (dino/config/schema.py) or existing probes start again."""
+
     epochs: int = 100
     """Epochs of the probe; the cosine learning-rate schedule spans them."""
-    max_epochs: int = 0
+    max_epochs: int = not_in_run_id(0)
     """Stop after this epoch (0: run all); run again with a higher value to continue."""
     batch_size: int = 256
     """Images per step (global)."""
@@ -159,18 +162,12 @@ def _data_preset(name: str) -> dict[str, Any]:
     return yaml.safe_load(preset.read_text()) or {}
 
 
-def _plain(obj: Any) -> dict[str, Any]:
-    import json
-
-    return json.loads(json.dumps(dataclasses.asdict(obj)))
-
-
 def data_identity(data: EvalDataConfig) -> dict[str, Any]:
     """The data config as it identifies cached features and results: without the keys the schema
     marks as unable to change a result (the pretraining-only `augment_device` and `on_bad_image`: a
     failed image gives none), both added later; including them would orphan every existing cache."""
     left_out = marked_fields(DataConfig)
-    return {k: v for k, v in _plain(data).items() if k not in left_out}
+    return {k: v for k, v in to_dict(data).items() if k not in left_out}
 
 
 def compose_eval(

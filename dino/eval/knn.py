@@ -18,7 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dino.eval.config import EvalConfig, _plain, data_identity
+from dino.config.schema import to_dict
+from dino.eval.config import EvalConfig, data_identity
 from dino.eval.datasets import eval_dataset, num_classes
 from dino.eval.features import FeatureSet, split_features
 from dino.eval.results import KNN, knn_metric, write_result
@@ -170,7 +171,7 @@ def evaluate_knn(cfg: EvalConfig, target: Target) -> KnnResult:
         "protocol": KNN,
         **target.provenance,
         "target": target.key,
-        "data": _plain(cfg.data),
+        "data": to_dict(cfg.data),
         "image_size": cfg.image_size or target.run_cfg.crops.global_size,
         "num_train": len(train.labels),
         "num_test": len(test.labels),

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
-from dino.config.schema import ConfigError
+from dino.config.identity import identity_items
+from dino.config.schema import ConfigError, to_dict
 from dino.data.datasets import MultiCropDataset
-from dino.eval.config import EvalConfig, _plain
+from dino.eval.config import EvalConfig
 from dino.eval.datasets import eval_dataset, evenly_spaced_subset, image_size, num_classes
 from dino.eval.encoders import build_encoder
 from dino.eval.features import split_features
@@ -60,17 +61,21 @@ from dino.run import distributed
 
 log = logging.getLogger("dino.eval")
 
-# Keys of the probe config that do not change its result (left out of its identity hash).
-NON_SEMANTIC = ("max_epochs",)
-
 
 def probe_id(cfg: EvalConfig) -> str:
-    semantic = {k: v for k, v in _plain(cfg.linear).items() if k not in NON_SEMANTIC}
+    """Short hash of what can change the probe's result: same id, same state folder (a resume).
+
+    The fields come from `LinearConfig`'s marks (`dino.config.identity.identity_items`); what a mark
+    cannot say is written out below, each case pinned by tests/unit/test_probe_ids.py."""
+    semantic = identity_items(cfg.linear)
     lrs = learning_rates(cfg)
+    # Not a mark: whether val_fraction counts depends on lr, another field's value.
     if len(lrs) == 1:  # a single lr (or a one-element list) is today's probe: same identity, no held-out part
         semantic["lr"] = lrs[0]  # a float, as the field's type made it before lists were allowed
         semantic.pop("val_fraction")
+    # Not marks: these are EvalConfig's own fields, outside the probe's section.
     semantic.update(seed=cfg.seed, image_size=cfg.image_size)
+    # Not a mark: a key no field holds, added when either subset is set.
     if cfg.linear.max_train or cfg.linear.max_test:
         # Subsets were the first N images before they were evenly spaced: a new probe, not a resume.
         semantic["subsets"] = "evenly_spaced"
@@ -183,7 +188,7 @@ def evaluate_linear(
                 f" held-out top-1 {row['val_top1']:.2f}" if "val_top1" in row else "",
             )  # fmt: skip
         if dist.is_main:
-            payload: dict[str, Any] = {"step": epoch, "config": _plain(cfg), "target": target.provenance}
+            payload: dict[str, Any] = {"step": epoch, "config": to_dict(cfg), "target": target.provenance}
             if len(heads) == 1:
                 payload.update(head=heads[0].state_dict(), optimizer=optimizers[0].state_dict(), history=histories[0])  # fmt: skip
             else:
@@ -208,8 +213,8 @@ def evaluate_linear(
         "protocol": LINEAR,
         **target.provenance,
         "target": target.key,
-        "data": _plain(cfg.data),
-        "linear": _plain(lin),
+        "data": to_dict(cfg.data),
+        "linear": to_dict(lin),
         "seed": cfg.seed,
         "image_size": size,
         "num_train": num_train,

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from dino.config.schema import DinoConfig
-from dino.eval.config import EvalConfig, EvalDataConfig, KnnConfig, _plain
+from dino.config.schema import DinoConfig, to_dict
+from dino.eval.config import EvalConfig, EvalDataConfig, KnnConfig
 from dino.eval.datasets import (
     TransformedDataset,
     eval_dataset,
@@ -70,7 +70,7 @@ class KnnMonitor:
         """Bank and query subsets, built on first use (the run may never reach a monitor step)."""
         if self._splits is None:
             m, run_cfg = self.cfg.monitor, self.cfg
-            data = EvalDataConfig(**(_plain(run_cfg.data) | {"limit": 0, "val_root": m.val_root}))
+            data = EvalDataConfig(**(to_dict(run_cfg.data) | {"limit": 0, "val_root": m.val_root}))
             eval_cfg = EvalConfig(data=data)
             transform = eval_transform(run_cfg.crops.global_size)
             self._splits = {}

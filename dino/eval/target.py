@@ -16,8 +16,8 @@ from torch import nn
 
 from dino.config.identity import config_hash as run_config_hash
 from dino.config.overrides import split_all
-from dino.config.schema import ConfigError, DinoConfig, from_dict
-from dino.eval.config import EvalConfig, _plain, compose_eval, run_dir_of_checkpoint
+from dino.config.schema import ConfigError, DinoConfig, from_dict, to_dict
+from dino.eval.config import EvalConfig, compose_eval, run_dir_of_checkpoint
 from dino.eval.datasets import validate_data
 from dino.io import checkpoint, storage
 from dino.io.checkpoint import CheckpointError
@@ -78,7 +78,7 @@ def resolve(overrides: list[str] | tuple[str, ...]) -> tuple[EvalConfig, Target]
                     "train the run first, or name one with checkpoint=<folder>"
                 )
     run_cfg = from_dict(ckpt.state["config"]) if ckpt else _run_config_from_dir(run_dir)
-    run_data = _plain(run_cfg.data)
+    run_data = to_dict(run_cfg.data)
     # A pretraining subset (data.limit) is not the evaluation's: knn.max_train/max_test set those.
     if "limit" in run_data:
         run_data["limit"] = 0

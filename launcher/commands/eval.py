@@ -61,11 +61,11 @@ def run_command(args: argparse.Namespace) -> int:
     if args.cfg:
         import yaml
 
-        from dino.eval.config import _plain
+        from dino.config.schema import to_dict
         from dino.eval.target import resolve
 
         cfg, _ = resolve(args.overrides)
-        print(yaml.safe_dump(_plain(cfg), sort_keys=False), end="")
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     from rich.table import Table
 

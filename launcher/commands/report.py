@@ -132,7 +132,7 @@ def _with_weights(args: argparse.Namespace, summary, by, columns):
         return summary
     import pandas as pd
 
-    from dino.eval.config import _plain
+    from dino.config.schema import to_dict
     from launcher.errors import UserError
     from launcher.grid import expand
     from launcher.sweep import load_sweep
@@ -140,7 +140,7 @@ def _with_weights(args: argparse.Namespace, summary, by, columns):
 
     if not args.sweep_file:
         raise UserError("--with needs the sweep file (its evaluation data selects the results)")
-    data = _plain(expand(load_sweep(args.sweep_file, args.overrides))[0].config.data)
+    data = to_dict(expand(load_sweep(args.sweep_file, args.overrides))[0].config.data)
     try:
         rows = weights_rows(paths, by, columns, data)
     except WeightsRowError as err:

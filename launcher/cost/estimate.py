@@ -71,10 +71,11 @@ def estimate(
 
 def _eval_cost(sweep: Sweep, run: RunSpec, protocol: str, cache: dict) -> tuple[int | None, Speed]:
     """Images and forward speed of one evaluation, once per (protocol, data, model) of the sweep."""
-    from dino.eval.config import _plain, compose_eval
+    from dino.config.schema import to_dict
+    from dino.eval.config import compose_eval
 
     cfg = run.config
-    data = _plain(cfg.data)
+    data = to_dict(cfg.data)
     key = (protocol, json.dumps(data, sort_keys=True), cfg.model.name, cfg.model.patch_size, cfg.crops.global_size,
            cfg.train.device, cfg.train.precision)  # fmt: skip
     if key not in cache:

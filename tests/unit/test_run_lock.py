@@ -152,10 +152,11 @@ def test_s3_a_lease_is_renewed_and_a_stale_one_taken_over_by_one_contender(s3_ru
     # Not stale while renewed, even with a short staleness limit.
     with pytest.raises(RunLocked):
         RunLock(s3_run, stale_after_s=5).acquire()
+    lease = holder.backend  # its renewal thread, stopped and restarted by hand
     # The holder vanishes (its renewals stop: a dead node). After stale_after_s, of two contenders
     # exactly one takes the lease over.
-    holder._stop.set()
-    holder._thread.join()
+    lease._stop.set()
+    lease._thread.join()
     time.sleep(1.2)
     contenders = [RunLock(s3_run, heartbeat_s=0.2, stale_after_s=1.0) for _ in range(2)]
     results = []
@@ -174,11 +175,11 @@ def test_s3_a_lease_is_renewed_and_a_stale_one_taken_over_by_one_contender(s3_ru
         t.join()
     assert sorted(results) == ["held", "refused"]
     # The old holder comes back: its next renewal fails, so it knows it lost the lock.
-    holder._stop.clear()
-    holder._thread = threading.Thread(target=holder._renew, daemon=True)
-    holder._thread.start()
+    lease._stop.clear()
+    lease._thread = threading.Thread(target=lease._renew, daemon=True)
+    lease._thread.start()
     deadline = time.time() + 10
-    while not holder._lost and time.time() < deadline:
+    while not lease._lost and time.time() < deadline:
         time.sleep(0.1)
     with pytest.raises(LockLost, match="was taken over by pid"):
         holder.check()

@@ -37,6 +37,15 @@ def preset_groups() -> dict[str, tuple[str, ...]]:
     }
 
 
+def preset_file(group: str, name: str) -> Any:
+    """The file of preset `name` of `group` (`dino/conf/data/fashion_mnist.yaml`); a name that is not
+    there is refused naming the group, the nearest name and the choices (train and eval alike)."""
+    problem = not_allowed(group, name, preset_groups()[group])
+    if problem:
+        raise ConfigError(problem)
+    return importlib.resources.files("dino.conf") / group / f"{name}.yaml"
+
+
 def split_presets(overrides: list[str] | tuple[str, ...]) -> tuple[dict[str, str], list[tuple[str, str]]]:
     """({group: preset name}, [(key, value text)...]) of `overrides`; a preset that does not exist is
     refused naming the group, the nearest name and the choices."""
@@ -48,9 +57,7 @@ def split_presets(overrides: list[str] | tuple[str, ...]) -> tuple[dict[str, str
             values.append((key, text))
             continue
         name = str(read_value(text) if text.strip() else text)  # model='vit_test' as model=vit_test
-        problem = not_allowed(key, name, groups[key])
-        if problem:
-            raise ConfigError(problem)
+        preset_file(key, name)  # exists, or one line naming the choices
         chosen[key] = name
     return chosen, values
 

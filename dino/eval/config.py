@@ -12,15 +12,14 @@ from __future__ import annotations
 import os
 import posixpath
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 import yaml
 
+from dino.config.compose import preset_file
 from dino.config.identity import marked_fields
 from dino.config.overrides import apply, split_all
 from dino.config.schema import ConfigError, DataConfig, not_in_run_id, to_dict
-from dino.config.suggest import did_you_mean
 from dino.config.validate import check_choice, check_positive
 
 BASELINES = ("none", "random", "pixels")
@@ -151,15 +150,8 @@ def run_dir_of_checkpoint(path: str) -> str:
 
 
 def _data_preset(name: str) -> dict[str, Any]:
-    preset = resources.files("dino.conf") / "data" / f"{name}.yaml"
-    if not preset.is_file():
-        options = sorted(
-            p.name.removesuffix(".yaml") for p in (resources.files("dino.conf") / "data").iterdir()
-        )
-        raise ConfigError(
-            f"data={name!r} is not a data preset{did_you_mean(name, options)}; choose one of: {', '.join(options)}"
-        )
-    return yaml.safe_load(preset.read_text()) or {}
+    """The keys of data preset `name` (plain YAML: the eval config has no Hydra defaults list)."""
+    return yaml.safe_load(preset_file("data", name).read_text()) or {}
 
 
 def data_identity(data: EvalDataConfig) -> dict[str, Any]:

@@ -31,9 +31,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from dino.data.datasets import DatasetNotFoundError
     from dino.io.checkpoint import CheckpointError
     from dino.io.checkpoint_writer import CheckpointWriteError
+    from dino.io.distributed import DeviceError
     from dino.io.run_lock import LockLost, RunLocked
     from dino.io.storage import StorageError
-    from dino.run.distributed import DeviceError
     from dino.run.state import ConfigMismatchError
     from dino.run.train_metrics import NonFiniteLossError
     from launcher.sweep import SweepError

@@ -37,7 +37,7 @@ def check_types(path: str, where: str, values: dict[str, Any], schema: type) -> 
 
 
 def check_gpus(path: str, stage: str, res: Any) -> None:
-    """One task per GPU: each rank takes cuda:LOCAL_RANK (dino/run/distributed.py), so a node's tasks
+    """One task per GPU: each rank takes cuda:LOCAL_RANK (dino/io/distributed.py), so a node's tasks
     beyond its GPUs would have none (found here, not hours later in the queue)."""
     if res.gpus_per_node and res.tasks_per_node > res.gpus_per_node:
         raise SweepError(

@@ -29,7 +29,7 @@ def results_folder(path: str) -> str:
     weights file (read to hash it)."""
     if storage.isdir(storage.join(path, "eval")):
         return path
-    from dino.tools import weights
+    from dino.io import weights
 
     return storage.join("runs", "weights", weights.read(path).identity)
 

@@ -185,7 +185,7 @@ class TrainConfig:
     """When another process trains this run.dir: wait for it to end (true) instead of refusing to
     start (false). A requeued job whose previous allocation is still ending always waits."""
     init_weights: str = added_later("")
-    """Start student and teacher from this weights file (dino/tools/weights.py formats: the reference's .pth
+    """Start student and teacher from this weights file (dino/io/weights.py formats: the reference's .pth
     or checkpoint.pth, timm, a dinolab checkpoint or export): the backbone, and the head when the file
     holds one. A fresh run's step 0, not a resume; part of the run's identity."""
     init_weights_key: str = added_later("teacher")

@@ -107,7 +107,7 @@ class EvalConfig:
     """A checkpoint folder (<run>/checkpoints/<step>); empty: the run's newest complete checkpoint."""
     weights: str = ""
     """A weights file instead of a run: the reference's released .pth or checkpoint.pth, a timm
-    .safetensors/.pth, a dinolab state.pt or export (dino/tools/weights.py); needs data=. Results go to
+    .safetensors/.pth, a dinolab state.pt or export (dino/io/weights.py); needs data=. Results go to
     run.dir (default runs/weights/<file>-<hash>)."""
     weights_key: str = "teacher"
     """Which network of a file that holds both: teacher or student."""

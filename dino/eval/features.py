@@ -33,8 +33,7 @@ from dino.eval.datasets import (
 )
 from dino.eval.encoders import build_encoder
 from dino.eval.target import Target
-from dino.io import storage
-from dino.run import distributed
+from dino.io import distributed, storage
 
 log = logging.getLogger("dino.eval")
 

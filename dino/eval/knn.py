@@ -25,8 +25,7 @@ from dino.eval.features import FeatureSet, split_features
 from dino.eval.results import KNN, knn_metric, write_result
 from dino.eval.target import Target, resolve
 from dino.eval.track import log_result
-from dino.io import storage
-from dino.run import distributed
+from dino.io import distributed, storage
 
 log = logging.getLogger("dino.eval")
 

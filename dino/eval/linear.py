@@ -56,8 +56,7 @@ from dino.eval.results import (
 )
 from dino.eval.target import Target, resolve
 from dino.eval.track import log_result
-from dino.io import checkpoint, storage
-from dino.run import distributed
+from dino.io import checkpoint, distributed, storage
 
 log = logging.getLogger("dino.eval")
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from dino.config.schema import DinoConfig, to_dict
+from dino.eval import results
 from dino.eval.config import EvalConfig, EvalDataConfig, KnnConfig
 from dino.eval.datasets import (
     TransformedDataset,
@@ -31,7 +32,7 @@ from dino.eval.datasets import (
 from dino.eval.encoders import cls_features
 from dino.eval.features import encode_dataset
 from dino.eval.knn import knn_accuracy
-from dino.run import distributed
+from dino.io import distributed
 
 log = logging.getLogger("dino.train")
 
@@ -46,7 +47,7 @@ class MonitorResult:
     seconds: float
 
     def metrics(self) -> dict[str, float]:
-        return {"monitor_knn_top1": self.top1, "monitor_knn_top5": self.top5}
+        return {results.MONITOR_TOP1: self.top1, results.MONITOR_TOP5: self.top5}
 
 
 class KnnMonitor:

@@ -17,8 +17,8 @@ from torchvision.transforms import InterpolationMode, v2
 
 from dino.data.datasets import epoch_permutation
 from dino.eval.config import EvalConfig
+from dino.io import distributed
 from dino.method.augment import IMAGENET_MEAN, IMAGENET_STD
-from dino.run import distributed
 
 
 def train_transform(size: int, scale: tuple[float, float]) -> v2.Compose:

@@ -35,6 +35,9 @@ def linear_grid_metric(lr: float, which: str) -> str:
     return f"linear_grid_lr{lr:g}_{which}"
 
 
+MONITOR_TOP1, MONITOR_TOP5 = "monitor_knn_top1", "monitor_knn_top5"
+"""Training metrics of the live k-NN monitor (`monitor.knn_every_*`, dino/eval/monitor.py)."""
+
 KNN_HEADLINE_COLUMN = f"knn_top1@{HEADLINE_K}"
 """Report column of the k-NN headline (MLflow keys allow no "@", columns do)."""
 # Report column -> the MLflow metric it reads.
@@ -58,7 +61,7 @@ def headline(result: dict[str, Any]) -> float | None:
 
 def write_result(path: str, result: dict[str, Any]) -> None:
     """Rank 0 writes a protocol's result JSON (atomically: a result that exists is complete)."""
-    from dino.run import distributed  # torch: only the writers pay for it
+    from dino.io import distributed  # torch: only the writers pay for it
 
     if distributed.info().is_main:
         storage.atomic_write_text(path, json.dumps(result, indent=1, default=str))

@@ -19,10 +19,9 @@ from dino.config.overrides import split_all
 from dino.config.schema import ConfigError, DinoConfig, from_dict, to_dict
 from dino.eval.config import EvalConfig, compose_eval, run_dir_of_checkpoint
 from dino.eval.datasets import validate_data
-from dino.io import checkpoint, storage
+from dino.io import checkpoint, storage, weights
 from dino.io.checkpoint import CheckpointError
 from dino.method.models import build_backbone
-from dino.tools import weights
 
 
 @dataclass

@@ -70,7 +70,7 @@ def build_run(
 def _init_from(cfg: DinoConfig, student: torch.nn.Module, teacher: torch.nn.Module) -> None:
     """train.init_weights: the file's backbone (and head, when it holds one) into both networks,
     strictly; a file without a head keeps the freshly initialised one."""
-    from dino.tools import weights
+    from dino.io import weights
 
     loaded = weights.read(cfg.train.init_weights, cfg.train.init_weights_key)
     backbone = weights.backbone_for(loaded, cfg.model.name, cfg.model.patch_size, cfg.crops.global_size)

@@ -19,12 +19,11 @@ from dino.config.identity import config_hash
 from dino.config.schema import ConfigError, DinoConfig, flatten, to_dict
 from dino.data.train_data import TrainData
 from dino.eval.monitor import KnnMonitor
-from dino.io import storage
+from dino.io import distributed, storage
 from dino.io.checkpoint_writer import CheckpointWriter
 from dino.method import rng
 from dino.method.collapse import CollapseGuard, CollapseRule
 from dino.method.step import train_step
-from dino.run import distributed
 from dino.run.build import Run, build_run
 from dino.run.progress import TrainProgress
 from dino.run.state import TrainState, restore_latest

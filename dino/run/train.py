@@ -18,10 +18,9 @@ import yaml
 
 from dino.config.identity import config_hash, semantic_diff
 from dino.config.schema import DinoConfig, to_dict
-from dino.io import checkpoint, run_lock, storage
+from dino.io import checkpoint, distributed, run_lock, storage
 from dino.io.tracking import build_tracker
 from dino.method.collapse import MARKER
-from dino.run import distributed
 from dino.run.cards import device_card
 from dino.run.loop import TrainResult, train
 from dino.run.progress import setup_logging

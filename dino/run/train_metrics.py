@@ -10,9 +10,8 @@ import time
 
 import torch
 
-from dino.io import checkpoint
+from dino.io import checkpoint, distributed
 from dino.method.schedules import Schedules
-from dino.run import distributed
 
 
 class NonFiniteLossError(RuntimeError):

@@ -20,9 +20,8 @@ from dino.config.schema import ConfigError, from_dict
 from dino.eval.config import EvalRunConfig
 from dino.eval.datasets import eval_transform
 from dino.eval.target import teacher_backbone
-from dino.io import checkpoint, storage
+from dino.io import checkpoint, distributed, storage
 from dino.io.checkpoint import CheckpointError
-from dino.run import distributed
 
 PANEL_INCHES = 2.5
 DPI = 100
@@ -35,7 +34,7 @@ class VizConfig:
     checkpoint: str = ""
     """A checkpoint folder; empty: the run's newest complete checkpoint."""
     weights: str = ""
-    """A weights file instead of a run (the reference's .pth, timm, dinolab exports: dino/tools/weights.py)."""
+    """A weights file instead of a run (the reference's .pth, timm, dinolab exports: dino/io/weights.py)."""
     weights_key: str = "teacher"
     """Which network of a file that holds both: teacher or student."""
     image: str = ""
@@ -182,7 +181,7 @@ def _backbone(cfg: VizConfig) -> tuple[nn.Module, int, int, tuple[str, int | Non
     """(teacher backbone, patch size, training crop size, (source, step, config hash)) of the checkpoint
     or weights file the config names."""
     if cfg.weights:
-        from dino.tools import weights
+        from dino.io import weights
 
         loaded = weights.read(cfg.weights, cfg.weights_key)
         arch = loaded.architecture

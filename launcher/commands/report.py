@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from dino.eval.results import EVAL_COLUMNS, HEADLINE_K, KNN_HEADLINE_COLUMN
+from dino.eval.results import EVAL_COLUMNS, HEADLINE_K, KNN_HEADLINE_COLUMN, MONITOR_TOP1
 
 EPILOG = """\
 The table has one row per ablation value (mean ± std over finished seeds, n), the state of the runs
@@ -170,8 +170,8 @@ def write_html(path, uri, experiment, df, summary, by, columns, with_paper, show
     curves = [("loss", "training loss"), ("teacher_entropy", "teacher entropy")]
     if df[KNN_HEADLINE_COLUMN].notna().any():  # one point per evaluated checkpoint
         curves.insert(0, (EVAL_COLUMNS[KNN_HEADLINE_COLUMN], f"k-NN top-1 (k={HEADLINE_K})"))
-    if "monitor_knn_top1" in df and df["monitor_knn_top1"].notna().any():  # monitor.knn_every_*
-        curves.insert(0, ("monitor_knn_top1", "k-NN top-1 during pretraining (monitor)"))
+    if MONITOR_TOP1 in df and df[MONITOR_TOP1].notna().any():  # monitor.knn_every_*
+        curves.insert(0, (MONITOR_TOP1, "k-NN top-1 during pretraining (monitor)"))
     for key, label in curves:
         histories = {
             r.run: [(m.step, m.value) for m in client.get_metric_history(r.mlflow_run_id, key)]

@@ -8,7 +8,7 @@ EPILOG = """\
 overrides are key=value, read as YAML values (the syntax of eval, viz and sweep files): presets
 (model=vit_small, data=fashion_mnist) and keys (optim.epochs=10 optim.lr=1e-3 crops.global_scale=[0.4,1.0]
 run.dir=runs/a). Groups: model={vit_test,vit_tiny,vit_small,vit_base},
-data={synthetic,fashion_mnist,imagefolder}. Show the resolved config with --cfg.
+data={synthetic,fashion_mnist,imagefolder,webdataset}. Show the resolved config with --cfg.
 """
 
 

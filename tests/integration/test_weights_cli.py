@@ -12,8 +12,7 @@ import torch
 
 from dino.config.schema import from_dict
 from dino.eval.target import teacher_backbone
-from dino.io import checkpoint
-from dino.tools import weights
+from dino.io import checkpoint, weights
 from tests.conftest import FASHION_MNIST_ROOT
 from tests.integration.cli import TINY, dinolab, results
 from tests.unit.test_weights import FIXTURES

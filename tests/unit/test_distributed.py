@@ -1,4 +1,4 @@
-"""One place decides a rank's device (dino/run/distributed.py), and nothing else in the package picks a
+"""One place decides a rank's device (dino/io/distributed.py), and nothing else in the package picks a
 GPU behind its back: on an 8-GPU node a bare `.cuda()` puts every rank on GPU 0."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino.run import distributed
+from dino.io import distributed
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("dino", "launcher", "reports")
@@ -55,7 +55,7 @@ def test_no_module_picks_a_gpu_without_the_ranks_index():
     for package in PACKAGES:
         for path in sorted((REPO / package).rglob("*.py")):
             bugs += device_bugs(path.read_text(), str(path.relative_to(REPO)))
-    assert not bugs, "use dino.run.distributed's device (setup/rank_device/collective_device):\n" + "\n".join(
+    assert not bugs, "use dino.io.distributed's device (setup/rank_device/collective_device):\n" + "\n".join(
         bugs
     )
 

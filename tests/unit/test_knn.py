@@ -272,8 +272,14 @@ def test_an_incomplete_checkpoint_is_refused(trained_run, tmp_path):
         ("linear.epoch=3", "did you mean linear.epochs?"),
         ("baseline=randm", "baseline='randm' is not allowed (did you mean random?)"),
         ("knn.k=[0]", "knn.k=[0] must be a non-empty list of positive integers"),
-        ("knn.temperature=abc", "knn.temperature='abc' is not a number; expected float, e.g. knn.temperature=0.07"),
-        ("data=fashion_mnst", "data='fashion_mnst' is not allowed (did you mean fashion_mnist?); choose one of: "),
+        (
+            "knn.temperature=abc",
+            "knn.temperature='abc' is not a number; expected float, e.g. knn.temperature=0.07",
+        ),
+        (
+            "data=fashion_mnst",
+            "data='fashion_mnst' is not allowed (did you mean fashion_mnist?); choose one of: ",
+        ),
         ("data=imagefolder", "data.val_root"),
     ],
 )

@@ -71,3 +71,64 @@ def test_sweep_status_and_plan_load_neither_torch_nor_hydra_nor_mlflow():
         "launcher.manifest",
     ]
     assert _loaded_after(commands, ["torch", "hydra", "mlflow", "pandas", "timm"]) == []
+
+
+# The folders of dino/, lowest first: a module imports only from its own folder or one below it.
+LAYERS = ["config", "method", "io", "data", "eval", "run", "tools"]
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in (REPO / "dino").rglob("*.py") if p.parent != REPO / "dino"),
+    ids=lambda p: str(p.relative_to(REPO)),
+)  # fmt: skip
+def test_each_folder_imports_only_its_own_and_lower_folders(path):
+    """config < method < io < data < eval < run < tools (docs/architecture.md, "Layers")."""
+    own = path.relative_to(REPO / "dino").parts[0]
+    if own not in LAYERS:
+        pytest.skip(f"dino/{own} holds no code of a layer")
+    above = [
+        m for m in _imported(path)
+        if m.startswith("dino.") and m.split(".")[1] in LAYERS and LAYERS.index(m.split(".")[1]) > LAYERS.index(own)
+    ]  # fmt: skip
+    assert not above, f"{path.relative_to(REPO)} ({own}) imports {sorted(above)} from a folder above it"
+
+
+def _calls(path: Path) -> set[str]:
+    """The names of the functions and classes the file calls (`x.f(...)` and `f(...)` both give f)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            func = node.func
+            names.add(func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", ""))
+    return names
+
+
+SOURCES = sorted(p for folder in ("dino", "launcher", "reports") for p in (REPO / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))
+def test_only_mlflow_store_opens_mlflow(path):
+    """One module makes MLflow clients and sets the global tracking URI (dino/io/mlflow_store.py): the
+    SQLite store's lock and the schema creation live there, and a second opener would bypass them."""
+    if path == REPO / "dino" / "io" / "mlflow_store.py":
+        return
+    text = path.read_text()
+    opened = {"MlflowClient", "set_tracking_uri"} & _calls(path)
+    if "mlflow.search_runs(" in text:
+        opened.add("mlflow.search_runs")
+    assert not opened, f"{path.relative_to(REPO)} calls {sorted(opened)}: use dino.io.mlflow_store"
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in SOURCES if "timm" in p.read_text()], ids=lambda p: str(p.relative_to(REPO))
+)
+def test_timm_is_used_through_its_public_api(path):
+    """No `_private` attribute of anything but our own objects (self, cls) in a file that uses timm:
+    timm's private methods (`_pos_embed`, `_intermediate_layers`) change between releases."""
+    private = sorted(
+        f"line {node.lineno}: {node.attr}"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+        and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls", "argparse"))
+    )  # fmt: skip
+    assert not private, f"{path.relative_to(REPO)} reaches into private attributes: {private}"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dino.io import weights
 from dino.method.heads import DINOHead
-from dino.tools import weights
 from dino.tools.viz import last_block_attention
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference-dino"

@@ -35,8 +35,6 @@ from dino.eval.encoders import build_encoder
 from dino.eval.features import split_features
 from dino.eval.knn import data_id
 from dino.eval.probe import (
-    build_head,
-    cosine_lr,
     epoch_batches,
     evaluate,
     learning_rates,
@@ -45,6 +43,7 @@ from dino.eval.probe import (
     split_for_choice,
     train_transform,
 )
+from dino.eval.probe_heads import ProbeHeads
 from dino.eval.results import (
     LINEAR,
     LINEAR_BEST_TOP1,
@@ -99,6 +98,58 @@ class LinearResult:
         return self.epoch >= self.epochs
 
 
+@dataclass
+class _ProbeData:
+    """What the probe trains on (seeded views of the train split) and is measured on (cached test
+    features; with an lr grid, the held-out part of the train split that chooses the lr)."""
+
+    views: MultiCropDataset
+    num_train: int
+    classes: int
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    val_x: torch.Tensor | None
+    val_y: torch.Tensor | None
+
+
+def _probe_data(cfg: EvalConfig, target: Target, encode: Any, device: torch.device, size: int) -> _ProbeData:
+    lin = cfg.linear
+    features = {"kind": "blocks", "n_last": lin.n_last_blocks, "avgpool": lin.avgpool, "device": device, "encoder": encode}  # fmt: skip
+    # Test features are deterministic (eval transform, frozen backbone): extracted once, cached.
+    test = split_features(cfg, target, "test", limit=lin.max_test, **features)
+    test_x, test_y = test.features.to(device), test.labels.to(device)
+    train_base = eval_dataset(cfg, target.run_cfg, "train")
+    train_images = evenly_spaced_subset(train_base, lin.max_train)
+    val_x = val_y = None
+    if (
+        len(learning_rates(cfg)) > 1
+    ):  # choose among the lrs on a held-out part of the train split, never on test
+        fit, held = split_for_choice(len(train_images), lin.val_fraction, cfg.seed)
+        train = split_features(cfg, target, "train", limit=lin.max_train, **features)
+        val_x, val_y = train.features[held].to(device), train.labels[held].to(device)
+        train_images = Subset(train_images, fit)
+    # Views seeded from (seed, epoch, index), as pretraining's crops are.
+    views = MultiCropDataset(train_images, train_transform(size, lin.scale), cfg.seed)
+    return _ProbeData(views, len(train_images), num_classes(train_base), test_x, test_y, val_x, val_y)
+
+
+def _measure_epoch(
+    probes: ProbeHeads, data: _ProbeData, epoch: int, epochs: int, epoch_lrs: list[float], losses: list[float]
+) -> None:
+    """Each head's row for the epoch just finished: its mean loss, test top-1/5, held-out top-1."""
+    for i, head in enumerate(probes.heads):
+        top1, top5 = evaluate(head, data.test_x, data.test_y)
+        row = {"epoch": epoch, "lr": epoch_lrs[i], "loss": losses[i], "top1": top1, "top5": top5}
+        if data.val_x is not None:
+            row["val_top1"] = evaluate(head, data.val_x, data.val_y)[0]
+        probes.histories[i].append(row)
+        log.info(
+            "linear probe epoch %d/%d%s: loss %.4f top-1 %.2f top-5 %.2f%s", epoch, epochs,
+            f" (lr {probes.lrs[i]:g})" if len(probes.lrs) > 1 else "", row["loss"], top1, top5,
+            f" held-out top-1 {row['val_top1']:.2f}" if "val_top1" in row else "",
+        )  # fmt: skip
+
+
 def evaluate_linear(
     cfg: EvalConfig, target: Target, should_stop: Callable[[], bool] | None = None
 ) -> LinearResult:
@@ -113,99 +164,63 @@ def evaluate_linear(
         p.requires_grad = False
     encode = build_encoder(target, "blocks", lin.n_last_blocks, lin.avgpool)
     size = image_size(cfg, target.run_cfg)
-
-    # Test features are deterministic (eval transform, frozen backbone): extracted once, cached.
-    test = split_features(
-        cfg, target, "test", limit=lin.max_test, kind="blocks", n_last=lin.n_last_blocks,
-        avgpool=lin.avgpool, device=device, encoder=encode,
-    )  # fmt: skip
-    test_x, test_y = test.features.to(device), test.labels.to(device)
-    train_base = eval_dataset(cfg, target.run_cfg, "train")
-    classes = num_classes(train_base)
-    train_images = evenly_spaced_subset(train_base, lin.max_train)
-    lrs = learning_rates(cfg)
-    val_x = val_y = None
-    if len(lrs) > 1:  # choose among the lrs on a held-out part of the train split, never on test
-        fit, held = split_for_choice(len(train_images), lin.val_fraction, cfg.seed)
-        train = split_features(
-            cfg, target, "train", limit=lin.max_train, kind="blocks", n_last=lin.n_last_blocks,
-            avgpool=lin.avgpool, device=device, encoder=encode,
-        )  # fmt: skip
-        val_x, val_y = train.features[held].to(device), train.labels[held].to(device)
-        train_images = Subset(train_images, fit)
-    num_train = len(train_images)
-    # Views seeded from (seed, epoch, index), as pretraining's crops are.
-    views = MultiCropDataset(train_images, train_transform(size, lin.scale), cfg.seed)
-
-    heads = [build_head(test_x.shape[1], classes, cfg.seed).to(device) for _ in lrs]
-    base_lrs = [lr * lin.batch_size / 256 for lr in lrs]
-    optimizers = [
-        torch.optim.SGD(head.parameters(), lr=lr, momentum=lin.momentum, weight_decay=lin.weight_decay)
-        for head, lr in zip(heads, base_lrs, strict=True)
-    ]
+    data = _probe_data(cfg, target, encode, device, size)
+    probes = ProbeHeads.build(learning_rates(cfg), lin, data.test_x.shape[1], data.classes, cfg.seed, device)
 
     name = f"{target.key}-{data_id(cfg)}-{probe_id(cfg)}"
     state_dir = storage.join(target.eval_dir, LINEAR, name)
-    histories: list[list[dict[str, float]]] = [[] for _ in lrs]
-    start_epoch, resumed_from = 0, None
+    epoch, resumed_from = 0, None
     latest = checkpoint.load_latest(state_dir)
     if latest is not None:
-        state = latest.state
-        # A single probe keeps the layout of before grids (head, optimizer, history).
-        saved = zip(state["heads"], state["optimizers"], state["histories"], strict=True) if "heads" in state else [(state["head"], state["optimizer"], state["history"])]  # fmt: skip
-        for i, (head_state, optimizer_state, history) in enumerate(saved):
-            heads[i].load_state_dict(head_state, strict=True)
-            optimizers[i].load_state_dict(optimizer_state)
-            histories[i] = list(history)
-        start_epoch = resumed_from = latest.step
+        probes.load_state_dict(latest.state)
+        epoch = resumed_from = latest.step
         log.info("linear probe resumed from %s (epoch %d)", latest.path, latest.step)
     end_epoch = min(lin.epochs, lin.max_epochs or lin.epochs)
     started = time.monotonic()
-    epoch = start_epoch
     while epoch < end_epoch:
-        epoch_lrs = [cosine_lr(base, epoch, lin.epochs) for base in base_lrs]
-        for optimizer, lr in zip(optimizers, epoch_lrs, strict=True):
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        batches = epoch_batches(num_train, lin.batch_size, cfg.seed, epoch)
-        loss_sums = [0.0] * len(heads)
+        epoch_lrs = probes.set_epoch(epoch, lin.epochs)
+        batches = epoch_batches(data.num_train, lin.batch_size, cfg.seed, epoch)
+        loss_sums = [0.0] * len(probes.heads)
         for images, labels, global_n in rank_batches(
-            views, batches, dist.rank, dist.world_size, cfg.workers, device
+            data.views, batches, dist.rank, dist.world_size, cfg.workers, device
         ):
-            losses = probe_step(heads, optimizers, encode, images, labels, global_n, device)
+            losses = probe_step(probes.heads, probes.optimizers, encode, images, labels, global_n, device)
             loss_sums = [a + b for a, b in zip(loss_sums, losses, strict=True)]
         epoch += 1
-        for i, head in enumerate(heads):
-            top1, top5 = evaluate(head, test_x, test_y)
-            row = {"epoch": epoch, "lr": epoch_lrs[i], "loss": loss_sums[i] / max(len(batches), 1), "top1": top1, "top5": top5}  # fmt: skip
-            if val_x is not None:
-                row["val_top1"] = evaluate(head, val_x, val_y)[0]
-            histories[i].append(row)
-            log.info(
-                "linear probe epoch %d/%d%s: loss %.4f top-1 %.2f top-5 %.2f%s", epoch, lin.epochs,
-                f" (lr {lrs[i]:g})" if len(lrs) > 1 else "", row["loss"], top1, top5,
-                f" held-out top-1 {row['val_top1']:.2f}" if "val_top1" in row else "",
-            )  # fmt: skip
+        _measure_epoch(
+            probes, data, epoch, lin.epochs, epoch_lrs, [s / max(len(batches), 1) for s in loss_sums]
+        )
         if dist.is_main:
-            payload: dict[str, Any] = {"step": epoch, "config": to_dict(cfg), "target": target.provenance}
-            if len(heads) == 1:
-                payload.update(head=heads[0].state_dict(), optimizer=optimizers[0].state_dict(), history=histories[0])  # fmt: skip
-            else:
-                payload.update(
-                    heads=[h.state_dict() for h in heads],
-                    optimizers=[o.state_dict() for o in optimizers],
-                    histories=histories,
-                )
+            payload = {
+                "step": epoch,
+                "config": to_dict(cfg),
+                "target": target.provenance,
+                **probes.state_dict(),
+            }
             checkpoint.save(state_dir, epoch, payload, probe_id(cfg), keep_last=2)
         distributed.barrier()
         if should_stop is not None and should_stop():
             break
 
-    # The reported head: the only one, or the lr whose final held-out accuracy is best (first on ties).
-    chosen = 0
-    if len(lrs) > 1 and histories[0]:
-        chosen = max(range(len(lrs)), key=lambda i: (histories[i][-1]["val_top1"], -i))
-    history = histories[chosen]
+    record = _record(cfg, target, probes, data, size, epoch, state_dir, time.monotonic() - started)
+    path = storage.join(target.eval_dir, LINEAR, f"{name}.json")
+    write_result(path, record)
+    final, best = record["final"], record["best_over_epochs"]
+    return LinearResult(
+        epoch, lin.epochs, final["top1"], best["top1"], int(best["epoch"]), path, state_dir, resumed_from, record,
+        {k: v.detach().cpu().clone() for k, v in probes.heads[probes.chosen()].state_dict().items()},
+    )  # fmt: skip
+
+
+def _record(
+    cfg: EvalConfig, target: Target, probes: ProbeHeads, data: _ProbeData, size: int, epoch: int,
+    state_dir: str, seconds: float,
+) -> dict[str, Any]:  # fmt: skip
+    """The result JSON: the reported head's final and best-over-epochs accuracy, its history and,
+    for an lr grid, every head's and which lr was chosen on what."""
+    lin = cfg.linear
+    chosen = probes.chosen()
+    history = probes.histories[chosen]
     last = history[-1] if history else {"top1": float("nan"), "top5": float("nan"), "epoch": 0}
     best = max(history, key=lambda h: h["top1"]) if history else last
     record = {
@@ -216,9 +231,9 @@ def evaluate_linear(
         "linear": to_dict(lin),
         "seed": cfg.seed,
         "image_size": size,
-        "num_train": num_train,
-        "num_test": len(test_y),
-        "feature_dim": test_x.shape[1],
+        "num_train": data.num_train,
+        "num_test": len(data.test_y),
+        "feature_dim": data.test_x.shape[1],
         "epoch": epoch,
         "epochs": lin.epochs,
         "finished": epoch >= lin.epochs,
@@ -226,24 +241,19 @@ def evaluate_linear(
         "best_over_epochs": {"epoch": best["epoch"], "top1": best["top1"], "top5": best["top5"]},
         "history": history,
         "state_dir": state_dir,
-        "seconds": time.monotonic() - started,
+        "seconds": seconds,
         "time": time.time(),
     }
-    if len(lrs) > 1:
+    if len(probes.lrs) > 1:
         record["lr_grid"] = {
-            "chosen_lr": lrs[chosen],
-            "chosen_on": f"held-out {lin.val_fraction:g} of the train split ({len(val_y)} images)",
+            "chosen_lr": probes.lrs[chosen],
+            "chosen_on": f"held-out {lin.val_fraction:g} of the train split ({len(data.val_y)} images)",
             "heads": [
                 {"lr": lr, **{k: h[-1][k] for k in ("val_top1", "top1", "top5")}} if h else {"lr": lr}
-                for lr, h in zip(lrs, histories, strict=True)
+                for lr, h in zip(probes.lrs, probes.histories, strict=True)
             ],
         }
-    path = storage.join(target.eval_dir, LINEAR, f"{name}.json")
-    write_result(path, record)
-    return LinearResult(
-        epoch, lin.epochs, last["top1"], best["top1"], int(best["epoch"]), path, state_dir, resumed_from, record,
-        {k: v.detach().cpu().clone() for k, v in heads[chosen].state_dict().items()},
-    )  # fmt: skip
+    return record
 
 
 def run_linear(

@@ -9,7 +9,6 @@ result (dino/config/identity.py), so the same grid point always lands in the sam
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,9 +73,11 @@ def _grid_points(sweep: Sweep) -> list[dict[str, Any]]:
 
 
 def _check_axis_keys(sweep: Sweep) -> None:
-    """Axes must name config keys or config groups; say which and the nearest valid one."""
+    """Axes must name config keys or preset groups (`model`, `data`); say which and the nearest valid one."""
+    from dino.config.compose import preset_groups
+
     valid = set(flatten(to_dict(DinoConfig())))
-    groups = {f.name for f in dataclasses.fields(DinoConfig)}
+    groups = set(preset_groups())
     for section in ("grid", "zip"):
         for key in getattr(sweep, section):
             if key not in valid and key not in groups:

@@ -18,7 +18,7 @@ import functools
 import importlib.resources
 from typing import Any
 
-from dino.config.overrides import apply, read_value, split_all
+from dino.config.overrides import apply, split_all
 from dino.config.schema import ConfigError, DinoConfig
 from dino.config.suggest import not_allowed
 from dino.config.validate import validate
@@ -46,6 +46,14 @@ def preset_file(group: str, name: str) -> Any:
     return importlib.resources.files("dino.conf") / group / f"{name}.yaml"
 
 
+def preset_name(text: str) -> str:
+    """The preset named by `text` as typed (`vit_test`, `'vit_test'`): a name, never a YAML value."""
+    name = text.strip()
+    if len(name) >= 2 and name[0] == name[-1] and name[0] in "'\"":
+        name = name[1:-1]
+    return name
+
+
 def split_presets(overrides: list[str] | tuple[str, ...]) -> tuple[dict[str, str], list[tuple[str, str]]]:
     """({group: preset name}, [(key, value text)...]) of `overrides`; a preset that does not exist is
     refused naming the group, the nearest name and the choices."""
@@ -56,7 +64,7 @@ def split_presets(overrides: list[str] | tuple[str, ...]) -> tuple[dict[str, str
         if key not in groups:
             values.append((key, text))
             continue
-        name = str(read_value(text) if text.strip() else text)  # model='vit_test' as model=vit_test
+        name = preset_name(text)
         preset_file(key, name)  # exists, or one line naming the choices
         chosen[key] = name
     return chosen, values

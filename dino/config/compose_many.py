@@ -124,7 +124,8 @@ class ConfigComposer:
 
     def _classify(self, override: str) -> tuple[str, str, Any] | None:
         key, text = split(override)
-        if text is None:
+        if text is None or "${" in text:
+            # An interpolation is resolved against the whole config of its run, which only compose() has.
             return None
         if key in self._groups:
             return ("group", key, text)

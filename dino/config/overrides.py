@@ -24,36 +24,57 @@ from dino.config.schema import ConfigError, flatten
 from dino.config.suggest import unknown_key
 from dino.config.types import type_name, type_words
 
-# YAML 1.1 misses floats without a dot (1e-3); OmegaConf's loader adds them, and so does this one.
+# Scalars are read as Hydra's override grammar read `dinolab train`'s values before: true/false,
+# null, decimal integers (010 is 10), numbers with or without a dot (1e-3, as OmegaConf reads them);
+# anything else is text as typed. YAML 1.1's other scalars (yes/no/on/off, octal, hex, 12:30, dates)
+# stay text, so a string key gets what was typed and an integer key never reads 010 as octal 8.
+_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_NULL = re.compile(r"^(?:null|Null|NULL|~)$")
+_INT = re.compile(r"^[-+]?[0-9][0-9_]*$")
 _FLOAT = re.compile(
     r"""^(?:
      [-+]?[0-9]+(?:_[0-9]+)*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?[0-9]+(?:_[0-9]+)*(?:[eE][-+]?[0-9]+)
-    |\.[0-9]+(?:_[0-9]+)*(?:[eE][-+][0-9]+)?
-    |[-+]?[0-9]+(?:_[0-9]+)*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.[0-9]+(?:_[0-9]+)*(?:[eE][-+]?[0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
     |\.(?:nan|NaN|NAN))$""",
     re.X,
+)
+_SCALARS = (
+    ("bool", _BOOL, list("tTfF")),
+    ("null", _NULL, list("nN~")),
+    ("int", _INT, list("-+0123456789")),
+    ("float", _FLOAT, list("-+0123456789.")),
 )
 
 
 @functools.cache
 def _loader() -> type:
     class ValueLoader(yaml.SafeLoader):
-        """SafeLoader with OmegaConf's float rule and without timestamps (a date stays text)."""
+        """SafeLoader for the items of a list or mapping value, with the scalar rules above."""
 
-    ValueLoader.yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-    ValueLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+    ValueLoader.yaml_implicit_resolvers = {}
+    for tag, pattern, first in _SCALARS:
+        ValueLoader.add_implicit_resolver(f"tag:yaml.org,2002:{tag}", pattern, first)
+    ValueLoader.add_constructor(  # decimal, always: YAML 1.1 reads 010 as octal
+        "tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node).replace("_", ""))
+    )
     return ValueLoader
 
 
 def read_value(text: str) -> Any:
-    """The value of `key=<text>`: `[1,2]` a list, `0.5` and `1e-3` numbers, `true` a bool, `''` and
-    text strings. Raises yaml.YAMLError for text YAML cannot read (`[a`)."""
-    return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
+    """The value of `key=<text>`: `[1,2]` a list, `{a: 1}` a mapping, `'a b'` a quoted string,
+    `0.5`/`1e-3`/`3` numbers, `true` a bool, `null` None, empty text the empty string, and anything
+    else the text as typed (`s3://b/k=v`, `${oc.env:RANK}`, `yes`). Raises yaml.YAMLError for a list,
+    mapping or quote YAML cannot read (`[a`)."""
+    text = text.strip()
+    if not text:
+        return ""
+    if text[0] in "[{'\"":
+        return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
+    if any(pattern.match(text) for _, pattern, _ in _SCALARS):
+        return yaml.load(text, Loader=_loader())  # noqa: S506 - the same scalar rules as in lists
+    return text
 
 
 def _read(key: str, text: str) -> Any:

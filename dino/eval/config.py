@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from dino.config.compose import preset_file
+from dino.config.compose import preset_file, preset_name
 from dino.config.identity import marked_fields
 from dino.config.overrides import apply, split_all
 from dino.config.schema import ConfigError, DataConfig, not_in_run_id, to_dict
@@ -175,7 +175,7 @@ def compose_eval(
     pairs = [(k, v) for k, v in pairs if k != "data"]
     data: dict[str, Any] = dict(run_data or {})
     if preset:
-        data = _data_preset(preset[-1])
+        data = _data_preset(preset_name(preset[-1]))
     cfg = apply(EvalConfig, pairs, {"data": data} if data else None)
     validate_eval(cfg)
     return cfg

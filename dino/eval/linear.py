@@ -121,9 +121,8 @@ def _probe_data(cfg: EvalConfig, target: Target, encode: Any, device: torch.devi
     train_base = eval_dataset(cfg, target.run_cfg, "train")
     train_images = evenly_spaced_subset(train_base, lin.max_train)
     val_x = val_y = None
-    if (
-        len(learning_rates(cfg)) > 1
-    ):  # choose among the lrs on a held-out part of the train split, never on test
+    # With an lr grid, the lr is chosen on a held-out part of the train split, never on test.
+    if len(learning_rates(cfg)) > 1:
         fit, held = split_for_choice(len(train_images), lin.val_fraction, cfg.seed)
         train = split_features(cfg, target, "train", limit=lin.max_train, **features)
         val_x, val_y = train.features[held].to(device), train.labels[held].to(device)

@@ -1,6 +1,6 @@
 """The run lock's lease on an object store (s3://), which has no locks: one small JSON object read
 with its version (ETag) and replaced only on a condition (create if absent, or If-Match a version),
-so that of two processes racing for it exactly one wins. The protocol is dino/io/run_lock.py."""
+so that of two processes racing for it exactly one wins. The protocol is dino/io/lease_lock.py."""
 
 from __future__ import annotations
 

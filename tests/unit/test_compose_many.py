@@ -1,4 +1,5 @@
-"""The sweep's composer (dino/config/compose_many.py) gives exactly what Hydra's compose gives, per run."""
+"""The sweep's composer (dino/config/compose_many.py) gives exactly what `compose` (what `dinolab train`
+and the job run) gives, per run."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ SWEEPS = sorted((Path(__file__).resolve().parents[2] / "sweeps").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("sweep_file", SWEEPS, ids=lambda p: p.stem)
-def test_every_shipped_sweep_expands_to_hydras_configs_and_ids(sweep_file, tmp_path):
+def test_every_shipped_sweep_expands_to_the_configs_and_ids_of_compose(sweep_file, tmp_path):
     # The cluster sweeps need a dataset folder (only its name matters here).
     runs = expand(load_sweep(sweep_file, [f"root={tmp_path}", "data.root=/datasets/imagenet/train"]))
     for run in runs:
@@ -32,7 +33,14 @@ def test_every_shipped_sweep_expands_to_hydras_configs_and_ids(sweep_file, tmp_p
         ["model=vit_test", "optim.lr=1", "teacher.momentum=1"],  # ints into float keys
         ["model=vit_test", "crops.global_scale=[0.5,1]", "crops.num_local=0"],  # a list, ints in it
         ["data=fashion_mnist", "model=vit_tiny", "model.patch_size=8", "head.norm_last_layer=false"],
-        ["model.patch_size=8", "model=vit_test"],  # a preset chosen after a value: Hydra applies it first
+        ["model.patch_size=8", "model=vit_test"],  # a preset chosen after a value: applied first
+        [
+            "optim.lr=0.002",
+            "optim.min_lr=${optim.lr}",
+            "tracking.experiment=e-${model.name}",
+            "model=vit_test",
+        ],  # interpolations
+        ["tracking.uri=", "optim.epochs=010", "tracking.experiment=yes"],  # empty, decimal, text as typed
         ["tracking.experiment='a b'", "tracking.uri=sqlite:////tmp/x.db", "data.root=/data/my images"],
         ["train.precision=bf16", "optim.batch_size=7", "train.seed=3", "train.seed=4"],  # last wins
     ],
@@ -46,7 +54,7 @@ def test_mixed_overrides_match_compose(overrides):
     assert config_hash(fast) == config_hash(slow)
 
 
-def test_what_it_cannot_mirror_goes_to_hydra_with_its_message():
+def test_what_it_cannot_mirror_goes_to_compose_with_its_message():
     composer = ConfigComposer()
     with pytest.raises(ConfigError) as fast:
         composer.compose(["optim.batch_size=abc"])

@@ -15,7 +15,7 @@ from dino.config.suggest import did_you_mean, nearest, not_allowed, unknown_key
 
 @pytest.mark.parametrize(
     "text",
-    ["1e-3", "[10,20]", "0.5", "true", "", "x", "2024-01-01", "'a b'", "[knn.max_train=5000]", "1_000",
+    ["1e-3", "[10,20]", "0.5", "true", "x", "2024-01-01", "'a b'", "[knn.max_train=5000]", "1_000",
      ".5", "null", "3", "{a: 1}", "s3://bucket/a=b"],
 )  # fmt: skip
 def test_values_read_as_omegaconfs_dotlist_reads_them(text):
@@ -23,6 +23,21 @@ def test_values_read_as_omegaconfs_dotlist_reads_them(text):
     expected = OmegaConf.to_container(OmegaConf.from_dotlist([f"k={text}"]))["k"]
     value = read_value(text)
     assert value == expected and type(value) is type(expected)
+
+
+READ_AS_TYPED = [
+    ("", ""), ("010", 10), ("[yes, 010]", ["yes", 10]), ("yes", "yes"), ("off", "off"), ("0x1F", "0x1F"),
+    ("12:30", "12:30"), ("a #b", "a #b"), ("|", "|"), ("@x", "@x"), ("a: b", "a: b"), ("-1", -1),
+    ("${oc.env:RANK}", "${oc.env:RANK}"), (".inf", float("inf")), ("~", None), ("True", True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text, value", READ_AS_TYPED, ids=[t or "empty" for t, _ in READ_AS_TYPED])
+def test_values_are_read_as_train_read_them_with_hydras_grammar(text, value):
+    """`key=` is the empty string (gpu_bench's `tracking.uri=`), 010 is ten, and YAML 1.1's other
+    scalars (yes, 0x1F, 12:30, comments, block markers) stay the text that was typed."""
+    read = read_value(text)
+    assert read == value and type(read) is type(value)
 
 
 def test_split_at_the_first_equals_sign():
@@ -75,6 +90,7 @@ def test_train_reads_values_with_the_same_parser(monkeypatch):
     """Train's overrides are read like eval's: `=` inside a value, YAML numbers, env interpolation;
     presets are picked with the same syntax and a wrong preset or a form without `=` is one line."""
     from dino.config.compose import compose
+    from dino.config.identity import config_hash
 
     monkeypatch.setenv("RANK", "3")
     cfg = compose(
@@ -93,5 +109,9 @@ def test_train_reads_values_with_the_same_parser(monkeypatch):
     )
     with pytest.raises(ConfigError, match=r"^override '~train.seed' must look like key=value"):
         compose(["~train.seed"])
+    with pytest.raises(ConfigError, match=r"^model='\[a' is not allowed; choose one of: vit_base"):
+        compose(["model=[a"])  # a preset is a name, not a YAML value: no traceback
+    assert compose(["tracking.uri="]).tracking.uri == ""
+    assert config_hash(compose(["optim.epochs=010"])) == config_hash(compose(["optim.epochs=10"]))
     with pytest.raises(ConfigError, match=r"^unknown config key '\+optim.lr'; did you mean optim.lr\?"):
         compose(["+optim.lr=1"])

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import typing
+from collections.abc import Callable
 from typing import Any
 
 from dino.config.schema import ADDED_LATER, NOT_IN_RUN_ID, DinoConfig, flatten, to_dict
@@ -64,12 +65,18 @@ def _left_out(key: str, left_out: frozenset[str] | list[str]) -> bool:
 
 def semantic_items(cfg: DinoConfig | dict[str, Any]) -> dict[str, Any]:
     """The flat {dotted key: value} that identifies a run (`cfg` nested or flat)."""
-    later = _schema_marks()[1]
     flat = flatten(to_dict(cfg) if isinstance(cfg, DinoConfig) else cfg)
-    return {k: v for k, v in flat.items() if is_semantic(k) and later.get(k, _ABSENT) != v}
+    return _identifying(flat, is_semantic, _schema_marks()[1])
 
 
 _ABSENT = object()
+
+
+def _identifying(
+    flat: dict[str, Any], counts: Callable[[str], bool], later: dict[str, Any]
+) -> dict[str, Any]:
+    """The items of `flat` whose key `counts`, but those marked `added_later` at their old value."""
+    return {k: v for k, v in flat.items() if counts(k) and later.get(k, _ABSENT) != v}
 
 
 def identity_items(cfg: Any) -> dict[str, Any]:
@@ -78,11 +85,7 @@ def identity_items(cfg: Any) -> dict[str, Any]:
     section so marked) left out, keys marked `added_later` left out at their old value. The linear
     probe's id (dino/eval/linear.py:probe_id) is built on this over `LinearConfig`."""
     left_out, later = _marks(type(cfg))
-    return {
-        k: v
-        for k, v in flatten(to_dict(cfg)).items()
-        if not _left_out(k, left_out) and later.get(k, _ABSENT) != v
-    }
+    return _identifying(flatten(to_dict(cfg)), lambda key: not _left_out(key, left_out), later)
 
 
 def config_hash(cfg: DinoConfig | dict[str, Any]) -> str:

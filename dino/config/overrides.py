@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from dino.config.schema import ConfigError, flatten
+from dino.config.schema import ConfigError, flatten, to_dict
 from dino.config.suggest import unknown_key
 from dino.config.types import type_name, type_words
 
@@ -109,7 +109,7 @@ def apply(schema: type, pairs: list[tuple[str, str]], base: dict[str, Any] | Non
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-    valid = flatten(json.loads(json.dumps(dataclasses.asdict(schema()))))
+    valid = flatten(to_dict(schema()))
     groups = {k.split(".")[0] for k in valid if "." in k}
     for key, _ in pairs:
         if key not in valid and key not in groups:

@@ -7,7 +7,9 @@ gives every class, and has its own cache folder. A shard is written
 atomically, so one that exists is complete: a preempted extraction continues with the missing shards
 only, and another protocol asking for the same features (same target, data, transform and kind)
 reads them instead of recomputing. Under torch.distributed each rank computes every world-th missing
-shard; the shards on the (shared) run folder are the gather.
+shard; the shards on the (shared) run folder are the gather. Each rank counts the shards it encoded
+itself, and every rank's list is gathered (`FeatureSet.computed_by_rank`: the k-NN result's
+`feature_shards`), so the split of the work between ranks is on record.
 """
 
 from __future__ import annotations
@@ -43,10 +45,17 @@ class FeatureSet:
     features: torch.Tensor
     labels: torch.Tensor
     folder: str
-    computed_shards: int
-    """Shards computed by this call (the others were read from the cache)."""
+    computed_by_rank: list[list[int]]
+    """The shard indices each rank (in rank order) encoded in this call; the others were read from
+    the cache. One list in one process."""
     split_size: int
     """Images in the whole split (more than len(labels) for a subset)."""
+    shards: int = 0
+    """Shards of the whole (subset of the) split."""
+
+    def shard_record(self) -> dict:
+        """What a result records of the extraction: shards in all, and which rank encoded which."""
+        return {"shards": self.shards, "computed_by_rank": self.computed_by_rank}
 
 
 def features_folder(
@@ -126,6 +135,7 @@ def extract_features(
     mine = missing[dist.rank :: dist.world_size]
     if missing:
         log.info("features %s: %d of %d shards to compute", folder, len(missing), len(needed))
+    computed = []  # what this rank encoded and wrote itself
     for i in mine:
         start, stop = i * shard_size, min((i + 1) * shard_size, total)
         feats, labels = encode_dataset(
@@ -134,7 +144,9 @@ def extract_features(
         buffer = io.BytesIO()
         torch.save({"features": feats, "labels": labels, "start": start, "stop": stop}, buffer)
         storage.atomic_write_bytes(storage.join(folder, shard_name(i)), buffer.getvalue())
+        computed.append(i)
     distributed.barrier()
+    computed_by_rank = distributed.all_gather_object(computed)
     feats, labels = [], []
     for i in needed:
         if not storage.exists(storage.join(folder, shard_name(i))):
@@ -147,7 +159,9 @@ def extract_features(
         )
         feats.append(shard["features"])
         labels.append(shard["labels"])
-    return FeatureSet(torch.cat(feats), torch.cat(labels), folder, len(mine), split_size)
+    return FeatureSet(
+        torch.cat(feats), torch.cat(labels), folder, computed_by_rank, split_size, shards=len(needed)
+    )
 
 
 def split_features(

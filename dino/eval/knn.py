@@ -181,6 +181,8 @@ def evaluate_knn(cfg: EvalConfig, target: Target) -> KnnResult:
         "top1": {str(k): v for k, v in top1.items()},
         "top5": {str(k): v for k, v in top5.items()},
         "features": {"train": train.folder, "test": test.folder},
+        # Shards in all and the ones each rank encoded itself in this call (the rest: from the cache).
+        "feature_shards": {"train": train.shard_record(), "test": test.shard_record()},
         "seconds": time.monotonic() - started,
         "time": time.time(),
     }

@@ -113,6 +113,12 @@ def test_two_process_gloo_knn_equals_one_process(tiny_run, tmp_path):
     (a,), (b,) = results(single_dir, "knn").values(), results(ddp_dir, "knn").values()
     assert a["top1"] == b["top1"] and a["top5"] == b["top5"]
     assert len(list((ddp_dir / "eval" / "features").rglob("shard_*.pt"))) == 8  # 4 + 4, each once
+    # Each rank recorded the shards it encoded itself: together every shard, none twice, both worked.
+    for split, shards in b["feature_shards"].items():
+        assert shards["shards"] == 4 and len(shards["computed_by_rank"]) == 2, (split, shards)
+        rank0, rank1 = map(set, shards["computed_by_rank"])
+        assert rank0 | rank1 == {0, 1, 2, 3} and not rank0 & rank1 and rank0 and rank1, (split, shards)
+    assert a["feature_shards"]["train"] == {"shards": 4, "computed_by_rank": [[0, 1, 2, 3]]}
 
 
 @pytest.mark.slow

@@ -154,6 +154,10 @@ def test_killed_knn_computes_only_the_missing_shards_and_gives_the_same_accuracy
     monkeypatch.setattr(encoders, "cls_features", again)
     result = evaluate_knn(*resolve(knn_args(run_dir)))
     assert again.calls == 2 * 2 + 4 * 2  # the 2 missing train shards and the 4 test shards
+    assert result.record["feature_shards"] == {
+        "train": {"shards": 4, "computed_by_rank": [[2, 3]]},  # 0 and 1 read from the cache
+        "test": {"shards": 4, "computed_by_rank": [[0, 1, 2, 3]]},
+    }
     assert result.top1 == reference.top1 and result.top5 == reference.top5
 
     # A subset has shards of its own (40 evenly spaced train images: 3 shards, 20 test: 2), read

@@ -1,8 +1,9 @@
 """Ablation tables: one row per axis value, mean ± std over seeds, n; Markdown, LaTeX, HTML or CSV.
 
-Only finished runs enter the means; the state column says how many runs a row has and what the
-others are doing (pending, running, preempted, failed), and flags collapse or divergence, so an
-unfinished run shows as unfinished, never as a zero.
+Only runs whose training finished enter the means (n=), a run whose final metrics flag a collapse
+included: its accuracy is what that setting gave. The state column counts each run of a row once:
+finished, or what it is doing (pending, running, preempted, failed), or its flag (collapse,
+divergence) in place of its state; so an unfinished run shows as unfinished, never as a zero.
 """
 
 from __future__ import annotations
@@ -45,14 +46,23 @@ def columns_for(df: pd.DataFrame, metric: str) -> list[Column]:
 
 
 def state_summary(group: pd.DataFrame) -> str:
-    counts = Counter(group["state"])
+    """How many runs of a group are in which state, each run counted once: a flagged run (collapse,
+    divergence) under its flag, not also under its state ("2 finished; 1 collapsed (uniform)"); one
+    still going says so ("1 running and diverged (NaN loss)")."""
+    states: Counter[str] = Counter()
+    flagged: Counter[str] = Counter()
+    for state, flag in zip(group["state"], group["flag"], strict=True):
+        if not flag:
+            states[state] += 1
+        elif state in ("finished", "collapsed"):  # training is over: the flag says how it ended
+            flagged[flag] += 1
+        else:
+            flagged[f"{state} and {flag}"] += 1
     text = ", ".join(
-        f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: (kv[0] != "finished", kv[0]))
+        f"{n} {s}" for s, n in sorted(states.items(), key=lambda kv: (kv[0] != "finished", kv[0]))
     )
-    flags = Counter(f for f in group["flag"] if f)
-    if flags:
-        text += "; " + ", ".join(f"{n} {f}" for f, n in sorted(flags.items()))
-    return text
+    flags = ", ".join(f"{n} {f}" for f, n in sorted(flagged.items()))
+    return "; ".join(part for part in (text, flags) if part)
 
 
 def summarize(df: pd.DataFrame, by: list[str], columns: list[Column]) -> pd.DataFrame:

@@ -82,7 +82,27 @@ def report(uri: str, *args: str):
 def test_markdown_table_matches_golden(fake_sweep):
     out = report(fake_sweep, "--paper").stdout
     check_golden("report.md", out)
-    assert "1 collapsed (uniform)" in out and "2 finished, 1 running" in out
+    # The collapsed run of num_local=0 is counted once: not also among the finished.
+    assert "| 2 finished; 1 collapsed (uniform) |" in out and "2 finished, 1 running" in out
+
+
+@pytest.mark.parametrize(
+    "runs, summary",
+    [
+        ([("finished", "collapsed (uniform)")], "1 collapsed (uniform)"),
+        ([("collapsed", "collapsed (uniform)")], "1 collapsed (uniform)"),  # stopped by the guard
+        ([("collapsed", "")], "1 collapsed"),  # stopped by the guard, final entropy in between
+        ([("finished", ""), ("finished", ""), ("finished", "collapsed (one dimension)"), ("failed", "")],
+         "2 finished, 1 failed; 1 collapsed (one dimension)"),
+        ([("running", "diverged (NaN loss)"), ("finished", "")], "1 finished; 1 running and diverged (NaN loss)"),
+    ],
+)  # fmt: skip
+def test_the_state_column_counts_each_run_once(runs, summary):
+    import pandas as pd
+
+    from reports.tables import state_summary
+
+    assert state_summary(pd.DataFrame(runs, columns=["state", "flag"])) == summary
 
 
 def test_latex_table_matches_golden(fake_sweep, tmp_path):

@@ -85,24 +85,22 @@ def gpu_hours(record: dict[str, Any]) -> str:
     return f"{text} ({record['estimate_source']})" if record.get("estimate_source") else text
 
 
-def status_table(sweep: Sweep, runs: list[RunSpec]) -> Table:
-    table = Table(title=f"sweep {sweep.name} ({sweep.folder})", title_justify="left")
+SPENT = "GPU-h spent/est."
+# Left out of a compact table when no run has anything to say in them.
+EMPTY = {SPENT: ("-",), "requeues": ("0",), "job": ("-",), "note": ("",)}
+
+
+def status_table(sweep: Sweep, runs: list[RunSpec], compact: bool = False) -> Table:
+    """One row per run: run, axes, seed, state, step, loss, GPU-hours, requeues, job, one column per
+    evaluation and a note (an error, where a collapse stopped it, the last heartbeat).
+
+    `compact` (what `sweep status` prints unless --wide) fits a terminal: it leaves out the axis and
+    seed columns (the run's name spells them: m0.996-nl0-bs32, -s1 with several seeds) and the
+    GPU-hours, requeues, job and note columns when every run's is empty, and names them under the table.
+    """
     axes = [*sweep.grid, *sweep.zip]
-    spent = "GPU-h spent/est."
-    for col in (
-        "run",
-        *axes,
-        "seed",
-        "state",
-        "step",
-        "loss",
-        spent,
-        "requeues",
-        "job",
-        *sweep.evals,
-        "note",
-    ):
-        table.add_column(col, overflow="fold")
+    headers = ["run", *axes, "seed", "state", "step", "loss", SPENT, "requeues", "job", *sweep.evals, "note"]
+    rows: list[list[str | Text]] = []
     counts: dict[str, int] = {}
     for run, files in zip(runs, read_runs(runs), strict=True):
         rec, job = files.record, files.job
@@ -129,12 +127,26 @@ def status_table(sweep: Sweep, runs: list[RunSpec]) -> Table:
         }.get(state, "")
         # Plain Text cells: an error such as gloo's "[/…/pair.cc:561] Connection closed by peer"
         # or an axis value like "[5, 10]" is not rich markup.
-        table.add_row(
+        rows.append([
             *map(Text, (run.name, *(str(run.axes[a]) for a in axes), str(run.seed))),
             Text(state, style=colour), progress, loss, gpu_hours(rec), str(rec.get("requeues", 0)),
             job["job_id"] if job else "-", *(eval_summary(run, p, rec) for p in sweep.evals), Text(note),
-        )  # fmt: skip
+        ])  # fmt: skip
+    hidden: list[str] = []
+    if compact:
+        cells = {h: [str(row[i]) for row in rows] for i, h in enumerate(headers)}
+        hidden = [*axes, "seed"] + [h for h, empty in EMPTY.items() if all(c in empty for c in cells[h])]
+    table = Table(title=f"sweep {sweep.name} ({sweep.folder})", title_justify="left")
+    shown = [i for i, h in enumerate(headers) if h not in hidden]
+    for i in shown:
+        # Compact: each run one line. Only the note and, when too long for the terminal, the run's
+        # name fold; the other cells are short and stay whole.
+        table.add_column(headers[i], overflow="fold", no_wrap=compact and headers[i] not in ("run", "note"))
+    for row in rows:
+        table.add_row(*(row[i] for i in shown))
     table.caption = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    if hidden:
+        table.caption += f"\n--wide also shows: {', '.join(hidden)}"
     return table
 
 

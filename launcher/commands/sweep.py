@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -10,8 +11,9 @@ from rich.console import Console
 
 from launcher.long_tables import LONG, plain, show
 
-# Outside a terminal (logs, CI) rich would wrap at 80 columns; tables are wider than that.
-console = Console(width=None if sys.stdout.isatty() else 200)
+# Outside a terminal (logs, CI) rich would wrap at 80 columns; tables are wider than that. COLUMNS,
+# when set, is the width either way (as rich reads it).
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 200)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,9 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             help="refuse, before queuing anything, a submission estimated over N GPU-hours "
             "(default: the sweep file's budget:, if any)",
         )
-    p = verb("status", "one table: state, step, loss, requeues, job, evaluations", _status)
+    p = verb("status", "one table: state, step, loss, GPU-hours, requeues, job, evaluations", _status)
     p.add_argument(
         "--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS until interrupted"
+    )
+    p.add_argument(
+        "--wide",
+        action="store_true",
+        help="every column: the axes and seed (else only in the run names) and the empty ones",
     )
     p = verb("logs", "tail of the newest job's stdout/stderr of a run", _logs)
     p.add_argument("--stage", default="pretrain", help="pretrain (default), knn or linear")
@@ -161,7 +168,7 @@ def _run(args: argparse.Namespace) -> int:
     manifest.write(sweep, everything)
     console.print(submitted.summary())
     ok = submission.wait(sweep, runs, submitted, console)
-    show(console, status.status_table(sweep, runs))
+    show(console, status.status_table(sweep, runs, compact=True))
     return 0 if ok else 1
 
 
@@ -170,13 +177,13 @@ def _status(args: argparse.Namespace) -> int:
 
     sweep, runs, _ = _load(args, submitted=True)
     if not args.watch:
-        show(console, status.status_table(sweep, runs))
+        show(console, status.status_table(sweep, runs, compact=not args.wide))
         return 0
     from rich.live import Live
     from rich.text import Text
 
     def view():
-        table = status.status_table(sweep, runs)
+        table = status.status_table(sweep, runs, compact=not args.wide)
         return Text(plain(table)) if table.row_count > LONG else table
 
     with Live(view(), console=console, refresh_per_second=1) as live:

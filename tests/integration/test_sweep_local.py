@@ -7,21 +7,22 @@ import json
 import pytest
 
 from launcher import records
-from tests.conftest import FASHION_MNIST_ROOT
 from tests.integration.cli import dinolab
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not FASHION_MNIST_ROOT.exists(), reason="needs apt-get install dataset-fashion-mnist"),
+    pytest.mark.usefixtures("fashion_mnist"),
 ]
 # The quickstart sweep shrunk for CI: 192 images -> 6 or 8 steps per run; a 2000-image k-NN bank
 # (the full 60,000 costs ~30 s of feature extraction per evaluation, and tests orchestration only).
 SHRINK = ["data.limit=192", "eval_overrides.knn=[knn.max_train=2000]"]
 
 
-def test_quickstart_sweep_runs_every_run_and_its_knn_then_resubmits_nothing(tmp_path):
+def test_quickstart_sweep_runs_every_run_and_its_knn_then_resubmits_nothing(tmp_path, monkeypatch):
     root = tmp_path / "sweeps"
+    monkeypatch.setenv("COLUMNS", "120")  # a 120-column terminal (for rich, as if it were one)
     proc = dinolab("sweep", "run", "sweeps/quickstart.yaml", f"root={root}", *SHRINK, timeout=1200)
+    monkeypatch.delenv("COLUMNS")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (
         "submitted 4 pretraining job(s)" in proc.stdout
@@ -40,6 +41,9 @@ def test_quickstart_sweep_runs_every_run_and_its_knn_then_resubmits_nothing(tmp_
         jobs = records.read_jobs(str(run_dir))
         assert [j["stage"] for j in jobs] == ["pretrain", "knn"]
     assert proc.stdout.count("completed") >= 4
+    # The progress bars and the final table of `sweep run` fit: a line per run in the table.
+    assert max(map(len, proc.stdout.splitlines())) <= 120, proc.stdout
+    assert sum(line.startswith("│") for line in proc.stdout.splitlines()) == 4, proc.stdout
     check_mlflow(root, run_dirs)
 
     again = dinolab("sweep", "submit", "sweeps/quickstart.yaml", f"root={root}", *SHRINK)
@@ -47,8 +51,7 @@ def test_quickstart_sweep_runs_every_run_and_its_knn_then_resubmits_nothing(tmp_
     assert "submitted 0 pretraining job(s)" in again.stdout and "evaluation job" not in again.stdout
     assert again.stdout.count("skip (finished)") == 4
 
-    status = dinolab("sweep", "status", "sweeps/quickstart.yaml", f"root={root}", *SHRINK)
-    assert status.returncode == 0 and "4 completed" in status.stdout
+    check_status(root, run_dirs, monkeypatch)
     logs = dinolab(
         "sweep",
         "logs",
@@ -59,6 +62,42 @@ def test_quickstart_sweep_runs_every_run_and_its_knn_then_resubmits_nothing(tmp_
         run_dirs[0].name.rsplit("-", 1)[0],
     )
     assert logs.returncode == 0 and "log.out" in logs.stdout
+
+
+def check_status(root, run_dirs, monkeypatch) -> None:
+    """`sweep status` on a 120-column terminal: one line per run, none wider than the terminal, with
+    the run, state, step, loss and k-NN columns; the axis columns (in the run names) only with --wide."""
+    args = ["sweep", "status", "sweeps/quickstart.yaml", f"root={root}", *SHRINK]
+    monkeypatch.setenv("COLUMNS", "120")
+    status = dinolab(*args)
+    assert status.returncode == 0 and "4 completed" in status.stdout, status.stderr[-2000:]
+    lines = status.stdout.splitlines()
+    assert max(map(len, lines)) <= 120, status.stdout
+    (header,) = [line.split("┃")[1:-1] for line in lines if line.startswith("┃")]
+    header = [h.strip() for h in header]
+    assert header[:4] == ["run", "state", "step", "loss"] and "knn" in header and "seed" not in header
+    assert "--wide also shows: teacher.momentum, crops.num_local, optim.batch_size, seed" in status.stdout
+    rows = [line for line in lines if line.startswith("│")]
+    assert len(rows) == 4, status.stdout  # nothing folded over a second line
+    for run_dir in run_dirs:
+        record = records.read_record(str(run_dir))
+        (result,) = (run_dir / "eval" / "knn").glob("*.json")
+        knn = json.loads(result.read_text())["top1"]["20"]
+        (row,) = [r for r in rows if f"│ {run_dir.name.rsplit('-', 1)[0]} " in r]
+        cells = [c.strip() for c in row.split("│")[1:-1]]
+        assert cells[1:3] == ["completed", f"{record['step']}/{record['total_steps']} (100%)"], row
+        assert f"{record['loss']:.3f}" in cells and f"{knn:.1f}" in cells, row
+
+    monkeypatch.setenv("COLUMNS", "400")
+    wide = dinolab(*args, "--wide")
+    assert wide.returncode == 0, wide.stderr[-2000:]
+    (header,) = [line.split("┃")[1:-1] for line in wide.stdout.splitlines() if line.startswith("┃")]
+    assert [h.strip() for h in header] == [
+        "run", "teacher.momentum", "crops.num_local", "optim.batch_size", "seed", "state", "step", "loss",
+        "GPU-h spent/est.", "requeues", "job", "knn", "note",
+    ]  # fmt: skip
+    assert "--wide" not in wide.stdout
+    monkeypatch.delenv("COLUMNS")
 
 
 def check_mlflow(root, run_dirs) -> None:
@@ -83,7 +122,9 @@ def check_mlflow(root, run_dirs) -> None:
         assert child.data.tags["axis.teacher.momentum"] in ("0.996", "0.9")
     report = dinolab("report", "sweeps/quickstart.yaml", f"root={root}", *SHRINK)
     assert report.returncode == 0, report.stderr[-2000:]
-    assert report.stdout.count("| 1 finished") == 4 and "k-NN top-1 (k=20)" in report.stdout
+    # One run per row, counted once: finished, or (momentum 0.9 may) collapsed, never both.
+    states = report.stdout.count("| 1 finished ") + report.stdout.count("| 1 collapsed (")
+    assert states == 4 and "k-NN top-1 (k=20)" in report.stdout, report.stdout
 
 
 def test_a_killed_run_is_resumed_by_the_next_submit(tmp_path):

@@ -82,7 +82,8 @@ def test_a_collapsed_run_stops_early_and_skips_its_knn_while_the_healthy_one_com
     capsys.readouterr()
     code = main(["report", str(sweep), "--metric", "loss"])
     out = capsys.readouterr().out
-    assert code == 0 and "1 collapsed; 1 collapsed (one dimension)" in out
+    # Counted once, as how it ended (its final entropy), not also as "1 collapsed".
+    assert code == 0 and "| 1 collapsed (one dimension)" in out and "collapsed;" not in out
     assert "Stopped early by the collapse guard" in out
     assert re.search(
         r"\| cm1\.0-m0\.0 +\| 8 +\| 16 +\| [0-9.e-]+ +\| [0-9.e-]+ +\| collapsed \(one dimension\)", out

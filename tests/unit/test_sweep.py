@@ -163,6 +163,39 @@ def test_status_shows_an_error_with_brackets_as_text(tmp_path):
     )
 
 
+def test_a_compact_status_keeps_each_run_on_one_line_but_a_failed_runs_note(tmp_path):
+    """Long run names (no short_names), several seeds, a failed run: on 120 columns the axis and
+    seed columns and the empty ones (GPU-hours, job) are left out and named, only the name and the
+    note fold, and the state, step and loss of every run stay whole."""
+    from rich.console import Console
+
+    from launcher import records
+    from launcher.status import status_table
+
+    grid = {"model.patch_size": [8, 4], "optim.weight_decay": [0.04], "teacher.momentum": [0.996]}
+    sweep = load_sweep(write_sweep(tmp_path, grid=grid, seeds=[0, 1], evals=["knn", "linear"]))
+    runs = expand(sweep)
+    for run in runs:
+        records.update_record(run.run_dir, state=records.RUNNING, step=4520, total_steps=100000, loss=6.25)
+    error = "RuntimeError: [/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed"
+    records.update_record(runs[1].run_dir, state=records.FAILED, error=error, requeues=2)
+    console = Console(width=120, record=True)
+    console.print(status_table(sweep, runs, compact=True))
+    text = console.export_text()
+    header = " ".join(line for line in text.splitlines() if line.startswith("┃"))
+    assert "seed" not in header and "patch_size" not in header and "job" not in header
+    assert "requeues" in header and "note" in header and "linear" in header
+    shows = "--wide also shows: model.patch_size, optim.weight_decay, teacher.momentum, seed, GPU-h spent/est., job"
+    assert shows in text
+    rows = [line for line in text.splitlines() if "4520/100000 (5%) │ 6.250 │" in line]
+    assert [row.split("│")[2].strip() for row in rows] == ["lost", "failed", "lost", "lost"], text
+    assert "Connection" in text and "1 failed, 3 lost" in text
+    full = Console(width=400, record=True)
+    full.print(status_table(sweep, runs))
+    wide = full.export_text()
+    assert "┃ model.patch_size ┃" in wide and "┃ seed ┃" in wide and "┃ job ┃" in wide
+
+
 def bad_yaml(tmp_path: Path) -> Path:
     path = tmp_path / "bad.yaml"
     path.write_text("name: bad\nbase: [model=vit_test\ngrid: {model.patch_size: [8]}\n")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 import submitit
 
+from launcher.errors import UserError
 from launcher.sweep import Resources, Sweep
 
 EXECUTORS = ("local", "slurm", "debug")
@@ -50,9 +52,22 @@ def executor_parameters(res: Resources, executor: str, name: str, parallelism: i
     return params
 
 
+def require_slurm() -> None:
+    """Refuse `--executor slurm` where SLURM's client is missing, before anything is created: submitit
+    submits with `sbatch` and will not build its SLURM executor without `srun` on PATH."""
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if missing:
+        raise UserError(
+            f"{' and '.join(missing)} not found on PATH: --executor slurm needs a SLURM login node; "
+            "use --executor local to run here, or `dinolab sweep plan` to see the sbatch scripts"
+        )
+
+
 def build_executor(sweep: Sweep, stage: str, executor: str, folder: str) -> submitit.AutoExecutor:
     if executor not in EXECUTORS:
         raise ValueError(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
+    if executor == "slurm":
+        require_slurm()
     ex = submitit.AutoExecutor(folder=folder, cluster=executor, slurm_max_num_timeout=sweep.max_timeouts)
     res = sweep.stage_resources(stage)
     ex.update_parameters(
@@ -61,17 +76,37 @@ def build_executor(sweep: Sweep, stage: str, executor: str, folder: str) -> subm
     return ex
 
 
-def sbatch_preview(sweep: Sweep, stage: str, folder: str, array_size: int, dependency: str = "") -> str:
-    """The sbatch script of this stage's job array as SLURM would get it (for `plan`; no cluster needed).
+class _ScriptOnlySlurmExecutor(submitit.SlurmExecutor):
+    """submitit's SLURM executor that only renders scripts: everything as in SlurmExecutor but the
+    "is srun on PATH?" probe its constructor makes (through `affinity`), so `plan` works anywhere."""
 
-    The one use of submitit's private API in the launcher: submitit renders the script only while
-    submitting, so the array size (`map_count`), the command and the rendering are reached through
-    the SLURM executor inside the AutoExecutor (`ex._executor`), as submitit itself does."""
-    ex = build_executor(sweep, stage, "slurm", folder)
-    if dependency:  # the stage's own extra sbatch options (what build_executor passed) plus the dependency
-        extra = dict(sweep.stage_resources(stage).additional, dependency=dependency)
-        ex.update_parameters(slurm_additional_parameters=extra)
-    slurm = ex._executor
-    slurm.parameters["map_count"] = array_size
-    command = " ".join(slurm._submitit_command_str.split())
-    return slurm._make_submission_file_text(command, "<uid>")
+    @classmethod
+    def affinity(cls) -> int:
+        return 2  # what SlurmExecutor says where srun exists; nothing is ever submitted from here
+
+
+def sbatch_preview(sweep: Sweep, stage: str, folder: str, array_size: int, dependency: str = "") -> str:
+    """The sbatch script of this stage's job array as `submit` hands it to sbatch (for `plan`: no
+    SLURM, no srun, no cluster needed).
+
+    `submit` builds `AutoExecutor(cluster="slurm")`, which translates `executor_parameters` into the
+    SlurmExecutor's own (generic keys renamed by `_convert_parameters`, `slurm_<key>` passed as
+    `<key>`), then submits an array of N > 1 jobs with `map_count=N` (one job without), rendered by
+    `_make_submission_file_text(_submitit_command_str)`. The same steps here, on a SlurmExecutor
+    subclass that skips the srun probe: submitit renders scripts only while submitting, so this
+    reaches its private `_convert_parameters`, `_submitit_command_str` and
+    `_make_submission_file_text` (the launcher's one use of submitit's private API).
+    `tests/integration/test_plan_without_slurm.py` checks the result against what a (fake) sbatch
+    receives from `sweep submit`, byte for byte."""
+    res = sweep.stage_resources(stage)
+    params = executor_parameters(res, "slurm", f"{sweep.name}-{stage}", sweep.array_parallelism)
+    if dependency:  # the stage's own extra sbatch options plus the dependency, as submission.py passes them
+        params["slurm_additional_parameters"] = dict(res.additional, dependency=dependency)
+    ex = _ScriptOnlySlurmExecutor(folder, max_num_timeout=sweep.max_timeouts)
+    prefix = "slurm_"
+    generic = {k: v for k, v in params.items() if not k.startswith(prefix) and v is not None}
+    specific = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix) and v is not None}
+    ex.update_parameters(**ex._convert_parameters(generic), **specific)
+    if array_size > 1:
+        ex.parameters["map_count"] = array_size
+    return ex._make_submission_file_text(ex._submitit_command_str, "<uid>")

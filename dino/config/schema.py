@@ -155,6 +155,11 @@ class DataConfig:
     on_bad_image: str = not_in_run_id("skip")  # switching fail -> skip must resume the same run
     """imagefolder, webdataset: an image that cannot be decoded is skipped (the next readable image is
     used in its place, warned and counted as skipped_images) or makes the run fail, naming the file."""
+    num_images: Any = not_in_run_id(None)
+    """Images of the dataset, for `sweep plan`'s cost estimate where the data cannot be counted (not
+    mounted on the machine that plans): N, the images under data.root, or {train: N, val: M}, adding
+    those under data.val_root (the evaluations' test split). Training never reads it; where the
+    dataset can be counted, the count on disk is used (and a different num_images is warned about)."""
 
 
 @dataclass

@@ -97,6 +97,12 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _line(text: str) -> None:
+    """Plain text on one line however long (rich would wrap it at 200 columns outside a terminal):
+    one fact per line, for grep; a terminal wraps it itself."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def _print_cost(sweep, runs) -> None:
     """The cost table and its summary lines (launcher/cost/estimate.py) of the whole sweep."""
     from launcher.cost import estimate as cost
@@ -104,11 +110,11 @@ def _print_cost(sweep, runs) -> None:
     try:
         estimate = cost.estimate(sweep, runs)
     except Exception as err:  # noqa: BLE001 - the rest of the plan stands without a cost
-        console.print(f"cost: not estimated ({type(err).__name__}: {err})", markup=False, highlight=False)
+        _line(f"cost: not estimated ({type(err).__name__}: {err})")
         return
     show(console, cost.cost_table(sweep, estimate))
     for line in cost.summary_lines(sweep, estimate):
-        console.print(line, markup=False, highlight=False)
+        _line(line)
 
 
 def _estimate_submission(args: argparse.Namespace, sweep, todos) -> dict:
@@ -136,19 +142,28 @@ def _estimate_submission(args: argparse.Namespace, sweep, todos) -> dict:
                 f"{sweep.path}: {origin} is {limit:g} GPU-hours but the cost could not be estimated "
                 f"({type(err).__name__}: {err}); nothing was submitted"
             ) from None
-        console.print(f"note: no cost estimate ({type(err).__name__}: {err})", markup=False, highlight=False)
+        _line(f"note: no cost estimate ({type(err).__name__}: {err})")
         return {}
     if chosen:
-        console.print(cost.summary_lines(sweep, estimate)[0], markup=False, highlight=False)
+        _line(cost.summary_lines(sweep, estimate)[0])
     if limit:
         cost.check_budget(sweep, estimate, limit, origin)
     return {r.run.run_id: cost.record_fields(r) for r in estimate.runs}
+
+
+def _check_executor(executor: str) -> None:
+    """`--executor slurm` where there is no SLURM: one line, before any record, folder or MLflow run."""
+    if executor == "slurm":
+        from launcher.executors import require_slurm
+
+        require_slurm()
 
 
 def _submit(args: argparse.Namespace) -> int:
     from launcher import manifest, plan, submission
 
     sweep, runs, everything = _load(args)
+    _check_executor(args.executor)
     todo = plan.classify(sweep, runs)
     show(console, plan.plan_table(sweep, runs, todo))
     estimates = _estimate_submission(args, sweep, todo)
@@ -162,6 +177,7 @@ def _run(args: argparse.Namespace) -> int:
     from launcher import manifest, plan, status, submission
 
     sweep, runs, everything = _load(args)
+    _check_executor(args.executor)
     todo = plan.classify(sweep, runs)
     estimates = _estimate_submission(args, sweep, todo)
     submitted = submission.submit(sweep, todo, args.executor, only=args.only, estimates=estimates)

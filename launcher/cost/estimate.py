@@ -28,7 +28,7 @@ from typing import Any
 
 from launcher.cost.bench import bench_path, calibrated_speed, read_bench
 from launcher.cost.flops import estimated_speed, flop_rate, forward_flops
-from launcher.cost.images import eval_images, pretrain_images
+from launcher.cost.images import Size, eval_images, pretrain_images
 from launcher.cost.measured import measured_runs, measured_speed
 from launcher.cost.model import ESTIMATED, UNKNOWN, BudgetExceeded, RunCost, Speed, StageCost, SweepCost
 from launcher.cost.shapes import devices, shape_of, stage_card
@@ -48,6 +48,7 @@ def estimate(
     world = devices(sweep, "pretrain")
     threads = sweep.stage_resources("pretrain").cpus_per_task
     out = []
+    notes = [note] if note else []
     for run in runs:
         fraction, evals = (work or {}).get(run.run_id, (1.0, list(sweep.evals)))
         stages = []
@@ -57,19 +58,19 @@ def estimate(
             if shape not in speeds:
                 speeds[shape] = (measured_speed(shape, measured) or calibrated_speed(shape, bench)
                                  or estimated_speed(run.config, card, threads))  # fmt: skip
-            images = pretrain_images(run.config, world)
-            if images is not None:
-                images = round(images * fraction)
-            stages.append(StageCost("pretrain", images, world, speeds[shape], fraction))
+            size = pretrain_images(run.config, world)
+            images = None if size.images is None else round(size.images * fraction)
+            stages.append(StageCost("pretrain", images, world, speeds[shape], fraction, size.why))
+            notes += [n for n in size.notes if n not in notes]
         for protocol in evals:
-            images, speed = _eval_cost(sweep, run, protocol, eval_speeds)
-            stages.append(StageCost(protocol, images, devices(sweep, protocol), speed))
+            size, speed = _eval_cost(sweep, run, protocol, eval_speeds)
+            stages.append(StageCost(protocol, size.images, devices(sweep, protocol), speed, missing=size.why))
+            notes += [n for n in size.notes if n not in notes]
         out.append(RunCost(run, stages))
-    notes = [note] if note else []
     return SweepCost(out, _wall_hours(sweep, out), notes)
 
 
-def _eval_cost(sweep: Sweep, run: RunSpec, protocol: str, cache: dict) -> tuple[int | None, Speed]:
+def _eval_cost(sweep: Sweep, run: RunSpec, protocol: str, cache: dict) -> tuple[Size, Speed]:
     """Images and forward speed of one evaluation, once per (protocol, data, model) of the sweep."""
     from dino.config.schema import to_dict
     from dino.eval.config import compose_eval
@@ -83,7 +84,10 @@ def _eval_cost(sweep: Sweep, run: RunSpec, protocol: str, cache: dict) -> tuple[
             # The run folder does not matter to the cost; compose_eval only insists one is named.
             ecfg = compose_eval([*sweep.eval_overrides.get(protocol, []), "run.dir=PLACEHOLDER"], data)
         except Exception as err:  # noqa: BLE001 - the evaluation job reports it; the plan goes on
-            cache[key] = (None, Speed(None, None, UNKNOWN, f"evaluation config: {err}"))
+            cache[key] = (
+                Size(None, f"evaluation config: {err}"),
+                Speed(None, None, UNKNOWN, f"evaluation config: {err}"),
+            )
             return cache[key]
         size = ecfg.image_size or cfg.crops.global_size
         card = stage_card(
@@ -198,7 +202,8 @@ def summary_lines(sweep: Sweep, cost: SweepCost) -> list[str]:
 def _unknown_reason(r: RunCost) -> str:
     stage = next(s for s in r.stages if s.gpu_hours is None)
     if stage.images is None:
-        return f"{r.run.name} {stage.stage}: the dataset is not readable here, so its size is unknown"
+        why = stage.missing or "the dataset is not readable here, so its size is unknown"
+        return f"{r.run.name} {stage.stage}: {why}"
     return f"{r.run.name} {stage.stage}: {stage.speed.detail}"
 
 

@@ -33,6 +33,7 @@ class StageCost:
     devices: int
     speed: Speed
     fraction: float = 1.0  # of the whole stage: a resumed run's pretraining has only the rest to do
+    missing: str = ""  # images None: what is missing and the key that fixes it
 
     @property
     def gpu_hours(self) -> float | None:

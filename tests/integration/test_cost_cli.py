@@ -6,6 +6,7 @@ and `report --runs` showing the estimate beside the GPU-hours spent."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,73 @@ def test_a_submission_within_budget_is_queued_with_its_estimate_for_status_and_r
     code, out, err = dinolab(capsys, "report", str(sweep), "--runs")
     assert code == 0, err
     assert "est_gpu_hours" in out and "est_source" in out and out.count("estimated") == 2
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_plan_prices_the_imagenet_sweep_where_imagenet_is_not_mounted(tmp_path, capsys, monkeypatch):
+    """sweeps/patch_size.yaml sets data.num_images (ImageNet-1k: 1,281,167 train, 50,000 val): without
+    the dataset here every run still has a GPU-hours figure, and the plan says where it comes from."""
+    monkeypatch.setenv("USER", "me")
+    code, out, err = dinolab(
+        capsys, "sweep", "plan", str(REPO / "sweeps" / "patch_size.yaml"), f"root={tmp_path}"
+    )
+    assert code == 0, err
+    for run in ("ps16-bs64", "ps8-bs32"):
+        assert re.match(rf"│ {run} +│ [\d,.]+ +│ [\d.]+ [hd] ", row(out, run)), row(out, run)
+    (cost,) = [line for line in out.splitlines() if line.startswith("cost: ")]
+    assert "unknown" not in cost and "linear " in cost
+    if not Path("/datasets/imagenet/train").exists():
+        assert (
+            "note: data.root /datasets/imagenet/train is not readable here: data.num_images.train=1,281,167 used"
+            in out
+        )
+        assert (
+            "note: data.val_root /datasets/imagenet/val is not readable here: data.num_images.val=50,000 used"
+            in out
+        )
+
+
+def test_an_image_folder_that_is_not_here_names_the_key_that_prices_it(tmp_path, capsys):
+    root, missing = tmp_path / "root", tmp_path / "not-mounted"
+    base = [o for o in TINY_OVERRIDES if not o.startswith("data")] + [
+        "data=imagefolder",
+        f"data.root={missing}",
+    ]
+    sweep = tmp_path / "folder.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "folder", "root": str(root), "base": base, "grid": {"optim.batch_size": [8, 4]}, "evals": ["knn"],
+        "eval_overrides": {"knn": [f"data.val_root={missing}-val"]}, "tracking_uri": "none",
+    }))  # fmt: skip
+
+    code, out, err = dinolab(capsys, "sweep", "plan", str(sweep))
+    assert code == 0, err
+    assert "cost: at least 0 (2 run(s) of unknown cost)" in out and row(out, "batch_size8").startswith(
+        "│ batch_size8 │ ? "
+    )
+    assert (
+        f"  unknown: batch_size8 pretrain: data.root '{missing}' is not readable here, so its size is unknown: "
+        "set data.num_images=<N> to price it"
+    ) in out
+    code, _, err = dinolab(
+        capsys, "sweep", "submit", str(sweep), "--executor", "debug", "--max-gpu-hours", "10"
+    )
+    assert (
+        code == 2
+        and "set data.num_images=<N> to price it); nothing was submitted" in err
+        and not root.exists()
+    )
+
+    # N prices data.root (pretraining, the k-NN bank); data.val_root needs {train: N, val: M}.
+    code, out, err = dinolab(capsys, "sweep", "plan", str(sweep), "data.num_images=640")
+    assert code == 0, err
+    assert f"note: data.root {missing} is not readable here: data.num_images=640 used" in out
+    assert (
+        f"  unknown: batch_size8 knn: data.val_root '{missing}-val' is not readable here, so its size is unknown: "
+        "set data.num_images={train: <N>, val: <M>} to price it"
+    ) in out
+    code, out, err = dinolab(capsys, "sweep", "plan", str(sweep), "data.num_images={train: 640, val: 64}")
+    assert code == 0, err
+    (cost,) = [line for line in out.splitlines() if line.startswith("cost: ")]
+    assert "unknown" not in cost and "knn " in cost and "?" not in row(out, "batch_size4")

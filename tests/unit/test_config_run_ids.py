@@ -64,7 +64,7 @@ def test_the_fields_marked_out_of_the_run_id_are_the_keys_that_always_were():
     assert sorted(k for k in left_out if not k.startswith(sections)) == sorted(
         ["train.workers", "train.log_every", "train.max_steps", "train.checkpoint_every_steps",
          "train.checkpoint_every_minutes", "train.keep_last", "train.progress", "train.wait_for_lock",
-         "train.device", "train.compile", "data.on_bad_image", "train.collapse_stop",
+         "train.device", "train.compile", "data.on_bad_image", "data.num_images", "train.collapse_stop",
          "train.collapse_patience_steps", "train.collapse_uniform_margin", "train.collapse_one_dim_fraction",
          "train.collapse_kl_flat", "train.collapse_kl_range"]
     )  # fmt: skip
@@ -72,9 +72,9 @@ def test_the_fields_marked_out_of_the_run_id_are_the_keys_that_always_were():
     assert is_semantic("train.removed_key") and is_semantic("optim.lr")  # an old checkpoint's keys count
 
 
-def test_the_feature_cache_identity_of_eval_data_leaves_out_the_same_two_keys():
+def test_the_feature_cache_identity_of_eval_data_leaves_out_the_keys_the_schema_marks():
     from dino.eval.config import EvalDataConfig, data_identity
 
     kept = set(data_identity(EvalDataConfig()))
-    assert set(to_dict(DinoConfig())["data"]) - kept == {"augment_device", "on_bad_image"}
+    assert set(to_dict(DinoConfig())["data"]) - kept == {"augment_device", "on_bad_image", "num_images"}
     assert "val_root" in kept

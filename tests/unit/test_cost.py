@@ -43,10 +43,12 @@ def _flop_cache(tmp_path, monkeypatch):
 def test_pretrain_images_count_whole_global_batches_as_the_train_loop(tmp_path):
     (run,) = expand(load_sweep(sweep_file(tmp_path, grid={"optim.batch_size": [8]})))
     cfg = run.config  # 64 synthetic images, batch 8, 2 epochs
-    assert cost_images.pretrain_images(cfg, 1) == 2 * 8 * 8
-    assert cost_images.pretrain_images(cfg, 3) == 2 * (64 // 24) * 24  # the remainder of an epoch is dropped
+    assert cost_images.pretrain_images(cfg, 1).images == 2 * 8 * 8
+    assert (
+        cost_images.pretrain_images(cfg, 3).images == 2 * (64 // 24) * 24
+    )  # the remainder of an epoch is dropped
     cfg.train.max_steps = 5
-    assert cost_images.pretrain_images(cfg, 1) == 5 * 8
+    assert cost_images.pretrain_images(cfg, 1).images == 5 * 8
 
 
 def test_gpu_hours_and_wall_clock_of_a_stage():
@@ -126,9 +128,9 @@ def test_evaluation_images_are_bank_and_queries_or_epochs_of_the_train_split(tmp
 
     data = {"name": "fashion_mnist", "root": "/x"}
     knn = compose_eval(["knn.max_train=2000", "run.dir=r"], data)
-    assert cost_images.eval_images("knn", knn) == 2000 + 10000
+    assert cost_images.eval_images("knn", knn).images == 2000 + 10000
     linear = compose_eval(["linear.epochs=3", "run.dir=r"], data)
-    assert cost_images.eval_images("linear", linear) == 10000 + 3 * 60000
+    assert cost_images.eval_images("linear", linear).images == 10000 + 3 * 60000
 
 
 def test_the_budget_refuses_naming_the_most_expensive_runs(tmp_path):
@@ -164,3 +166,48 @@ def test_budget_is_validated_in_the_sweep_file(tmp_path):
     assert load_sweep(sweep_file(tmp_path, budget=12.5)).budget == 12.5
     with pytest.raises(SweepError, match="budget: '-1' must be GPU-hours"):
         load_sweep(sweep_file(tmp_path, budget=-1))
+
+
+def test_data_num_images_prices_a_dataset_that_is_not_here_and_the_count_on_disk_wins(tmp_path):
+    from dino.config.schema import DataConfig
+    from dino.eval.config import EvalDataConfig
+
+    missing = str(tmp_path / "not-mounted")
+    size = cost_images.dataset_size(DataConfig(name="imagefolder", root=missing, num_images=1000), "train")
+    assert size.images == 1000 and size.why == ""
+    assert size.notes == (f"data.root {missing} is not readable here: data.num_images=1,000 used",)
+
+    folder = tmp_path / "here"
+    (folder / "cls").mkdir(parents=True)
+    for name in ("a.jpg", "b.png", "c.JPEG", "notes.txt"):
+        (folder / "cls" / name).write_bytes(b"")
+    size = cost_images.dataset_size(DataConfig(name="imagefolder", root=str(folder), num_images=5), "train")
+    assert size.images == 3  # the files on disk, not the declared 5, and a note says so
+    assert size.notes == (
+        f"data.num_images=5 but data.root {folder} holds 3 images here: the count on disk is used",
+    )
+    assert (
+        cost_images.dataset_size(
+            DataConfig(name="imagefolder", root=str(folder), num_images=3), "train"
+        ).notes
+        == ()
+    )
+
+    # {train, val}: val is data.val_root, the evaluations' test split; without it that split is unknown.
+    data = EvalDataConfig(
+        name="imagefolder", root=missing, val_root=missing + "-val", num_images={"train": 1000, "val": 50}
+    )
+    assert cost_images.dataset_size(data, "test").images == 50
+    assert cost_images.dataset_size(data, "train").images == 1000
+    data.num_images = 1000
+    test = cost_images.dataset_size(data, "test")
+    assert test.images is None
+    assert test.why == (
+        f"data.val_root '{missing}-val' is not readable here, so its size is unknown: "
+        "set data.num_images={train: <N>, val: <M>} to price it"
+    )
+    for wrong in ("many", {"train": 0}, {"tarin": 5}, True):
+        data = DataConfig(name="webdataset", root=missing, num_images=wrong)
+        assert "is not an integer or {train: N, val: M}" in cost_images.dataset_size(data, "train").why
+    unknown = cost_images.dataset_size(DataConfig(name="imagefolder", root=missing + "2"), "train")
+    assert unknown.images is None and unknown.why.endswith("set data.num_images=<N> to price it")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,7 @@ import torch
 
 from dino.config.compose import compose
 from dino.config.schema import DinoConfig
-
-FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+from tests.parts import FASHION_MNIST_ROOT, fashion_mnist  # noqa: F401 (the fixture, for every test)
 
 # The Fashion-MNIST acceptance run, started in the background at collection (see the hooks below).
 FM_RUN = pytest.StashKey["BackgroundRun"]()
@@ -116,26 +116,62 @@ def _needs_fm_run(item: pytest.Item) -> bool:
     return "fashion_mnist_run" in getattr(item, "fixturenames", ())
 
 
+def _is_xdist_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
 def pytest_collection_modifyitems(config, items):
     """The tests on the Fashion-MNIST acceptance run go last, so that the rest of the session runs
-    while the run trains in the background (tests/integration/fashion_mnist_run.py)."""
+    while the run trains in the background (tests/integration/fashion_mnist_run.py).
+
+    Under pytest-xdist (`--dist loadgroup`, scripts/test.sh) a test module is one unit of work, so
+    that its module-scoped fixtures (a trained run, a fake sweep) are built once, on one worker;
+    tests marked `xdist_group` keep their group (e.g. every SLURM test in one: they share the
+    cluster's nodes and queue, and must not run side by side)."""
     needs_run = [item for item in items if _needs_fm_run(item)]
     items[:] = [item for item in items if item not in needs_run] + needs_run
+    if _is_xdist_worker(config):
+        for item in items:
+            if item.get_closest_marker("xdist_group") is not None:
+                continue
+            group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def _start_fm_run(config) -> None:
+    from tests.integration.fashion_mnist_run import BackgroundRun
+
+    if FASHION_MNIST_ROOT.exists() and config.stash.get(FM_RUN, None) is None:
+        config.stash[FM_RUN] = BackgroundRun(Path(os.environ[FM_FOLDER_ENV]) / "fm").start()
+
+
+# Under xdist the controller starts the run (once, however many workers) into this folder, which the
+# workers inherit through the environment; the worker that gets the acceptance tests waits for it.
+FM_FOLDER_ENV = "DINOLAB_TEST_FM_FOLDER"
+FM_TEST_FILE = "test_fashion_mnist_acceptance.py"
+
+
+def pytest_configure(config):
+    import tempfile
+
+    if not _is_xdist_worker(config):
+        os.environ[FM_FOLDER_ENV] = tempfile.mkdtemp(prefix="dinolab-fm-")
+
+
+def pytest_xdist_node_collection_finished(node, ids):
+    """In the xdist controller: start the run as soon as a worker's collection shows that an
+    acceptance test was selected (workers collect the same tests; only the first call counts)."""
+    if not node.config.option.collectonly and any(FM_TEST_FILE in nodeid for nodeid in ids):
+        _start_fm_run(node.config)
 
 
 def pytest_collection_finish(session):
-    """Start the Fashion-MNIST run now if any selected test needs it (after -k/-m deselection)."""
-    import tempfile
-
-    from tests.integration.fashion_mnist_run import BackgroundRun
-
-    if (
-        any(_needs_fm_run(item) for item in session.items)
-        and FASHION_MNIST_ROOT.exists()
-        and not session.config.option.collectonly
-    ):
-        folder = Path(tempfile.mkdtemp(prefix="dinolab-fm-"))
-        session.config.stash[FM_RUN] = BackgroundRun(folder / "fm").start()
+    """Without xdist: start the Fashion-MNIST run now if any selected test needs it (after -k/-m)."""
+    config = session.config
+    if _is_xdist_worker(config) or config.option.collectonly:
+        return
+    if any(_needs_fm_run(item) for item in session.items):
+        _start_fm_run(config)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -145,5 +181,20 @@ def pytest_sessionfinish(session, exitstatus):
     run = session.config.stash.get(FM_RUN, None)
     if run is not None:
         run.stop()
-        if exitstatus == 0:
-            shutil.rmtree(run.run_dir.parent, ignore_errors=True)
+    folder = os.environ.get(FM_FOLDER_ENV)
+    if folder and not _is_xdist_worker(session.config) and (run is None or exitstatus == 0):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line counting the skips by reason: a skipped real part is visible at the end of a run."""
+    from collections import Counter
+
+    reasons = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if reasons:
+        counted = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
+        terminalreporter.write_line(f"skipped {sum(reasons.values())}: {counted}", yellow=True)

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,16 +50,26 @@ def _terminate_with_parent() -> None:
 
 
 class BackgroundRun:
-    """`torchrun --nproc_per_node=2 -m launcher.cli train` of FM_PRETRAIN into `run_dir`, not waited for."""
+    """`torchrun --nproc_per_node=2 -m launcher.cli train` of FM_PRETRAIN into `run_dir`, not waited for.
+
+    The process that starts it writes `<run_dir>.rc` (the exit status) when it ends, so that another
+    process (an xdist worker, see tests/conftest.py) can wait for it too: `BackgroundRun(run_dir).wait()`.
+    """
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.log = run_dir.parent / f"{run_dir.name}.torchrun.log"
+        self.rc_file = run_dir.parent / f"{run_dir.name}.rc"
+        self.started_file = run_dir.parent / f"{run_dir.name}.started"
         self.proc: subprocess.Popen | None = None
-        self.started = 0.0
+
+    @property
+    def was_started(self) -> bool:
+        return self.started_file.exists()
 
     def start(self) -> BackgroundRun:
         self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.started_file.write_text(str(time.time()))
         with open(self.log, "w") as log:  # a file, not a pipe: nobody reads it until the end
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -67,24 +78,32 @@ class BackgroundRun:
                 start_new_session=True,  # stop() ends torchrun and its workers as one group
                 preexec_fn=_terminate_with_parent,
             )  # fmt: skip
-        self.started = time.monotonic()
+        threading.Thread(target=self._record_exit, args=(self.proc,), daemon=True).start()
         return self
+
+    def _record_exit(self, proc: subprocess.Popen) -> None:
+        returncode = proc.wait()
+        tmp = self.rc_file.with_suffix(".rc.tmp")
+        tmp.write_text(str(returncode))
+        tmp.rename(self.rc_file)
 
     def wait(self) -> Path:
         """The finished run's folder; fails with the log's tail if the run failed or overran."""
-        assert self.proc is not None, "start() first"
-        left = TIMEOUT_S - (time.monotonic() - self.started)
-        try:
-            returncode = self.proc.wait(timeout=max(left, 1))
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise AssertionError(f"the Fashion-MNIST run took over {TIMEOUT_S} s; log {self.log}") from None
+        assert self.was_started, "start() first"
+        deadline = float(self.started_file.read_text()) + TIMEOUT_S
+        while not self.rc_file.exists():
+            if time.time() > deadline:
+                self.stop()
+                raise AssertionError(f"the Fashion-MNIST run took over {TIMEOUT_S} s; log {self.log}")
+            time.sleep(1)
+        returncode = int(self.rc_file.read_text())
         tail = self.log.read_text()[-3000:]
         assert returncode == 0, f"the Fashion-MNIST run failed ({returncode}); log {self.log}:\n{tail}"
         return self.run_dir
 
     def stop(self) -> None:
-        """End the run if it is still going (the session was interrupted, or the run overran)."""
+        """End the run if it is still going (the session was interrupted, or the run overran).
+        Only the process that started it can."""
         if self.proc is None or self.proc.poll() is not None:
             return
         os.killpg(self.proc.pid, signal.SIGTERM)

@@ -7,7 +7,7 @@ preempts `debug`) and nodes `n1`, `n2` (127.0.0.2, 127.0.0.3, in /etc/hosts; par
 Import it into a test module with `from tests.integration.slurm_cluster import slurm_cluster`.
 
 - Not root, or no `sbatch`: the tests are skipped (a cluster already running is used even when not
-  root), unless DINOLAB_REQUIRE_SLURM is set (CI): then they fail.
+  root), unless DINOLAB_REQUIRE_SLURM is set or CI=true: then they fail (tests/parts.py).
 - Otherwise the fixture runs `tools/slurm/slurm-local.sh start` (a no-op when it already runs; the
   packages must be installed: `slurm-local.sh install`, CI's job) and never stops the cluster, so
   repeated local runs stay fast. CI stops it with `slurm-local.sh stop`.
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.parts import missing
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "slurm" / "slurm-local.sh"
@@ -138,9 +140,7 @@ def _require() -> bool:
 
 
 def _unavailable(reason: str):
-    if _require():
-        pytest.fail(f"DINOLAB_REQUIRE_SLURM is set but {reason}", pytrace=False)
-    pytest.skip(reason)
+    missing("SLURM", reason, required=_require())
 
 
 def _slurmctld_running() -> bool:

@@ -8,24 +8,30 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import FASHION_MNIST_ROOT, FM_RUN
+from tests.conftest import FM_FOLDER_ENV, FM_RUN
 from tests.integration.cli import dinolab, results
 from tests.integration.fashion_mnist_run import FM_STEPS, BackgroundRun
+
+pytestmark = pytest.mark.acceptance
 
 FM_KNN = ["workers=0", "knn.max_train=10000", "knn.max_test=2000", "knn.k=[20]"]
 MIN_MARGIN = 2.0  # top-1 points: measured +5.65 (+3.95 on the first 10,000 / 2,000 images)
 
 
 @pytest.fixture(scope="module")
-def fashion_mnist_run(request, tmp_path_factory):
+def fashion_mnist_run(request, tmp_path_factory, fashion_mnist):
     """3,500 steps of vit_test on Fashion-MNIST under torchrun (2 processes), started by
-    tests/conftest.py when the session began (here, if it was not), shared by the tests below."""
-    if not FASHION_MNIST_ROOT.exists():
-        pytest.skip("needs apt-get install dataset-fashion-mnist")
+    tests/conftest.py when the session began (by the xdist controller into $DINOLAB_TEST_FM_FOLDER,
+    or here if it was not), shared by the tests below."""
     run = request.config.stash.get(FM_RUN, None)
+    if run is None and os.environ.get(FM_FOLDER_ENV):
+        run = BackgroundRun(Path(os.environ[FM_FOLDER_ENV]) / "fm")
+        run = run if run.was_started else None
     if run is None:
         run = BackgroundRun(tmp_path_factory.mktemp("fm") / "fm").start()
     return run.wait()

@@ -20,8 +20,9 @@ import pytest
 
 from dino.io import checkpoint
 from tests.integration.cli import DINOLAB, REPO, TINY, dinolab, env
+from tests.parts import missing
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.root]
 SIZE = "16m"  # two tiny checkpoints (2.5 MB each) and the logs fit; the filler takes the rest
 TRAIN = [*TINY, "optim.epochs=50", "train.checkpoint_every_steps=4", "train.log_every=1",
          "train.keep_last=2", "train.workers=0", "train.progress=false"]  # fmt: skip
@@ -35,7 +36,9 @@ def small_disk(tmp_path):
         ["mount", "-t", "tmpfs", "-o", f"size={SIZE}", "tmpfs", str(mount)], capture_output=True, text=True
     )
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {proc.stderr.strip()}")
+        missing(
+            "a tmpfs to fill", f"cannot mount one here (needs root with CAP_SYS_ADMIN): {proc.stderr.strip()}"
+        )
     try:
         yield mount
     finally:

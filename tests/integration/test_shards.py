@@ -16,10 +16,10 @@ from dino.data import pack_shards, shards
 from dino.data.datasets import FashionMNIST
 from dino.io import storage
 from dino.method.augment import MultiCropAugment
-from tests.conftest import FASHION_MNIST_ROOT
 from tests.integration.cli import TINY, dinolab
+from tests.parts import FASHION_MNIST_ROOT
 
-pytestmark = pytest.mark.skipif(not FASHION_MNIST_ROOT.exists(), reason="needs dataset-fashion-mnist")
+pytestmark = pytest.mark.usefixtures("fashion_mnist")
 N = 512
 
 

@@ -148,6 +148,7 @@ def _srun(cluster, *cmd: str, env: dict[str, str] | None = None, timeout: float 
     return sorted(line for line in out.splitlines() if line.strip())
 
 
+@pytest.mark.xdist_group("slurm-multi")  # n1, n2 only
 def test_multi_partition_runs_one_task_per_node(slurm_cluster):  # noqa: F811
     assert slurm_cluster.multi_nodes == ("n1", "n2")
     lines = _srun(slurm_cluster, "bash", "-c", 'echo "$SLURMD_NODENAME $SLURM_PROCID $SLURM_NTASKS"')
@@ -174,6 +175,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.xdist_group("slurm-multi")  # n1, n2 only
 def test_gloo_all_reduce_across_two_nodes(slurm_cluster):  # noqa: F811
     """The way a 2-node training job starts: rank/world from SLURM, rank 0 (on n1) the master."""
     python = REPO / ".venv" / "bin" / "python"

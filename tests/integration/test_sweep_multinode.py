@@ -24,7 +24,8 @@ from tests.integration.cli import REPO, dinolab, env, results
 from tests.integration.slurm_cluster import slurm_cluster  # noqa: F401
 from tests.integration.test_sweep_slurm import TINY_BASE, epochs_lasting, logged_steps, run_dirs, wait_for
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+# On nodes n1, n2 only: beside the tests on node `localhost` (xdist group "slurm", tests/conftest.py).
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm-multi")]
 
 # Same float results in the jobs and in the reference; gloo on the loopback interface only.
 SETUP = ["export OMP_NUM_THREADS=1", "export GLOO_SOCKET_IFNAME=lo"]

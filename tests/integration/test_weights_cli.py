@@ -13,14 +13,13 @@ import torch
 from dino.config.schema import from_dict
 from dino.eval.target import teacher_backbone
 from dino.io import checkpoint, weights
-from tests.conftest import FASHION_MNIST_ROOT
 from tests.integration.cli import TINY, dinolab, results
 from tests.unit.test_weights import FIXTURES
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.skipif(not FASHION_MNIST_ROOT.exists(), reason="needs apt-get install dataset-fashion-mnist")
+@pytest.mark.usefixtures("fashion_mnist")
 def test_eval_knn_of_the_reference_backbone_file_on_fashion_mnist(tmp_path):
     path = FIXTURES / "backbone_pretrain.pth"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

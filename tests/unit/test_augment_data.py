@@ -96,10 +96,7 @@ def test_imagefolder_reads_class_folders(tmp_path):
     assert image.dtype == torch.uint8 and image.shape == (3, 10, 12) and label == 1
 
 
-@pytest.mark.skipif(
-    not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").exists(), reason="apt package"
-)
-def test_fashion_mnist_from_the_debian_package(tiny_cfg):
+def test_fashion_mnist_from_the_debian_package(tiny_cfg, fashion_mnist):
     cfg = tiny_cfg("data=fashion_mnist")
     train, test = build_dataset(cfg.data), build_dataset(cfg.data, split="test")
     assert len(train) == 60000 and len(test) == 10000

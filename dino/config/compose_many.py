@@ -147,7 +147,9 @@ class ConfigComposer:
             if self._schema is None:
                 self._schema = OmegaConf.structured(DinoConfig)
             try:
-                OmegaConf.update(self._schema, key, value, merge=True)
+                # merge=False: a mapping value replaces the node (with merge, the node shared by every
+                # value of this key would keep the keys an earlier value had).
+                OmegaConf.update(self._schema, key, value, merge=False)
                 node = OmegaConf.select(self._schema, key)
                 converted = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
             except OmegaConfBaseException:

@@ -71,3 +71,11 @@ def test_runs_do_not_share_list_values():
     b = composer.compose(["crops.global_scale=[0.5,1.0]"])
     a.crops.global_scale[0] = 0.9
     assert b.crops.global_scale[0] == 0.5
+
+
+def test_a_mapping_value_is_the_value_given_not_merged_with_an_earlier_runs():
+    composer = ConfigComposer()
+    first = composer.compose(["data.num_images={train: 5, val: 3}"])
+    second = composer.compose(["data.num_images={train: 9}"])
+    assert first.data.num_images == {"train": 5, "val": 3}
+    assert second.data.num_images == {"train": 9} == compose(["data.num_images={train: 9}"]).data.num_images

@@ -39,6 +39,8 @@ def dataset_size(data: DataConfig, split: str) -> Size:
     val = split != "train" and bool(getattr(data, "val_root", ""))
     root = data.val_root if val else data.root
     given = getattr(data, "num_images", None)
+    if split != "train" and not val:
+        given = None  # N counts the train split: a test split read from data.root is not N's to price
     key = (data.name, root, split, data.num_samples, repr(given))
     if key not in _SIZES:
         _SIZES[key] = _size(data, root, split, "val" if val else "train", given)

@@ -211,3 +211,18 @@ def test_data_num_images_prices_a_dataset_that_is_not_here_and_the_count_on_disk
         assert "is not an integer or {train: N, val: M}" in cost_images.dataset_size(data, "train").why
     unknown = cost_images.dataset_size(DataConfig(name="imagefolder", root=missing + "2"), "train")
     assert unknown.images is None and unknown.why.endswith("set data.num_images=<N> to price it")
+
+
+def test_a_plain_num_images_counts_the_train_split_only():
+    """data.num_images=N is data.root's train split: Fashion-MNIST's test split (no data.val_root) is
+    counted as it is, with no note comparing it with N."""
+    from dino.config.schema import DataConfig
+
+    root = "/usr/share/datasets/fashion-mnist"
+    data = DataConfig(name="fashion_mnist", root=root, num_images=60000)
+    assert cost_images.dataset_size(data, "test") == cost_images.Size(10000)
+    data = DataConfig(name="fashion_mnist", root=root, num_images=5)
+    assert cost_images.dataset_size(data, "train").notes == (
+        f"data.num_images=5 but data.root {root} holds 60,000 images here: the count on disk is used",
+    )
+    assert cost_images.dataset_size(data, "test") == cost_images.Size(10000)

@@ -65,6 +65,9 @@ class Sweep:
     """MLflow store: "default" = sqlite:///<root>/mlflow.db, "none" = off, or a server URL."""
     budget: float = 0
     """GPU-hours a submission may cost at most (its estimate, launcher/cost/estimate.py); 0 = no limit."""
+    baseline: dict[str, Any] = field(default_factory=dict)
+    """The report's reference cell, {axis: value} (`dinolab report --vs` by default): every other cell is
+    compared with it. Axes of `grid`/`zip` only, each value one of that axis's."""
     logs_root: str = ""
     """Shared-filesystem folder for what the scheduler needs as files (submitit logs and scripts,
     local slot locks, the default SQLite store): empty = root for a local root, ~/dinolab for s3://."""
@@ -144,6 +147,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         for key, values in getattr(sweep, section).items():
             if not isinstance(values, list) or not values:
                 raise SweepError(f"{path}: {section}.{key} must be a non-empty list of values")
+    _check_baseline(sweep)
     if not sweep.seeds:
         raise SweepError(f"{path}: seeds must list at least one seed")
     try:  # YAML reads 1e-6 (no dot) as a string
@@ -154,6 +158,22 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise SweepError(f"{path}: budget: '{sweep.budget}' must be GPU-hours (a number >= 0; 0 = no limit)")
     sweep.budget = budget
     return sweep
+
+
+def _check_baseline(sweep: Sweep) -> None:
+    """`baseline:` names axes of the sweep and values they take."""
+    axes = {**sweep.grid, **sweep.zip}
+    for axis, value in sweep.baseline.items():
+        if axis not in axes:
+            raise SweepError(
+                f"{sweep.path}: baseline.{axis}: not an axis of the sweep{did_you_mean(axis, list(axes))}; "
+                f"axes: {', '.join(axes) or 'none'}"
+            )
+        if not any(v == value or str(v) == str(value) for v in axes[axis]):
+            raise SweepError(
+                f"{sweep.path}: baseline.{axis}: {value!r} is not one of its values "
+                f"({', '.join(map(str, axes[axis]))})"
+            )
 
 
 def _apply_edits(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], path: str) -> list[str]:

@@ -4,10 +4,17 @@ Reads only the tracking store (a client of dino/io/mlflow_store.py), so a report
 the cluster's `mlflow server`; a local store (SQLite, file) that does not exist is an error, never
 created. Metric values are the latest logged ones: the final training step, the evaluation of the
 newest checkpoint.
+
+A top-1 is a proportion of test images: its interval needs how many. MLflow's metrics do not say, the
+evaluation's result JSON does (`num_test`; kept as the run's artifact `eval/<protocol>/*.json`), so
+`collect` reads the newest result of each protocol (and of each baseline) of every run that has one
+into `n_test:<protocol>:<baseline>` columns, and a linear probe's `lr_grid.chosen_on` (what its lr
+was chosen on) into `chosen_on:linear`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -106,8 +113,86 @@ def collect(uri: str, experiment: str) -> pd.DataFrame:
     df["collapse_step"] = pd.to_numeric(_column(runs, "tags.dinolab.collapse_step"), errors="coerce")
     df["total_steps"] = pd.to_numeric(_column(runs, "tags.dinolab.total_steps"), errors="coerce")
     df["flag"] = [flag(row, k) for (_, row), k in zip(df.iterrows(), df["out_dim"], strict=True)]
+    _add_evaluations(uri, df, runs.get("artifact_uri", pd.Series("", index=runs.index)))
     df.attrs["axes"] = axes
     return df.sort_values([*axes, "seed", "run"], ignore_index=True)
+
+
+def protocol_of(column: str) -> tuple[str, str] | None:
+    """(protocol, baseline) of a report column that is an evaluation's top-k ("knn_top1@20" ->
+    ("knn", "none"), "baseline_random/knn_top1@20" -> ("knn", "random")); None for the others."""
+    match = re.fullmatch(
+        r"(?:baseline_(\w+)/)?(knn_top\d@\d+|linear_(?:best_)?top\d|linear_grid_lr.*_(?:val_)?top1)", column
+    )
+    if not match:
+        return None
+    return ("knn" if match[2].startswith("knn") else "linear"), match[1] or "none"
+
+
+def n_test_column(column: str) -> str | None:
+    """The column holding the test images behind `column` (None: it is no top-k)."""
+    found = protocol_of(column)
+    return f"n_test:{found[0]}:{found[1]}" if found else None
+
+
+def _add_evaluations(uri: str, df: pd.DataFrame, artifact_uris: pd.Series) -> None:
+    """`n_test:<protocol>:<baseline>` and `chosen_on:linear` from each run's newest result JSONs, for
+    the runs that logged a result of that protocol."""
+    wanted = {}
+    for column in df.columns:
+        found = protocol_of(column)
+        if found:
+            wanted.setdefault(found[0], []).append(column)
+    found: dict[str, dict[int, object]] = {}
+    for protocol, columns in wanted.items():
+        has = df[columns].notna().any(axis=1).to_numpy()
+        for i in (i for i in range(len(df)) if has[i]):
+            newest: dict[str, dict] = {}
+            for record in _results(
+                uri, str(artifact_uris.iloc[i] or ""), df["mlflow_run_id"].iloc[i], protocol
+            ):
+                kind = record.get("baseline", "none") or "none"
+                if record.get("num_test") and record.get("time", 0) >= newest.get(kind, {}).get("time", 0):
+                    newest[kind] = record
+            for kind, record in newest.items():
+                found.setdefault(f"n_test:{protocol}:{kind}", {})[i] = float(record["num_test"])
+                if protocol == "linear" and kind == "none":
+                    chosen = (record.get("lr_grid") or {}).get("chosen_on")
+                    found.setdefault("chosen_on:linear", {})[i] = chosen or "one lr: nothing chosen"
+    for column, values in found.items():
+        series = pd.Series([values.get(i) for i in range(len(df))], index=df.index)
+        df[column] = series if column.startswith("chosen_on") else pd.to_numeric(series)
+
+
+def _results(uri: str, artifact_uri: str, run_id: str, protocol: str) -> list[dict]:
+    """The result JSONs a run keeps as artifacts under eval/<protocol>/: read where they lie for a
+    file or object-store artifact root (dino/io/storage.py), through MLflow for a server's."""
+    from dino.io import storage
+
+    records = []
+    try:
+        if artifact_uri.startswith(("file:", "/", "s3://")):
+            folder = storage.join(artifact_uri.removeprefix("file://"), "eval", protocol)
+            if storage.isdir(folder):
+                for name in storage.listdir(folder):
+                    if name.endswith(".json"):
+                        records.append(json.loads(storage.read_text(storage.join(folder, name))))
+            return records
+        import tempfile
+
+        from dino.io import mlflow_store
+
+        client = mlflow_store.existing_client(uri)
+        with tempfile.TemporaryDirectory(prefix="dinolab-report-") as tmp:
+            for info in client.list_artifacts(run_id, f"eval/{protocol}"):
+                if info.path.endswith(".json"):
+                    with open(client.download_artifacts(run_id, info.path, tmp)) as f:
+                        records.append(json.load(f))
+    except Exception as err:  # noqa: BLE001 - a result that cannot be read: its cell says N is unknown
+        import logging
+
+        logging.getLogger("dinolab.report").warning("results of %s not read: %s", run_id, err)
+    return records
 
 
 def _column(runs: pd.DataFrame, *names: str) -> pd.Series:

@@ -1,4 +1,4 @@
-"""Report figures (matplotlib, PNG bytes): a metric against an axis with error bars over seeds, and
+"""Report figures (matplotlib, PNG bytes): a metric against an axis with 95 % intervals as error bars, and
 per-run training curves (loss, teacher entropy) that show collapse or divergence at a glance."""
 
 from __future__ import annotations
@@ -20,20 +20,38 @@ def _png(fig) -> bytes:
 
 
 def metric_vs_axis(summary: pd.DataFrame, by: list[str], metric: str, label: str) -> bytes:
-    """Mean ± std of `metric` against the first axis, one line per value of the second."""
+    """The cells' means of `metric` against the first axis with their 95 % intervals as error bars
+    (reports/stats.py), one line per value of the second; the random-init evaluation, when the runs
+    have one, as a horizontal line with its interval as a band."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    groups = summary.groupby(by[1]) if len(by) > 1 else [(None, summary)]
+    cells = summary[summary["kind"] == "cell"] if "kind" in summary else summary
+    groups = cells.groupby(by[1]) if len(by) > 1 else [(None, cells)]
     for value, g in groups:
         g = g[g[f"{metric}_n"] > 0]
         if g.empty:
             continue
         x = [str(v) for v in g[by[0]]]
-        ax.errorbar(x, g[metric], yerr=g[f"{metric}_std"].fillna(0), marker="o", capsize=4,
+        low = (g[metric] - g[f"{metric}_low"]).fillna(0).clip(lower=0)
+        high = (g[f"{metric}_high"] - g[metric]).fillna(0).clip(lower=0)
+        ax.errorbar(x, g[metric], yerr=[low, high], marker="o", capsize=4,
                     label=f"{by[1]}={value}" if value is not None else None)  # fmt: skip
+    labelled = len(by) > 1
+    init = (
+        summary[(summary["kind"] == "random init") & (summary[f"{metric}_n"] > 0)]
+        if "kind" in summary
+        else []
+    )
+    if len(init):
+        row = init.iloc[0]
+        ax.axhline(row[metric], color="grey", linestyle="--", linewidth=1,
+                   label=f"random init (n={int(row[f'{metric}_n'])})")  # fmt: skip
+        if not pd.isna(row[f"{metric}_low"]):
+            ax.axhspan(row[f"{metric}_low"], row[f"{metric}_high"], color="grey", alpha=0.15)
+        labelled = True
     ax.set_xlabel(by[0])
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-    if len(by) > 1:
+    if labelled:
         ax.legend(fontsize=8)
     return _png(fig)
 

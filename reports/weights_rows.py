@@ -17,7 +17,7 @@ import pandas as pd
 
 from dino.eval.results import HEADLINE_K, KNN_HEADLINE_COLUMN, LINEAR_TOP1, read_results
 from dino.io import storage
-from reports.tables import Column
+from reports.tables import Column, cell_fields
 
 
 class WeightsRowError(ValueError):
@@ -44,7 +44,8 @@ def _same_data(record: dict, data: dict) -> bool:
 
 
 def weights_rows(paths: list[str], by: list[str], columns: list[Column], data: dict) -> pd.DataFrame:
-    """Summary-shaped rows (see `reports.tables.summarize`), one per weights file."""
+    """Summary-shaped rows (see `reports.tables.summarize`), one per weights file: one evaluation, so
+    each cell is a single value with its binomial interval ("1 seed")."""
     rows = []
     for path in paths:
         folder = results_folder(path)
@@ -61,14 +62,14 @@ def weights_rows(paths: list[str], by: list[str], columns: list[Column], data: d
         values = {KNN_HEADLINE_COLUMN: knn[-1]["top1"].get(str(HEADLINE_K)) if knn else None,
                   LINEAR_TOP1: linear[-1]["final"]["top1"] if linear else None}  # fmt: skip
         row: dict = {axis: (f"weights: {stem}" if i == 0 else "—") for i, axis in enumerate(by)}
+        records = {KNN_HEADLINE_COLUMN: knn[-1] if knn else None, LINEAR_TOP1: linear[-1] if linear else None}
         for col in columns:
-            value = values.get(col.key)
-            row[col.key] = float("nan") if value is None else float(value)
-            row[f"{col.key}_std"] = float("nan")
-            row[f"{col.key}_n"] = 0 if value is None or math.isnan(float(value)) else 1
+            value, record = values.get(col.key), records.get(col.key)
+            one = {} if value is None or math.isnan(float(value)) else {("weights", source): float(value)}
+            row.update(cell_fields(col.key, one, record["num_test"] if record else None))
         sizes = [f"{p} on {r['num_test']} test images" for p, r in (("k-NN", knn[-1] if knn else None),
                  ("linear", linear[-1] if linear else None)) if r]  # fmt: skip
-        row["runs"] = 1
+        row.update(runs=1, left_out=0, label=f"weights: {stem}", kind="weights")
         row["state"] = f"weights {source} ({'; '.join(sizes)})"
         rows.append(row)
     return pd.DataFrame(rows)

@@ -11,12 +11,21 @@ import sys
 from dino.eval.results import EVAL_COLUMNS, HEADLINE_K, KNN_HEADLINE_COLUMN, MONITOR_TOP1
 
 EPILOG = """\
-The table has one row per ablation value (mean ± std over finished seeds, n), the state of the runs
-(pending/running/preempted/failed/finished, collapsed: stopped early by the collapse guard, and
-collapse or divergence flags), the best value in bold; runs stopped early are listed with their step
-and the GPU-hours saved.
-Metrics: knn_top1@20 (default), knn_top1@10/100/200, knn_top5@k, linear_top1, linear_best_top1 (best
-over epochs, as the paper reports), img_per_s, memory_gib, gpu_hours, epoch, loss, teacher_entropy.
+The table has one row per ablation value: the mean over healthy seeds with its 95 % interval (spread
+across seeds plus the test set's binomial error; "1 seed": the binomial alone) and how many seeds, and
+how many runs were left out (collapsed, diverged, failed, stopped); the state of the runs; a column's
+best in bold only when it beats the runner-up by a resolved difference; a footnote saying what the
+intervals are and what each figure was selected on. Runs stopped early are listed with their step and
+the GPU-hours saved.
+
+--vs AXIS=VALUE (default: the sweep file's baseline:) adds each cell's difference to that reference
+cell, seed-paired, Holm-corrected, marked resolved or not resolved. --resolve POINTS prints the seeds
+per cell a difference of POINTS needs at 80 % power and what the missing runs cost in GPU-hours.
+
+Metrics: knn_top1@20 (default), knn_top1@10/100/200, knn_top5@k, linear_top1 (final epoch; an lr grid
+is chosen on held-out train images), img_per_s, memory_gib, gpu_hours, epoch, loss, teacher_entropy.
+linear_best_top1 (the best epoch, as the paper reports) is picked on the test split it is measured on,
+and refused.
 
 A report only reads: a sweep that has not run (no SQLite store yet), an unknown experiment or one
 without runs is one line and exit code 2, and nothing is created.
@@ -43,6 +52,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--html", metavar="PATH", help="also write a self-contained HTML page with tables and plots"
     )
+    p.add_argument(
+        "--vs",
+        metavar="AXIS=VALUE[,AXIS=VALUE]",
+        help="compare every cell with this reference cell (axes left out vary with the cell), e.g. "
+        "teacher.momentum=0.996; random-init: with the runs' random-init evaluation; none: no "
+        "comparison (default: the sweep file's baseline:)",
+    )
+    p.add_argument(
+        "--resolve",
+        type=float,
+        metavar="POINTS",
+        help="seeds per cell needed to resolve a difference of POINTS with 80%% power, per comparison, "
+        "and the GPU-hours of the missing runs",
+    )
+    p.add_argument(
+        "--seed-sd",
+        type=float,
+        metavar="POINTS",
+        help="between-seed SD to plan --resolve with (default: pooled over the cells' seeds; with one "
+        "seed per cell, 3.4: the Fashion-MNIST recipe's spread over 3 seeds)",
+    )
     p.add_argument("--paper", action="store_true", help="add the DINO paper's numbers for matching rows")
     p.add_argument("--runs", action="store_true", help="also print one row per run")
     p.add_argument(
@@ -57,8 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_command)
 
 
-def _source(args: argparse.Namespace) -> tuple[str, str, list[str], str]:
-    """(tracking URI, experiment, default axes, sweep folder or "")."""
+def _source(args: argparse.Namespace) -> tuple[str, str, list[str], str, object]:
+    """(tracking URI, experiment, default axes, sweep folder or "", the sweep or None)."""
     from dino.io.mlflow_store import missing_store
     from launcher.errors import UserError
 
@@ -72,19 +102,19 @@ def _source(args: argparse.Namespace) -> tuple[str, str, list[str], str]:
         if missing_store(uri):  # a report creates nothing (MLflow would create the store and its folder)
             submit = " ".join(["dinolab sweep submit", args.sweep_file, *args.overrides])
             raise UserError(f"no MLflow store at {uri}: the sweep has not run (submit it first: {submit})")
-        return uri, args.experiment or sweep.name, [*sweep.grid, *sweep.zip], sweep.folder
+        return uri, args.experiment or sweep.name, [*sweep.grid, *sweep.zip], sweep.folder, sweep
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not (uri and args.experiment):
         raise UserError("name a sweep file, or --experiment with --tracking-uri (or $MLFLOW_TRACKING_URI)")
-    return uri, args.experiment, [], ""
+    return uri, args.experiment, [], "", None
 
 
 def run_command(args: argparse.Namespace) -> int:
     from launcher.errors import UserError
-    from reports import tables
+    from reports import compare, tables
     from reports.collect import ReportError, collect
 
-    uri, experiment, axes, folder = _source(args)
+    uri, experiment, axes, folder, sweep = _source(args)
     try:
         df = collect(uri, experiment)
     except ReportError as err:
@@ -99,11 +129,25 @@ def run_command(args: argparse.Namespace) -> int:
         columns = tables.columns_for(df, args.metric)
     except KeyError as err:
         raise UserError(str(err.args[0])) from None
+    except tables.SelectionError as err:
+        raise UserError(f"--metric {err}") from None
     summary = tables.summarize(df, by, columns)
     shown = _with_weights(args, summary, by, columns)
-    text = tables.render(shown, by, columns, args.format, with_paper=args.paper)
+    try:
+        comparisons = _comparisons(args, sweep, shown, by, columns[0])
+        plan = _plan(args, sweep, df, shown, by, comparisons) if args.resolve is not None else None
+    except compare.CompareError as err:
+        raise UserError(str(err)) from None
+    notes = tables.footnote(df, shown, columns, comparisons)
+    text = tables.render(shown, by, columns, args.format, with_paper=args.paper, comparisons=comparisons,
+                         notes=notes)  # fmt: skip
     if len(by) == 2 and args.format != "csv":
         text += "\n\n" + tables.pivot(summary, by, columns[0], args.format)
+    if plan is not None:
+        if args.format == "csv":
+            text += "\n" + plan.table.to_csv(index=False)
+        else:
+            text += "\n\n" + "\n".join(plan.lines()) + "\n\n" + tables.export(plan.table, args.format)
     if args.runs:
         text += "\n\n" + tables.runs_table(df, by, columns, args.format)
     stopped = tables.collapsed_table(df, args.format)
@@ -118,11 +162,93 @@ def run_command(args: argparse.Namespace) -> int:
     else:
         print(text)
     if args.html:
-        write_html(args.html, uri, experiment, df, summary, by, columns, args.paper, shown)
+        write_html(
+            args.html, uri, experiment, df, summary, by, columns, args.paper, shown, comparisons, notes, plan
+        )
         print(f"HTML report written to {args.html}", file=sys.stderr)
     for path in filter(None, (args.output, args.html)):
         _attach(folder, path)
     return 0
+
+
+def _comparisons(args: argparse.Namespace, sweep, summary, by, main):
+    """Each cell against `--vs` (else the sweep's baseline:), or None without a reference."""
+    from reports import compare
+
+    if args.vs and args.vs.strip() == "none":
+        return None
+    if args.vs:
+        ref = compare.Reference.parse(args.vs)
+    elif sweep is not None and sweep.baseline:
+        ref = compare.Reference(dict(sweep.baseline))
+        if any(axis not in by for axis in ref.axes):  # --by left the baseline's axis out: nothing to compare
+            return None
+    else:
+        return None
+    return compare.compare_to(summary, by, main.key, ref)
+
+
+def _plan(args: argparse.Namespace, sweep, df, summary, by, comparisons):
+    """`--resolve`: seeds per cell, and the GPU-hours of one more run of each cell: the sweep's cost
+    estimate for that cell's config (launcher/cost/estimate.py, which prefers the speed measured by
+    runs of the same shape in MLflow); without the sweep file, the GPU-hours its runs logged."""
+    import numpy as np
+
+    from reports import compare, tables
+
+    if args.resolve <= 0:
+        raise compare.CompareError(f"--resolve {args.resolve:g}: a difference to resolve is > 0 points")
+    if comparisons is None:
+        raise compare.CompareError(
+            "--resolve needs comparisons: name a reference cell with --vs AXIS=VALUE (or baseline: in the "
+            "sweep file)"
+        )
+    estimated = _estimated_run_cost(sweep, summary, by) if sweep is not None else {}
+
+    def run_cost(row: int) -> tuple[float | None, str]:
+        if row in estimated:
+            return estimated[row]
+        if summary.at[row, "kind"] == "random init":
+            return 0.0, "a random-init evaluation per seed (not estimated)"
+        mask = (tables.healthy(df) & df["gpu_hours"].notna()).to_numpy().copy()
+        for axis in by:
+            mask &= np.array([compare.same(v, summary.at[row, axis]) for v in df[axis]])
+        hours = df.loc[mask, "gpu_hours"]
+        if hours.empty:
+            return None, "no estimate"
+        return float(hours.mean()), "measured: GPU-hours logged by its runs (pretraining)"
+
+    return compare.plan_seeds(summary, comparisons, args.resolve, run_cost, args.seed_sd)
+
+
+def _estimated_run_cost(sweep, summary, by) -> dict[int, tuple[float | None, str]]:
+    """{summary row: (GPU-hours of one run of that cell, source)} from the sweep's cost estimate of one
+    run per cell (pretraining and the sweep's evaluations); {} when it cannot be estimated."""
+    from launcher.cost.estimate import estimate
+    from launcher.grid import expand
+    from reports.compare import same
+
+    try:
+        runs = expand(sweep)
+    except Exception as err:  # noqa: BLE001 - the plan falls back to the measured GPU-hours
+        print(f"note: no cost estimate ({type(err).__name__}: {err})", file=sys.stderr)
+        return {}
+    chosen = {}
+    for i, row in summary.iterrows():
+        if row["kind"] != "cell":
+            continue
+        spec = next((r for r in runs if all(a not in r.axes or same(r.axes[a], row[a]) for a in by)), None)
+        if spec is not None:
+            chosen[int(i)] = spec
+    try:
+        cost = estimate(sweep, list(chosen.values()))
+    except Exception as err:  # noqa: BLE001
+        print(f"note: no cost estimate ({type(err).__name__}: {err})", file=sys.stderr)
+        return {}
+    return {
+        i: (r.gpu_hours, f"estimate ({r.source}, launcher/cost)")
+        for i, r in zip(chosen, cost.runs, strict=True)
+    }
 
 
 def _with_weights(args: argparse.Namespace, summary, by, columns):
@@ -148,7 +274,8 @@ def _with_weights(args: argparse.Namespace, summary, by, columns):
     return pd.concat([summary, rows], ignore_index=True)
 
 
-def write_html(path, uri, experiment, df, summary, by, columns, with_paper, shown=None) -> None:
+def write_html(path, uri, experiment, df, summary, by, columns, with_paper, shown=None, comparisons=None,
+               notes=(), plan=None) -> None:  # fmt: skip
     import math
 
     from dino.io.mlflow_store import existing_client
@@ -158,13 +285,21 @@ def write_html(path, uri, experiment, df, summary, by, columns, with_paper, show
     client = existing_client(uri)
     main = columns[0]
     table = shown if shown is not None else summary
-    sections = [("Ablation", tables.render(table, by, columns, "html", with_paper=with_paper))]
+    sections = [("Ablation", tables.render(table, by, columns, "html", with_paper=with_paper,
+                                           comparisons=comparisons, notes=notes))]  # fmt: skip
     if len(by) == 2:
         sections.append((f"{main.header}: {by[0]} × {by[1]}", tables.pivot(summary, by, main, "html")))
+    if plan is not None:
+        import html
+
+        lines = "".join(f"<p class='note'>{html.escape(line)}</p>" for line in plan.lines())
+        sections.append(
+            (f"Seeds to resolve {plan.delta:g} points", lines + tables.export(plan.table, "html"))
+        )
     sections.append(("Runs", tables.runs_table(df, by, columns, "html")))
     figures = []
     if summary[f"{main.key}_n"].sum():
-        figures.append((f"{main.header} against {by[0]} (mean ± std over seeds)",
+        figures.append((f"{main.header} against {by[0]} (mean and 95 % interval; random init dashed)",
                         plots.metric_vs_axis(summary, by, main.key, main.header)))  # fmt: skip
     shown = df.head(40)  # curves of more runs are unreadable; the table has them all
     curves = [("loss", "training loss"), ("teacher_entropy", "teacher entropy")]
@@ -183,7 +318,7 @@ def write_html(path, uri, experiment, df, summary, by, columns, with_paper, show
             else None
         )
         figures.append((f"{label} per run", plots.curves(histories, label, hline=log_k)))
-    note = f"experiment {experiment} in {uri}; {len(df)} runs; means over finished runs only."
+    note = f"experiment {experiment} in {uri}; {len(df)} runs; means over healthy runs only."
     with open(path, "w") as f:
         f.write(page(f"dinolab report: {experiment}", sections, figures, note))
 

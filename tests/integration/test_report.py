@@ -1,8 +1,10 @@
 """`dinolab report` on runs logged through the real MLflow API into a real SQLite store.
 
 A 3-value multi-crop ablation × 3 seeds, with one run still running and one collapsed run, must give
-the golden Markdown and LaTeX tables (tests/golden/report.*; regenerate with DINOLAB_UPDATE_GOLDEN=1),
-and the HTML page must hold the plots.
+the golden Markdown, LaTeX, HTML and CSV tables, with intervals, comparisons against a reference cell
+and the seeds a difference needs (tests/golden/report.*; regenerate with DINOLAB_UPDATE_GOLDEN=1),
+and the HTML page must hold the plots. A quickstart-shaped sweep (one seed per cell, collapsed runs)
+bolds nothing and gives every number its interval or "1 seed".
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,13 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 K = 1024
 
 
-def log_run(client, exp_id, parent, num_local, seed, status="FINISHED", collapsed=False):
+def top1(num_local: int, seed: int) -> float:
+    """The fake k-NN top-1 (points, a whole number of the 1,000 test images): 2 points per local crop
+    pair, a seed effect shared by every cell, and a little of each cell's own."""
+    return 60 + 2 * num_local + 1.5 * seed + 0.7 * ((num_local + 2 * seed) % 3)
+
+
+def log_run(client, exp_id, parent, num_local, seed, status="FINISHED", collapsed=False, results=None):
     name = f"nl{num_local}-s{seed}"
     run = client.create_run(exp_id, run_name=name, tags={
         "mlflow.parentRunId": parent, "dinolab.kind": "run", "dinolab.run_id": f"id{num_local}{seed}",
@@ -39,28 +48,45 @@ def log_run(client, exp_id, parent, num_local, seed, status="FINISHED", collapse
             values["monitor_knn_top1"] = 50 + step + num_local
         metrics += [Metric(k, v, 1_000 * step, step) for k, v in values.items()]
     if status == "FINISHED":
-        top1 = 60 + 2 * num_local + seed - (30 if collapsed else 0)
+        knn = round(top1(num_local, seed) - (30 if collapsed else 0), 1)
         metrics += [
-            Metric("knn_top1_k20", top1, 20_000, steps),
-            Metric("linear_top1", top1 + 5, 20_000, steps),
+            Metric("knn_top1_k20", knn, 20_000, steps),
+            Metric("linear_top1", knn + 5, 20_000, steps),
+            Metric("linear_lr", 0.01, 20_000, steps),
+            Metric("baseline_random/knn_top1_k20", 55.0 + seed, 20_000, 0),  # the seed's own init
         ]
     client.log_batch(rid, metrics=metrics, params=[Param("head.out_dim", str(K)), Param("train.seed", str(seed))],
                      tags=[RunTag("dinolab.config_hash", f"h{num_local}{seed}")])  # fmt: skip
-    if status == "FINISHED":
+    if status == "FINISHED":  # the evaluations' result JSONs, as dino/eval/track.py keeps them
+        chosen = "held-out 0.1 of the train split (500 images)"
+        for protocol, record in (
+            ("knn", {"protocol": "knn", "baseline": "none", "num_test": 1000, "time": 2.0}),
+            ("knn", {"protocol": "knn", "baseline": "random", "num_test": 1000, "time": 1.0}),
+            ("linear", {"protocol": "linear", "baseline": "none", "num_test": 1000, "time": 3.0,
+                        "lr_grid": {"chosen_lr": 0.01, "chosen_on": chosen}}),
+        ):  # fmt: skip
+            path = results / f"{name}-{protocol}-{record['baseline']}.json"
+            path.write_text(json.dumps(record))
+            client.log_artifact(rid, str(path), f"eval/{protocol}")
         client.set_terminated(rid, "FINISHED")
 
 
 @pytest.fixture(scope="module")
 def fake_sweep(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('report') / 'mlflow.db'}"
+    """A 3-value multi-crop ablation x 3 seeds in a real SQLite store: nl0-s1 collapsed, nl6-s2 still
+    running; k-NN and linear results on 1,000 test images, a random-init k-NN per run."""
+    folder = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(uri)
-    exp_id = client.create_experiment("multicrop-fake")
+    exp_id = client.create_experiment("multicrop-fake", artifact_location=f"file://{folder / 'mlartifacts'}")
     parent = client.create_run(exp_id, run_name="multicrop-fake", tags={"dinolab.kind": "sweep"}).info.run_id
+    results = folder / "results"
+    results.mkdir()
     for num_local in (0, 2, 6):
         for seed in (0, 1, 2):
             running = (num_local, seed) == (6, 2)
             log_run(client, exp_id, parent, num_local, seed, "RUNNING" if running else "FINISHED",
-                    collapsed=(num_local, seed) == (0, 1))  # fmt: skip
+                    collapsed=(num_local, seed) == (0, 1), results=results)  # fmt: skip
     return uri
 
 
@@ -79,11 +105,139 @@ def report(uri: str, *args: str):
     return proc
 
 
+def report_here(capsys, *args: str) -> tuple[int, str, str]:
+    """`dinolab report ARGS` in this process (no interpreter start-up): exit code, stdout, stderr."""
+    from launcher.cli import main
+
+    capsys.readouterr()
+    code = main(["report", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def first_table(markdown: str) -> list[list[str]]:
+    """The cells of the first Markdown table's body rows."""
+    lines = markdown.split("\n\n")[0].splitlines()[2:]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
+CELL = re.compile(r"^(\*\*)?\d+\.\d+(\*\*)? \[\d+\.\d+, \d+\.\d+\] \((n=\d+|1 seed)(, \d+ left out)?\)$")
+
+
 def test_markdown_table_matches_golden(fake_sweep):
-    out = report(fake_sweep, "--paper").stdout
+    out = report(fake_sweep, "--paper", "--vs", "crops.num_local=0", "--resolve", "0.5").stdout
     check_golden("report.md", out)
-    # The collapsed run of num_local=0 is counted once: not also among the finished.
-    assert "| 2 finished; 1 collapsed (uniform) |" in out and "2 finished, 1 running" in out
+    rows = first_table(out)
+    # The collapsed run of num_local=0 is counted once, not among the finished, and left out of the mean.
+    assert rows[0][0] == "0" and rows[0][-1] == "2 finished; 1 collapsed (uniform)"
+    assert rows[0][1].startswith("61.9 [") and rows[0][1].endswith("(n=2, 1 left out)")
+    assert rows[2][-1] == "2 finished, 1 running" and rows[2][1].endswith("(n=2)")
+    assert all(CELL.match(row[1]) for row in rows), [
+        row[1] for row in rows
+    ]  # every k-NN cell: interval, seeds
+    assert not any("**" in row[1] for row in rows)  # 2 seeds apart: no best resolved
+    assert rows[1][2].endswith("not resolved") and rows[0][2] == "reference"
+    assert rows[3][0] == "random init" and rows[3][1].startswith("56.0 [")
+    assert (
+        "Selected on: k-NN top-1 (k=20): k fixed at 20, nothing chosen; linear top-1: final epoch; lr chosen on the held-out 0.1"
+        in out
+    )
+    assert "Seeds to resolve a difference of 0.5 points with 80% power" in out
+
+
+@pytest.mark.parametrize(
+    "fmt, golden", [("latex", "report.tex"), ("html", "report.html"), ("csv", "report.csv")]
+)
+def test_latex_html_and_csv_tables_match_golden(fake_sweep, capsys, fmt, golden):
+    code, out, err = report_here(capsys, "--experiment", "multicrop-fake", "--tracking-uri", fake_sweep,
+                                 "--format", fmt, "--vs", "crops.num_local=0")  # fmt: skip
+    assert code == 0, err
+    check_golden(golden, out)
+    if fmt == "csv":
+        import io
+
+        import pandas as pd
+
+        table = pd.read_csv(io.StringIO(out))
+        assert {"ci_low", "ci_high", "n_seeds", "n_test", "diff", "p_holm", "resolved"} <= set(table.columns)
+        knn = table[table["metric"] == "knn_top1@20"].set_index("crops.num_local")
+        assert (
+            knn.loc["0", "n_seeds"] == 2
+            and knn.loc["0", "n_left_out"] == 1
+            and knn.loc["0", "n_test"] == 1000
+        )
+        assert (knn["ci_low"] < knn["mean"]).all() and (knn["mean"] < knn["ci_high"]).all()
+
+
+def test_a_sweep_files_baseline_is_the_default_reference_and_resolve_prices_seeds_with_the_cost_estimate(
+    fake_sweep, capsys, tmp_path
+):
+    sweep = tmp_path / "multicrop-fake.yaml"
+    text = (f"name: multicrop-fake\nroot: {Path(fake_sweep.removeprefix('sqlite:///')).parent}\n"
+            "base: [model=vit_test, data=synthetic, data.image_size=32, train.device=cpu]\n"
+            "grid: {crops.num_local: [0, 2, 6]}\nseeds: [0, 1, 2]\n")  # fmt: skip
+    sweep.write_text(text + "baseline: {crops.num_local: 2}\n")
+    code, out, err = report_here(capsys, str(sweep), "--resolve", "2")
+    assert code == 0, err
+    rows = first_table(out)
+    assert rows[1][2] == "reference" and rows[0][2].startswith("-4.4 [")  # nl0 - nl2 over seeds 0 and 2
+    plan = out[out.index("Seeds to resolve a difference of 2 points") :]
+    assert "α = 0.05/2 = 0.025" in plan and "pooled over the cells' seeds, 4 df" in plan
+    assert "estimate (" in plan and "launcher/cost" in plan  # priced by the sweep's cost estimate
+
+    code, out, _ = report_here(capsys, str(sweep), "--vs", "none")
+    assert code == 0 and " vs " not in out.split("\n\n")[0]
+
+    sweep.write_text(text + "baseline: {crops.num_local: 3}\n")
+    code, _, err = report_here(capsys, str(sweep))
+    assert code == 2 and "baseline.crops.num_local: 3 is not one of its values (0, 2, 6)" in err
+    sweep.write_text(text + "baseline: {crops.num_locals: 2}\n")
+    code, _, err = report_here(capsys, str(sweep))
+    assert code == 2 and "baseline.crops.num_locals: not an axis of the sweep" in err
+
+
+def test_a_figure_chosen_on_its_test_split_is_refused_by_name(fake_sweep, capsys):
+    code, _, err = report_here(capsys, "--experiment", "multicrop-fake", "--tracking-uri", fake_sweep,
+                               "--metric", "linear_best_top1")  # fmt: skip
+    assert code == 2 and err.startswith(
+        "dinolab report: error: --metric linear_best_top1: the best epoch's top-1 is chosen on the test split"
+    )
+    code, _, err = report_here(capsys, "--experiment", "multicrop-fake", "--tracking-uri", fake_sweep,
+                               "--vs", "crops.num_local=3")  # fmt: skip
+    assert code == 2 and "--vs crops.num_local=3: no cell has crops.num_local=3 (values: 0, 2, 6)" in err
+
+
+def test_the_quickstarts_report_bolds_nothing_collapsed_or_unresolved(tmp_path, capsys):
+    """The quickstart's shape (sweeps/quickstart.yaml): teacher.momentum x (crops.num_local,
+    optim.batch_size), one seed; both momentum-0.9 runs collapsed to uniform, one of them with the best
+    k-NN. Nothing is bold, every number has its interval or says "1 seed", no difference is resolved."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("quickstart", artifact_location=f"file://{tmp_path / 'mlartifacts'}")
+    for (m, nl, bs, knn, ips) in ((0.996, 0, 32, 67.3, 434), (0.996, 2, 24, 66.7, 274), (0.9, 0, 32, 67.3, 344),
+                                  (0.9, 2, 24, 71.5, 200)):  # fmt: skip
+        rid = client.create_run(exp, run_name=f"m{m}-nl{nl}", tags={
+            "dinolab.kind": "run", "axis.teacher.momentum": str(m), "axis.crops.num_local": str(nl),
+            "axis.optim.batch_size": str(bs), "dinolab.seed": "0"}).info.run_id  # fmt: skip
+        entropy = math.log(1024) - 0.001 if m == 0.9 else 5.0
+        client.log_batch(rid, metrics=[Metric("knn_top1_k20", knn, 0, 128), Metric("teacher_entropy", entropy, 0, 128),
+                                       Metric("avg_img_per_s", ips, 0, 128), Metric("loss", 7.0, 0, 128)],
+                         params=[Param("head.out_dim", "1024"), Param("train.seed", "0")])  # fmt: skip
+        record = tmp_path / f"{rid}.json"
+        record.write_text(json.dumps({"protocol": "knn", "baseline": "none", "num_test": 1000, "time": 1}))
+        client.log_artifact(rid, str(record), "eval/knn")
+        client.set_terminated(rid, "FINISHED")
+    code, out, err = report_here(capsys, "--experiment", "quickstart", "--tracking-uri", uri,
+                                 "--vs", "teacher.momentum=0.996")  # fmt: skip
+    assert code == 0, err
+    table = out.split("\n\n")[0]
+    assert "**" not in table
+    rows = first_table(out)  # by crops.num_local, optim.batch_size, teacher.momentum
+    assert [r[3] for r in rows] == ["— (1 left out)", "67.3 [64.3, 70.1] (1 seed)", "— (1 left out)",
+                                    "66.7 [63.7, 69.6] (1 seed)"]  # fmt: skip
+    assert [r[-1] for r in rows] == ["1 collapsed (uniform)", "1 finished"] * 2
+    assert [r[4] for r in rows] == ["— (no healthy seed)", "reference"] * 2
+    assert [r[6] for r in rows] == ["—", "434 (1 seed)", "—", "274 (1 seed)"]
 
 
 @pytest.mark.parametrize(
@@ -105,17 +259,13 @@ def test_the_state_column_counts_each_run_once(runs, summary):
     assert state_summary(pd.DataFrame(runs, columns=["state", "flag"])) == summary
 
 
-def test_latex_table_matches_golden(fake_sweep, tmp_path):
-    report(fake_sweep, "--format", "latex", "-o", str(tmp_path / "table.tex"))
-    check_golden("report.tex", (tmp_path / "table.tex").read_text())
-
-
 def test_html_page_holds_tables_and_plots(fake_sweep, tmp_path):
     report(fake_sweep, "--html", str(tmp_path / "report.html"))
     page = (tmp_path / "report.html").read_text()
     # metric vs axis; the monitor's k-NN curves, k-NN, loss, entropy per run
     assert page.count("data:image/png;base64,") == 5 and "k-NN top-1 during pretraining" in page
     assert page.count("<table") == 2 and "nl6-s2" in page and "collapsed (uniform)" in page
+    assert "random init dashed" in page and "<p class='note'>Cells: mean over the healthy seeds" in page
 
 
 def test_unknown_experiment_is_one_clear_error(fake_sweep):

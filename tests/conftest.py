@@ -151,11 +151,22 @@ FM_FOLDER_ENV = "DINOLAB_TEST_FM_FOLDER"
 FM_TEST_FILE = "test_fashion_mnist_acceptance.py"
 
 
+# The terminal width the session was started with: xdist workers get COLUMNS=80 and LINES=24 in
+# their environment, which the `dinolab` subprocesses would take for a terminal's width.
+OUTER_COLUMNS_ENV = "DINOLAB_TEST_OUTER_COLUMNS"
+
+
 def pytest_configure(config):
     import tempfile
 
     if not _is_xdist_worker(config):
         os.environ[FM_FOLDER_ENV] = tempfile.mkdtemp(prefix="dinolab-fm-")
+        os.environ[OUTER_COLUMNS_ENV] = os.environ.get("COLUMNS", "")
+    elif os.environ.get(OUTER_COLUMNS_ENV):
+        os.environ["COLUMNS"] = os.environ[OUTER_COLUMNS_ENV]
+    else:
+        os.environ.pop("COLUMNS", None)
+        os.environ.pop("LINES", None)
 
 
 def pytest_xdist_node_collection_finished(node, ids):

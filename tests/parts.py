@@ -35,7 +35,7 @@ def need_fashion_mnist() -> Path:
     return FASHION_MNIST_ROOT
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def fashion_mnist() -> Path:
     """The Debian package's Fashion-MNIST folder (skip or fail without it, see `missing`)."""
     return need_fashion_mnist()

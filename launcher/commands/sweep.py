@@ -13,7 +13,8 @@ from launcher.long_tables import LONG, plain, show
 
 # Outside a terminal (logs, CI) rich would wrap at 80 columns; tables are wider than that. COLUMNS,
 # when set, is the width either way (as rich reads it).
-console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 200)
+_SIZED = sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit()
+console = Console(width=None if _SIZED else 200)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -98,9 +99,10 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _line(text: str) -> None:
-    """Plain text on one line however long (rich would wrap it at 200 columns outside a terminal):
-    one fact per line, for grep; a terminal wraps it itself."""
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    """Plain text: folded at word boundaries to a terminal's (or COLUMNS') width, so that the output
+    fits it; in a log (no terminal, no COLUMNS) on one line however long, one fact per line for grep
+    (rich would cut it at its arbitrary 200 columns)."""
+    console.print(text, markup=False, highlight=False, soft_wrap=not _SIZED)
 
 
 def _print_cost(sweep, runs) -> None:

@@ -45,6 +45,16 @@ def _few_threads():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _dino_logs_reach_caplog():
+    """A run trained in this process (dino/run/progress.py:setup_logging) stops the `dino` logger
+    from propagating; caplog listens on the root logger, so a later test would see no log."""
+    import logging
+
+    logging.getLogger("dino").propagate = True
+    yield
+
+
 def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -120,6 +130,7 @@ def _is_xdist_worker(config) -> bool:
     return hasattr(config, "workerinput")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """The tests on the Fashion-MNIST acceptance run go last, so that the rest of the session runs
     while the run trains in the background (tests/integration/fashion_mnist_run.py).

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import shutil
 import tempfile
 import threading
 import time
@@ -54,6 +55,7 @@ class MLflowTracker:
         self._known_params: dict[str, str] = {}
         self._watermark = -1  # last training step the store has
         self._items: deque[tuple[str, Any]] = deque()
+        self._copies: set[str] = set()  # local copies of remote artifacts, removed once uploaded
         self._cond = threading.Condition()
         self._closing = self._abandoned = False
         self._failing_since: float | None = None
@@ -81,6 +83,7 @@ class MLflowTracker:
             with open(local, "wb") as f:
                 f.write(storage.read_bytes(path))
             path = local
+            self._copies.add(os.path.abspath(path))
         self._put("artifact", [os.path.abspath(path), artifact_path])
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -195,6 +198,9 @@ class MLflowTracker:
         kind, value = items[0]
         if kind == "artifact":
             self._client.log_artifact(self.run_id, value[0], value[1] or None)
+            if value[0] in self._copies:  # uploaded: the local copy of a remote file goes (a spooled
+                self._copies.discard(value[0])  # one stays for the process that sends it)
+                shutil.rmtree(os.path.dirname(value[0]), ignore_errors=True)
             return self._pop(1)
         if kind == "status":
             with mlflow_store.locked(self.uri):

@@ -158,10 +158,14 @@ def test_a_killed_run_is_resumed_by_the_next_submit(tmp_path):
     assert "resumed from" in log and "(step 4," in log
 
 
-def test_a_sweep_with_its_runs_on_s3(s3_env, tmp_path):
+def test_a_sweep_with_its_runs_on_s3(s3_env, tmp_path, monkeypatch):
     """root=s3://...: run folders, records, checkpoints, evaluations and MLflow artifacts go to the
-    object store; submitit's files and the SQLite store stay on the shared filesystem (logs_root)."""
+    object store; submitit's files and the SQLite store stay on the shared filesystem (logs_root);
+    the local copies made to upload artifacts are gone afterwards."""
     import mlflow
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where the jobs' temporary files go
+    (tmp_path / "tmp").mkdir()
 
     root, logs_root = "s3://dinolab-test/sweeps", tmp_path / "logs"
     args = [
@@ -185,6 +189,7 @@ def test_a_sweep_with_its_runs_on_s3(s3_env, tmp_path):
     assert any(k.startswith(f"sweeps/quickstart/{run}/eval/knn/") for k in keys)
     assert any(k.startswith("sweeps/mlartifacts/quickstart/") and k.endswith("config.yaml") for k in keys)
     assert list((logs_root / "quickstart" / ".submitit").iterdir())  # scheduler files stay local
+    assert not list((tmp_path / "tmp").glob("dinolab-artifact-*"))  # uploaded copies removed
     status = dinolab("sweep", "status", *args)
     assert status.returncode == 0 and "1 completed" in status.stdout
     mlflow.set_tracking_uri(f"sqlite:///{logs_root / 'mlflow.db'}")

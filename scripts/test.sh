@@ -3,8 +3,8 @@
 #   bash scripts/test.sh           the full tier, as CI runs it (.ci/run): set up, start the real
 #                                  services the tests need (a local SLURM cluster, as root), lint, then
 #                                  every test, spread over pytest-xdist workers (docs/development.md)
-#   bash scripts/test.sh --quick   the quick tier: no root, no SLURM, no Fashion-MNIST acceptance run;
-#                                  unit tests, the local-executor sweep, real kills, MLflow, S3 (<= 5 min)
+#   bash scripts/test.sh --quick   the quick tier: no root, no SLURM, no Fashion-MNIST acceptance run, no
+#                                  `heavy` test; unit tests, the local-executor sweep, real kills, MLflow, S3 (<= 5 min)
 # Any other argument goes to pytest (e.g. `bash scripts/test.sh --quick -k report`).
 #   - SLURM: a single-node cluster (tools/slurm/slurm-local.sh) when run as root; without root the
 #     SLURM tests are skipped, or fail under CI=true / DINOLAB_REQUIRE_SLURM=1 (tests/parts.py).
@@ -34,7 +34,7 @@ fi
 # work (its module fixtures built once) and every SLURM test runs on one worker (tests/conftest.py).
 workers=${DINOLAB_TEST_WORKERS:-4}
 if [[ $tier == quick ]]; then
-  markers="not slurm and not root and not acceptance and not gpu"
+  markers="not slurm and not root and not acceptance and not heavy and not gpu"
 else
   markers=""
 fi

@@ -19,7 +19,7 @@ from dino.data.datasets import ImageFolder, SyntheticDataset
 from dino.io import checkpoint
 from tests.integration.cli import TINY, dinolab
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 def write_folder(root: Path, per_class: int = 24, size: int = 40) -> dict[str, Path]:

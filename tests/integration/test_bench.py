@@ -18,6 +18,7 @@ def _bench(*overrides: str) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.heavy
 def test_bench_reports_every_figure_and_counts_flops_per_image():
     small, large = _bench("optim.batch_size=4"), _bench("optim.batch_size=8")
     for r in (small, large):
@@ -40,6 +41,7 @@ def test_bench_table_names_its_rows():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_the_gpu_bench_script_runs_every_row_in_smoke_mode(tmp_path):
     """scripts/gpu_bench.py is what a (rare, 15-minute) GPU session runs: its plumbing — JPEG folder,
     every `dinolab bench` row, compiled included, the torchrun (DDP) row as 2 gloo processes,

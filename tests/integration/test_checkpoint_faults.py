@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from dino.io import checkpoint, storage
@@ -42,6 +43,7 @@ def _aside(run_dir: Path, step: int) -> Path:
     return aside
 
 
+@pytest.mark.heavy
 def test_a_truncated_checkpoint_is_replaced_and_an_empty_marker_is_a_warning(tmp_path):
     run_dir = tmp_path / "run"
     ck4, ck8, ck12 = (checkpoint.checkpoint_path(str(run_dir), s) for s in (4, 8, 12))

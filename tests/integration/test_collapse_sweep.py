@@ -14,7 +14,7 @@ from launcher import records
 from tests.integration.cli import dinolab
 from tests.integration.test_collapse_cli import COLLAPSING
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 # The healthy run keeps the defaults (momentum teacher, centring): its KL stays 0.3-2 nats. The other
 # has neither, the no-momentum row of the paper's Table 7 made quick: one dimension by step 4.

@@ -40,6 +40,7 @@ def test_eval_knn_prints_a_table_and_writes_json_for_checkpoint_and_baselines(ti
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_eval_linear_and_viz_attention(tiny_run, tmp_path):
     proc = dinolab(
         "eval", "linear", f"run.dir={tiny_run}", "workers=0", "linear.epochs=2", "linear.n_last_blocks=2",
@@ -122,6 +123,7 @@ def test_two_process_gloo_knn_equals_one_process(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_two_process_gloo_linear_probe_equals_one_process(tiny_run, tmp_path):
     """Each rank augments only its share of a global batch; the summed update is one process's.
     Batch 9 of 64 images leaves a last batch of one image: rank 1 has nothing in it and still steps."""

@@ -300,6 +300,7 @@ def test_report_of_a_sweep_that_never_ran_creates_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.yaml"]
 
 
+@pytest.mark.heavy
 def test_report_with_a_weights_file_adds_its_row_beside_the_runs(fake_sweep, tmp_path):
     from tests.unit.test_weights import FIXTURES
 

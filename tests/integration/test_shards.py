@@ -92,6 +92,7 @@ def test_a_stream_resumed_mid_epoch_yields_the_same_batches(packed):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_pack_train_and_evaluate_on_shards(store_root):
     packed = _pack_cli(storage.join(store_root, "cli-shards"))
     again = dinolab("data", "pack", "fashion_mnist:train", packed, "--limit", "8")

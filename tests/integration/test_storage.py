@@ -230,6 +230,7 @@ def test_killed_training_resumes_to_the_same_weights(store_root, reference_run):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_outage_during_a_checkpoint_upload_keeps_the_previous_one(s3_env, reference_run, tmp_path):
     """The endpoint dies while a checkpoint is being uploaded: training says so and goes on, the
     previous checkpoint stays complete, the run ends with a clear error, and once the endpoint is

@@ -127,6 +127,7 @@ def check_mlflow(root, run_dirs) -> None:
     assert states == 4 and "k-NN top-1 (k=20)" in report.stdout, report.stdout
 
 
+@pytest.mark.heavy
 def test_a_killed_run_is_resumed_by_the_next_submit(tmp_path):
     """A run whose job died hard (record says running, no process) shows as lost and is resumed."""
     root = tmp_path / "sweeps"
@@ -158,6 +159,7 @@ def test_a_killed_run_is_resumed_by_the_next_submit(tmp_path):
     assert "resumed from" in log and "(step 4," in log
 
 
+@pytest.mark.heavy
 def test_a_sweep_with_its_runs_on_s3(s3_env, tmp_path, monkeypatch):
     """root=s3://...: run folders, records, checkpoints, evaluations and MLflow artifacts go to the
     object store; submitit's files and the SQLite store stay on the shared filesystem (logs_root);

@@ -22,7 +22,7 @@ from tests.mlflow_server import MlflowServer
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=["sqlite", "server"])
+@pytest.fixture(params=[pytest.param("sqlite", marks=pytest.mark.heavy), "server"])  # quick: the server
 def store_uri(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
@@ -134,6 +134,7 @@ def test_eight_processes_share_one_fresh_store(store_uri, tmp_path):
     assert default is None or not client.search_runs([default.experiment_id])
 
 
+@pytest.mark.heavy
 def test_server_outage_during_training_loses_no_metric(tmp_path):
     """Stop the server while a run trains, start it again later: training never stops, and every
     logged step reaches the server once it is back."""

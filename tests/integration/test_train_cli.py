@@ -74,6 +74,7 @@ def test_two_process_gloo_ddp_matches_one_process_on_the_same_global_batch(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_ranks_that_do_not_share_the_run_folder_are_refused_on_resume(tmp_path):
     """A node-local run.dir (simulated: one folder per rank) would let rank 0 resume while the other
     ranks start over; every rank compares the checkpoint it found and all refuse, naming run.dir."""

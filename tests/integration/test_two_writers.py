@@ -17,7 +17,7 @@ import pytest
 from dino.io import checkpoint
 from tests.integration.cli import DINOLAB, REPO, TINY, env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 def start(run_dir: Path, *extra: str, environ: dict[str, str] | None = None) -> subprocess.Popen:

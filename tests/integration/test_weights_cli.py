@@ -16,7 +16,7 @@ from dino.io import checkpoint, weights
 from tests.integration.cli import TINY, dinolab, results
 from tests.unit.test_weights import FIXTURES
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 @pytest.mark.usefixtures("fashion_mnist")

@@ -158,6 +158,7 @@ def test_fast_step_matches_the_plain_reference_step(tiny_cfg):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_compiled_step_matches_the_eager_step(tiny_cfg):
     """train.compile=true (inductor-compiled backbones, both crop resolutions) takes the same steps as
     eager mode: same losses, same student, teacher and centre after three updates, to float tolerance.

@@ -14,7 +14,7 @@ from tests.conftest import load_final
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("augment", ["cpu", "gpu"])
+@pytest.mark.parametrize("augment", ["cpu", pytest.param("gpu", marks=pytest.mark.heavy)])
 def test_exact_resume_gives_identical_weights(tmp_path, tiny_cfg, augment):
     """Per-image augmentation in the workers (cpu) or batched on the training device (gpu: here the
     CPU runs the same batched code): 16 steps with drop path on (the RNG must be restored too)."""

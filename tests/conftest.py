@@ -137,8 +137,9 @@ def pytest_collection_modifyitems(config, items):
 
     Under pytest-xdist (`--dist loadgroup`, scripts/test.sh) a test module is one unit of work, so
     that its module-scoped fixtures (a trained run, a fake sweep) are built once, on one worker;
-    tests marked `xdist_group` keep their group (e.g. every SLURM test in one: they share the
-    cluster's nodes and queue, and must not run side by side)."""
+    tests marked `xdist_group` keep their group, and the other SLURM tests share the group `slurm`
+    (node `localhost`: they share its CPUs and queue and must not run side by side; the two-node
+    tests are the group `slurm-multi`, on nodes n1 and n2)."""
     needs_run = [item for item in items if _needs_fm_run(item)]
     items[:] = [item for item in items if item not in needs_run] + needs_run
     if _is_xdist_worker(config):

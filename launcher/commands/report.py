@@ -230,19 +230,16 @@ def _estimated_run_cost(sweep, summary, by) -> dict[int, tuple[float | None, str
 
     try:
         runs = expand(sweep)
-    except Exception as err:  # noqa: BLE001 - the plan falls back to the measured GPU-hours
-        print(f"note: no cost estimate ({type(err).__name__}: {err})", file=sys.stderr)
-        return {}
-    chosen = {}
-    for i, row in summary.iterrows():
-        if row["kind"] != "cell":
-            continue
-        spec = next((r for r in runs if all(a not in r.axes or same(r.axes[a], row[a]) for a in by)), None)
-        if spec is not None:
-            chosen[int(i)] = spec
-    try:
+        chosen = {}
+        for i, row in summary.iterrows():
+            if row["kind"] != "cell":
+                continue
+            match = (r for r in runs if all(a not in r.axes or same(r.axes[a], row[a]) for a in by))
+            spec = next(match, None)
+            if spec is not None:
+                chosen[int(i)] = spec
         cost = estimate(sweep, list(chosen.values()))
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 - the plan falls back to the measured GPU-hours
         print(f"note: no cost estimate ({type(err).__name__}: {err})", file=sys.stderr)
         return {}
     return {

@@ -55,6 +55,10 @@ def _size(data: DataConfig, root: str, split: str, part: str, given: Any) -> Siz
     declared, problem = _declared(given, part)
     counted = _count(data.name, root, split, data.num_samples)
     if counted is not None:
+        if problem:
+            return Size(
+                counted, notes=(f"{problem}: ignored, {root_key} {root} holds {counted:,} images here",)
+            )
         if declared is not None and declared != counted:
             return Size(counted, notes=(
                 f"{_key(part, given)}={declared:,} but {root_key} {root} holds {counted:,} images here: "

@@ -226,3 +226,8 @@ def test_a_plain_num_images_counts_the_train_split_only():
         f"data.num_images=5 but data.root {root} holds 60,000 images here: the count on disk is used",
     )
     assert cost_images.dataset_size(data, "test") == cost_images.Size(10000)
+    wrong = cost_images.dataset_size(DataConfig(name="fashion_mnist", root=root, num_images="abc"), "train")
+    assert wrong.images == 60000 and wrong.notes == (
+        "data.num_images='abc' is not an integer or {train: N, val: M} (positive counts): ignored, "
+        f"data.root {root} holds 60,000 images here",
+    )

@@ -22,9 +22,8 @@ from dino.config.schema import to_dict
 from dino.eval.config import EvalConfig, data_identity
 from dino.eval.datasets import eval_dataset, num_classes
 from dino.eval.features import FeatureSet, split_features
-from dino.eval.results import KNN, knn_metric, write_result
+from dino.eval.results import KNN, knn_metric, log_result, write_result
 from dino.eval.target import Target, resolve
-from dino.eval.track import log_result
 from dino.io import distributed, storage
 
 log = logging.getLogger("dino.eval")

@@ -51,10 +51,10 @@ from dino.eval.results import (
     LINEAR_TOP1,
     LINEAR_TOP5,
     linear_grid_metric,
+    log_result,
     write_result,
 )
 from dino.eval.target import Target, resolve
-from dino.eval.track import log_result
 from dino.io import checkpoint, distributed, storage
 
 log = logging.getLogger("dino.eval")

@@ -1,38 +1,221 @@
-"""`MLflowTracker`: logs from a background thread, so a tracking outage never slows or stops training.
+"""`MLflowTracker`: logs from a background thread, so a tracking outage never slows or stops training;
+with the run it opens, the batches it sends, the spool of what it could not send, and the factories.
 
 The train loop only appends to an in-memory queue. A sender thread turns the queue into
-`log_batch` calls; when the store is unreachable it keeps everything, warns (once a minute) how
-much is pending, and retries with backoff until it is back. At exit `close()` waits up to
-`tracking.flush_timeout_s`; whatever is still unsent then goes to `<run>/tracking_pending.jsonl`,
-which the next tracker on the same run (a requeued job, an evaluation) sends first.
+`log_batch` calls (within MLflow's limits); when the store is unreachable it keeps everything, warns
+(once a minute) how much is pending, and retries with backoff until it is back. At exit `close()`
+waits up to `tracking.flush_timeout_s`; whatever is still unsent then goes to
+`<run>/tracking_pending.jsonl`, which the next tracker on the same run (a requeued job, an
+evaluation) sends first.
 
-The MLflow side (which run, provenance tags, batching) is dino/io/mlflow_run.py; the run folder's side
-(the pending file, the backfill from metrics.jsonl) is dino/io/tracking_spool.py.
-
-One run, one history: on connecting, the tracker asks the store for the last training step it has,
-backfills later steps from the run's own `metrics.jsonl` (written synchronously every log step, so
-it holds what a killed process logged but never sent), and drops queued steps the store already has
-(a resumed run repeats the steps between its checkpoint and the kill, with the same values).
+One run, one history: on connecting, the tracker opens the run tied to the folder (tracking.json,
+dino/io/tracking.py) or a new one with provenance tags (host, SLURM job, git commit), asks the store
+for the last training step it has, backfills later steps from the run's own `metrics.jsonl` (written
+synchronously every log step, so it holds what a killed process logged but never sent), and drops
+queued steps the store already has (a resumed run repeats the steps between its checkpoint and the
+kill, with the same values). Every MLflow client comes from dino/io/mlflow_store.py.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import posixpath
 import shutil
+import socket
+import subprocess
 import tempfile
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from dino.io import mlflow_store, storage, tracking_spool
-from dino.io.mlflow_run import MAX_PARAMS_TAGS, open_run, run_tags, take_batch
+from dino.config.schema import DinoConfig
+from dino.io import mlflow_store, storage
+from dino.io.tracking import NullTracker, Tracker, read_link, write_link
 
 log = logging.getLogger("dino.tracking")
 
-WARN_EVERY_S = 60.0
+_WARN_EVERY_S = 60.0
+
+# ---- the MLflow run: which run, provenance, batches within MLflow's limits ------------------------
+_PROGRESS_KEY = "loss"  # every training log step logs it; its last step is the store's watermark
+_MAX_METRICS, _MAX_PARAMS_TAGS = 1000, 100  # MLflow's log_batch limits
+
+
+def _git_commit() -> str:
+    """The commit of the dinolab source tree this process runs ("" when it is not a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def _provenance_tags() -> dict[str, str]:
+    """Where this process runs: host, SLURM job, git commit."""
+    tags = {"dinolab.host": socket.gethostname(), "dinolab.git_commit": _git_commit()}
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if job:
+        job = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    job = job or os.environ.get("SLURM_JOB_ID", "")
+    if job:
+        tags["dinolab.slurm_job_id"] = job
+    return {k: v for k, v in tags.items() if v}
+
+
+@dataclass
+class _OpenedRun:
+    """A run ready to log to: its id, the params it already has and the last training step it has."""
+
+    run_id: str
+    known_params: dict[str, str]
+    watermark: int
+
+
+def _open_run(
+    client: Any, uri: str, run_dir: str, experiment: str, run_name: str, training: bool
+) -> _OpenedRun:
+    """The run tied to `run_dir` by tracking.json (else a new one, linked); a training start also
+    counts itself (`dinolab.starts`, `dinolab.requeues`), tags where it runs and marks it RUNNING."""
+    link = read_link(run_dir)
+    run = None
+    if link and link["uri"] == uri:
+        try:
+            run = client.get_run(link["run_id"])
+        except Exception as err:
+            if not mlflow_store.is_permanent(err):
+                raise
+            log.warning("MLflow run %s of %s is gone (%s); starting a new one", link["run_id"],
+                        run_dir, str(err).splitlines()[0][:200])  # fmt: skip
+    if run is None:
+        experiment_id = mlflow_store.ensure_experiment(client, uri, experiment)
+        run_id = mlflow_store.create_run(client, uri, experiment_id, run_name, {"dinolab.kind": "run"})
+        write_link(run_dir, uri, experiment_id, run_id)
+        run = client.get_run(run_id)
+    run_id = run.info.run_id
+    history = client.get_metric_history(run_id, _PROGRESS_KEY)
+    opened = _OpenedRun(run_id, dict(run.data.params), max((m.step for m in history), default=-1))
+    with mlflow_store.locked(uri):
+        if training:
+            starts = int(run.data.tags.get("dinolab.starts", "0")) + 1
+            tags = {
+                **_provenance_tags(),
+                "dinolab.starts": str(starts),
+                "dinolab.requeues": str(starts - 1),
+            }
+            job = tags.get("dinolab.slurm_job_id")
+            if job:
+                jobs = [j for j in run.data.tags.get("dinolab.slurm_job_ids", "").split(",") if j]
+                tags["dinolab.slurm_job_ids"] = ",".join(dict.fromkeys([*jobs, job]))
+            client.log_batch(run_id, tags=_run_tags(tags))
+            client.update_run(run_id, status="RUNNING")
+    return opened
+
+
+@dataclass
+class _Batch:
+    """Consecutive queued metrics/params/tags updates merged into one `log_batch`."""
+
+    metrics: list[tuple[str, float, int, int]] = field(default_factory=list)
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    taken: int = 0  # queued items it holds
+    mark: int = -1  # the watermark once it is sent
+
+
+def _take_batch(
+    items: list[tuple[str, Any]], training: bool, watermark: int, known_params: dict[str, str]
+) -> _Batch:
+    """The longest run of metrics/params/tags items at the head of `items` that fits MLflow's limits;
+    training steps the store already has (at or below the watermark) and params it has are left out."""
+    # `mark` moves through the batch too: a backfilled step and the same step logged again by
+    # the resumed loop can meet in one batch.
+    batch = _Batch(mark=watermark)
+    for kind, value in items:
+        if kind == "metrics":
+            fresh = [m for m in value if not training or m[3] > batch.mark]
+            if batch.metrics and len(batch.metrics) + len(fresh) > _MAX_METRICS:
+                break
+            batch.metrics += fresh
+            if training:
+                batch.mark = max([batch.mark, *(m[3] for m in fresh)])
+        elif kind == "params":
+            new = {k: v for k, v in value.items() if k not in known_params}
+            full = len(batch.params) + len(new) + len(batch.tags) > _MAX_PARAMS_TAGS
+            if full and (batch.params or batch.tags or batch.metrics):
+                break
+            batch.params.update(new)
+        elif kind == "tags":
+            full = len(batch.params) + len(batch.tags) + len(value) > _MAX_PARAMS_TAGS
+            if full and (batch.params or batch.tags or batch.metrics):
+                break
+            batch.tags.update(value)
+        else:
+            break
+        batch.taken += 1
+    return batch
+
+
+def _run_tags(tags: dict[str, str]) -> list:
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, v) for k, v in tags.items()]
+
+
+# ---- the spool: the run folder's side of tracking ------------------------------------------------
+# `<run>/tracking_pending.jsonl` holds what `MLflowTracker.close` could not send in time (the store
+# was down); the next tracker on the same run sends it first. `metrics.jsonl` holds what a killed
+# process logged but never sent: `_backfill` reads back the steps the store does not have.
+
+PENDING = "tracking_pending.jsonl"
+
+
+def _spool(run_dir: str, items: list[tuple[str, Any]]) -> str:
+    """Add queued updates to the run's pending file; returns its path."""
+    path = storage.join(run_dir, PENDING)
+    lines = "".join(json.dumps({"kind": kind, "value": value}) + "\n" for kind, value in items)
+    old = storage.read_text(path) if storage.exists(path) else ""
+    storage.atomic_write_text(path, old + lines)  # whole-file write: object stores cannot append
+    return path
+
+
+def _take_spooled(run_dir: str, training: bool) -> list[tuple[str, Any]]:
+    """The run's pending updates, removing the file (they are in the caller's queue now; a failure
+    spools them again at close). A training job drops spooled statuses: it sets its own."""
+    path = storage.join(run_dir, PENDING)
+    if not storage.exists(path):
+        return []
+    items = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    storage.remove(path)
+    return [(i["kind"], i["value"]) for i in items if i["kind"] != "status" or not training]
+
+
+def _backfill(run_dir: str, watermark: int) -> list[tuple[str, Any]]:
+    """Training steps in metrics.jsonl after `watermark` (the last step the store has), as queued
+    metrics updates."""
+    path = storage.join(run_dir, "metrics.jsonl")
+    if not storage.exists(path):
+        return []
+    rows: dict[int, dict[str, float]] = {}
+    for line in storage.read_text(path).splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if row.get("step", -1) > watermark:
+            rows[int(row["step"])] = row
+    now = int(time.time() * 1000)
+    return [
+        ("metrics", [(k, float(v), now, step) for k, v in row.items() if k != "step"])
+        for step, row in sorted(rows.items())
+    ]
 
 
 class MLflowTracker:
@@ -105,7 +288,7 @@ class MLflowTracker:
             self._items.clear()
             self._cond.notify_all()
         if left:
-            path = tracking_spool.spool(self.run_dir, left)
+            path = _spool(self.run_dir, left)
             log.warning(
                 "tracking store %s unreachable for %.0f s: %d pending update(s) written to %s; "
                 "the next job or evaluation of this run sends them",
@@ -157,7 +340,7 @@ class MLflowTracker:
     def _warn(self, err: BaseException) -> None:
         now = time.monotonic()
         self._failing_since = self._failing_since or now
-        if now - self._last_warning >= WARN_EVERY_S:
+        if now - self._last_warning >= _WARN_EVERY_S:
             self._last_warning = now
             with self._cond:
                 pending = sum(len(v) if kind == "metrics" else 1 for kind, v in self._items)
@@ -176,11 +359,11 @@ class MLflowTracker:
     def _connect(self) -> None:
         """Open the run (tracking.json's, or a new one), replay spooled updates, set the watermark."""
         client = mlflow_store.client(self.uri)
-        opened = open_run(client, self.uri, self.run_dir, self.experiment, self.run_name, self.training)
+        opened = _open_run(client, self.uri, self.run_dir, self.experiment, self.run_name, self.training)
         self._known_params, self._watermark = opened.known_params, opened.watermark
         self._client, self.run_id = client, opened.run_id
-        spooled = tracking_spool.take_spooled(self.run_dir, self.training)
-        backfill = tracking_spool.backfill(self.run_dir, self._watermark) if self.training else []
+        spooled = _take_spooled(self.run_dir, self.training)
+        backfill = _backfill(self.run_dir, self._watermark) if self.training else []
         with self._cond:
             self._items.extendleft(reversed(spooled + backfill))
         log.info(
@@ -206,16 +389,16 @@ class MLflowTracker:
             with mlflow_store.locked(self.uri):
                 self._client.set_terminated(self.run_id, value)
             return self._pop(1)
-        batch = take_batch(items, self.training, self._watermark, self._known_params)
+        batch = _take_batch(items, self.training, self._watermark, self._known_params)
         param_items = list(batch.params.items())
-        for i in range(0, max(len(param_items), 1), MAX_PARAMS_TAGS):  # a config has > 100 keys
-            chunk = param_items[i : i + MAX_PARAMS_TAGS]
+        for i in range(0, max(len(param_items), 1), _MAX_PARAMS_TAGS):  # a config has > 100 keys
+            chunk = param_items[i : i + _MAX_PARAMS_TAGS]
             with mlflow_store.locked(self.uri):
                 self._client.log_batch(
                     self.run_id,
                     metrics=[Metric(k, v, ts, s) for k, v, ts, s in batch.metrics] if i == 0 else [],
                     params=[Param(k, v) for k, v in chunk],
-                    tags=run_tags(batch.tags) if i == 0 else [],
+                    tags=_run_tags(batch.tags) if i == 0 else [],
                 )
             self._known_params.update(chunk)
             self._watermark = batch.mark  # sent: a retry of a later chunk must not repeat the metrics
@@ -227,3 +410,26 @@ class MLflowTracker:
                 if self._items:
                     self._items.popleft()
             self._cond.notify_all()
+
+
+def build_tracker(cfg: DinoConfig, is_main: bool) -> Tracker:
+    """The training tracker of this process: MLflow on rank 0 when `tracking.uri` is set."""
+    if not is_main or not cfg.tracking.uri:
+        return NullTracker()
+    return MLflowTracker(
+        cfg.tracking.uri,
+        cfg.run.dir,
+        experiment=cfg.tracking.experiment,
+        run_name=cfg.tracking.run_name,
+        flush_timeout_s=cfg.tracking.flush_timeout_s,
+        training=True,
+    )
+
+
+def open_run_tracker(run_dir: str, flush_timeout_s: float = 60.0) -> Tracker:
+    """A tracker on the MLflow run already tied to `run_dir` (evaluations log there); NullTracker
+    when the run is not tracked."""
+    link = read_link(run_dir)
+    if link is None:
+        return NullTracker()
+    return MLflowTracker(link["uri"], run_dir, flush_timeout_s=flush_timeout_s, training=False)

@@ -22,10 +22,14 @@ from urllib.parse import urlsplit
 import fsspec
 from fsspec.core import url_to_fs
 
-from dino.io.storage_errors import StorageError
-
 log = logging.getLogger("dino.storage")  # one logger for all storage messages, local or remote
 T = TypeVar("T")
+
+
+class StorageError(RuntimeError):
+    """A path that cannot be reached or used (credentials, bucket, endpoint, a full disk); the message
+    says which. Re-exported by dino/io/storage.py, whose API raises it."""
+
 
 # Attempts for an operation that failed to connect (each attempt has botocore's own retries, tuned
 # with AWS_MAX_ATTEMPTS / AWS_RETRY_MODE); DINOLAB_STORAGE_RETRIES overrides it.

@@ -1,31 +1,47 @@
-"""The one module that touches files: local paths and fsspec URLs (s3://...) behind one small API.
+"""The one module that touches files: local paths and fsspec URLs (s3://...) behind one small API,
+with its local half and its errors.
 
-Publishing: `atomic_write_bytes` makes readers see the old content or the complete new one — locally
-a temporary name in the same folder, then a rename (dino/io/local_files.py); on an object store a single
-PUT, which the store makes visible only once complete. Multi-file objects (checkpoints) write their
-parts first and a marker object last (see `dino.io.checkpoint`).
+Publishing: `atomic_write_bytes` makes readers see the old content or the complete new one: locally
+a temporary name in the same folder, then a rename; on an object store a single PUT, which the store
+makes visible only once complete. Multi-file objects (checkpoints) write their parts first and a
+marker object last (see `dino.io.checkpoint`). Local appends are whole or nothing (cut back when they
+fail part way) and a partial last line is cut on opening: a full disk is a `WriteError`, with nothing
+half-written left behind.
 
 Object stores (options, endpoint, retries, and errors that say whether credentials, the bucket or
 the endpoint is wrong) are dino/io/object_store.py; `configure` sets their options from the config.
+`StorageError` is defined there (most of its causes are the store's) and is part of this API.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
 import tempfile
+import uuid
 from collections.abc import Callable
 from typing import IO, TypeVar
 
 import fsspec
 
 from dino.io import object_store
-from dino.io.local_files import append_whole, atomic_write, drop_partial_line
 
 # The errors every function here raises, part of this module's API (callers catch storage.StorageError).
-from dino.io.storage_errors import StorageError as StorageError
-from dino.io.storage_errors import WriteError as WriteError
+from dino.io.object_store import StorageError as StorageError
+
+log = logging.getLogger("dino.storage")  # one logger for all storage messages, local or remote
+
+
+class WriteError(StorageError):
+    """A local file that could not be written (no space left, quota, read-only file system); nothing
+    half-written is left behind: temporary files are removed and appends are cut back."""
+
+
+def _write_error(path: str, err: OSError) -> WriteError:
+    return WriteError(f"cannot write {path}: {err.strerror or err}")
+
 
 T = TypeVar("T")
 _LOCAL = fsspec.filesystem("file")
@@ -151,7 +167,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         _check_bucket(path)
         _call("write", path, lambda: fs.pipe_file(p, data))  # one PUT: visible only once complete
         return
-    atomic_write(p, data, path)
+    _atomic_write(p, data, path)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -175,6 +191,70 @@ def upload_file(local_path: str, path: str) -> None:
         atomic_write_bytes(path, f.read())
 
 
+# ---- the local half: files written whole or not at all ----------------------------------------------
+def _atomic_write(local_path: str, data: bytes, name: str) -> None:
+    """Write `data` to `local_path` so that readers see either the old content or the complete new
+    one; `name` (the path as the caller gave it) is the one errors show."""
+    tmp = f"{local_path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        folder = os.path.dirname(local_path)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            with contextlib.suppress(OSError):
+                os.fsync(f.fileno())
+        os.replace(tmp, local_path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):  # a full disk must not keep the half-written copy
+            os.remove(tmp)
+        if isinstance(err, OSError):
+            raise _write_error(name, err) from None
+        raise
+
+
+def _append_whole(local_path: str, text: str, name: str) -> None:
+    """Append `text` to a local file entirely or not at all: a write that fails part way (no space
+    left) is cut back to the old end, so the file never ends in half a line the next append extends."""
+    fd = os.open(local_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        data = memoryview(text.encode())
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise _write_error(name, err) from None
+    finally:
+        os.close(fd)
+
+
+def _drop_partial_line(local_path: str, name: str) -> None:
+    """Cut a last line without its newline (a process killed while appending, before dinolab cut
+    appends back itself) so that the next line starts on a line of its own."""
+    if not os.path.exists(local_path) or os.path.getsize(local_path) == 0:
+        return
+    with open(local_path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        keep = end
+        while keep > 0:
+            start = max(0, keep - 65536)
+            f.seek(start)
+            chunk = f.read(keep - start)
+            if keep == end and chunk.endswith(b"\n"):
+                return
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            keep = start
+        f.truncate(keep)
+    log.warning("%s ended in a partial line (%d bytes, an interrupted write): removed", name, end - keep)
+
+
 class AppendLog:
     """An append-only text file (metrics.jsonl, train.log) at a local or remote path.
 
@@ -194,18 +274,18 @@ class AppendLog:
         if not self.remote:
             self.local_path = _fs(path)[1]
             makedirs(parent(self.local_path) or ".")
-            drop_partial_line(self.local_path, path)
+            _drop_partial_line(self.local_path, path)
             return
         handle, self.local_path = tempfile.mkstemp(prefix="dinolab-", suffix="-" + posixpath.basename(path))
         with os.fdopen(handle, "wb") as f:
             if exists(path):
                 f.write(read_bytes(path))
-        drop_partial_line(self.local_path, path)
+        _drop_partial_line(self.local_path, path)
         self._synced_size = os.path.getsize(self.local_path)
 
     def append(self, text: str) -> None:
         try:
-            append_whole(self.local_path, text, self.path)
+            _append_whole(self.local_path, text, self.path)
         except WriteError as err:
             self.failure = self.failure or err
             raise

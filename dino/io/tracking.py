@@ -1,7 +1,8 @@
-"""Experiment tracking behind a small interface.
+"""Experiment tracking behind a small interface: the `Tracker` protocol, `NullTracker`, and the link
+between a run folder and its MLflow run.
 
-`build_tracker` gives rank 0 an `MLflowTracker` (dino/io/mlflow_tracker.py) when `tracking.uri` is
-set, and every other process a `NullTracker`. A run folder is tied to its MLflow run by
+dino/io/mlflow_tracker.py holds the MLflow tracker and the factories (`build_tracker`: rank 0 gets an
+`MLflowTracker` when `tracking.uri` is set, every other process a `NullTracker`). A run folder is tied to its MLflow run by
 `<run>/tracking.json` ({uri, experiment_id, run_id}); whoever creates the MLflow run writes it (the
 sweep launcher before it submits, or the first `dinolab train`), and every later start, requeue and
 evaluation reads it, so a preempted run stays one MLflow run with one metric history.
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from dino.config.schema import DinoConfig
 from dino.io import storage
 
 LINK = "tracking.json"
@@ -61,30 +61,3 @@ def write_link(run_dir: str, uri: str, experiment_id: str, run_id: str) -> None:
     storage.makedirs(run_dir)
     link = {"uri": uri, "experiment_id": experiment_id, "run_id": run_id}
     storage.atomic_write_text(storage.join(run_dir, LINK), json.dumps(link, indent=1))
-
-
-def build_tracker(cfg: DinoConfig, is_main: bool) -> Tracker:
-    """The training tracker of this process: MLflow on rank 0 when `tracking.uri` is set."""
-    if not is_main or not cfg.tracking.uri:
-        return NullTracker()
-    from dino.io.mlflow_tracker import MLflowTracker
-
-    return MLflowTracker(
-        cfg.tracking.uri,
-        cfg.run.dir,
-        experiment=cfg.tracking.experiment,
-        run_name=cfg.tracking.run_name,
-        flush_timeout_s=cfg.tracking.flush_timeout_s,
-        training=True,
-    )
-
-
-def open_run_tracker(run_dir: str, flush_timeout_s: float = 60.0) -> Tracker:
-    """A tracker on the MLflow run already tied to `run_dir` (evaluations log there); NullTracker
-    when the run is not tracked."""
-    link = read_link(run_dir)
-    if link is None:
-        return NullTracker()
-    from dino.io.mlflow_tracker import MLflowTracker
-
-    return MLflowTracker(link["uri"], run_dir, flush_timeout_s=flush_timeout_s, training=False)

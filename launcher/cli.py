@@ -29,8 +29,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from dino.config.schema import ConfigError
     from dino.data.bad_images import UnreadableImageError
     from dino.data.datasets import DatasetNotFoundError
-    from dino.io.checkpoint import CheckpointError
-    from dino.io.checkpoint_writer import CheckpointWriteError
+    from dino.io.checkpoint import CheckpointError, CheckpointWriteError
     from dino.io.distributed import DeviceError
     from dino.io.run_lock import LockLost, RunLocked
     from dino.io.storage import StorageError

@@ -168,7 +168,7 @@ def compose_eval(
     """EvalConfig from `key=value` overrides; `run_data` (the run's data config) is the data default.
 
     Without `run_data` the run is looked up from `run.dir`/`checkpoint` by the caller (see
-    `dino.eval.target.resolve`), which calls this again with it.
+    `dino.eval.evaluated.resolve`), which calls this again with it.
     """
     pairs = [("model.name", v) if k == "model" else (k, v) for k, v in split_all(overrides)]
     preset = [v for k, v in pairs if k == "data"]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dino.config.schema import ConfigError
-from dino.eval.target import Target
+from dino.eval.evaluated import Evaluated
 
 
 def cls_features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ def pixel_features(images: torch.Tensor) -> torch.Tensor:
 
 
 def build_encoder(
-    target: Target, kind: str, n_last: int = 1, avgpool: bool = False
+    target: Evaluated, kind: str, n_last: int = 1, avgpool: bool = False
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """kind: cls (k-NN) or blocks (linear probe); the pixels baseline always flattens the image."""
     if target.backbone is None:

@@ -26,15 +26,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from dino.eval.config import EvalConfig, data_identity
-from dino.eval.datasets import (
+from dino.eval.encoders import build_encoder
+from dino.eval.evaluated import Evaluated
+from dino.eval.splits import (
     TransformedDataset,
     eval_dataset,
     eval_transform,
     evenly_spaced_subset,
     image_size,
 )
-from dino.eval.encoders import build_encoder
-from dino.eval.target import Target
 from dino.io import distributed, storage
 
 log = logging.getLogger("dino.eval")
@@ -59,7 +59,7 @@ class FeatureSet:
 
 
 def features_folder(
-    cfg: EvalConfig, target: Target, split: str, kind: str, size: int, subset: int | None = None
+    cfg: EvalConfig, target: Evaluated, split: str, kind: str, size: int, subset: int | None = None
 ) -> str:
     identity = {
         # Not the paths: a run folder that moved keeps its cache.
@@ -166,7 +166,7 @@ def extract_features(
 
 def split_features(
     cfg: EvalConfig,
-    target: Target,
+    target: Evaluated,
     split: str,
     *,
     limit: int,

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from dino.config.schema import to_dict
 from dino.eval.config import EvalConfig, data_identity
-from dino.eval.datasets import eval_dataset, num_classes
+from dino.eval.evaluated import Evaluated, resolve
 from dino.eval.features import FeatureSet, split_features
 from dino.eval.results import KNN, knn_metric, log_result, write_result
-from dino.eval.target import Target, resolve
+from dino.eval.splits import eval_dataset, num_classes
 from dino.io import distributed, storage
 
 log = logging.getLogger("dino.eval")
@@ -131,7 +131,7 @@ def data_id(cfg: EvalConfig) -> str:
     return f"{cfg.data.name}-{digest}"
 
 
-def evaluate_knn(cfg: EvalConfig, target: Target) -> KnnResult:
+def evaluate_knn(cfg: EvalConfig, target: Evaluated) -> KnnResult:
     """k-NN top-1/top-5 of `target` on the eval data; results JSON under <run>/eval/knn/."""
     device = distributed.rank_device(cfg.device)
     started = time.monotonic()

@@ -30,11 +30,12 @@ from dino.config.identity import identity_items
 from dino.config.schema import ConfigError, to_dict
 from dino.data.datasets import MultiCropDataset
 from dino.eval.config import EvalConfig
-from dino.eval.datasets import eval_dataset, evenly_spaced_subset, image_size, num_classes
 from dino.eval.encoders import build_encoder
+from dino.eval.evaluated import Evaluated, resolve
 from dino.eval.features import split_features
 from dino.eval.knn import data_id
 from dino.eval.probe import (
+    ProbeHeads,
     epoch_batches,
     evaluate,
     learning_rates,
@@ -43,7 +44,6 @@ from dino.eval.probe import (
     split_for_choice,
     train_transform,
 )
-from dino.eval.probe_heads import ProbeHeads
 from dino.eval.results import (
     LINEAR,
     LINEAR_BEST_TOP1,
@@ -54,7 +54,7 @@ from dino.eval.results import (
     log_result,
     write_result,
 )
-from dino.eval.target import Target, resolve
+from dino.eval.splits import eval_dataset, evenly_spaced_subset, image_size, num_classes
 from dino.io import checkpoint, distributed, storage
 
 log = logging.getLogger("dino.eval")
@@ -112,7 +112,9 @@ class _ProbeData:
     val_y: torch.Tensor | None
 
 
-def _probe_data(cfg: EvalConfig, target: Target, encode: Any, device: torch.device, size: int) -> _ProbeData:
+def _probe_data(
+    cfg: EvalConfig, target: Evaluated, encode: Any, device: torch.device, size: int
+) -> _ProbeData:
     lin = cfg.linear
     features = {"kind": "blocks", "n_last": lin.n_last_blocks, "avgpool": lin.avgpool, "device": device, "encoder": encode}  # fmt: skip
     # Test features are deterministic (eval transform, frozen backbone): extracted once, cached.
@@ -150,7 +152,7 @@ def _measure_epoch(
 
 
 def evaluate_linear(
-    cfg: EvalConfig, target: Target, should_stop: Callable[[], bool] | None = None
+    cfg: EvalConfig, target: Evaluated, should_stop: Callable[[], bool] | None = None
 ) -> LinearResult:
     """Train (or continue) the probe of `target`; see the module docstring."""
     if target.backbone is None:
@@ -212,7 +214,7 @@ def evaluate_linear(
 
 
 def _record(
-    cfg: EvalConfig, target: Target, probes: ProbeHeads, data: _ProbeData, size: int, epoch: int,
+    cfg: EvalConfig, target: Evaluated, probes: ProbeHeads, data: _ProbeData, size: int, epoch: int,
     state_dir: str, seconds: float,
 ) -> dict[str, Any]:  # fmt: skip
     """The result JSON: the reported head's final and best-over-epochs accuracy, its history and,

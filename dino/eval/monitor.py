@@ -22,16 +22,16 @@ from torch.utils.data import Dataset, Subset
 from dino.config.schema import DinoConfig, to_dict
 from dino.eval import results
 from dino.eval.config import EvalConfig, EvalDataConfig, KnnConfig
-from dino.eval.datasets import (
+from dino.eval.encoders import cls_features
+from dino.eval.features import encode_dataset
+from dino.eval.knn import knn_accuracy
+from dino.eval.splits import (
     TransformedDataset,
     eval_dataset,
     eval_transform,
     evenly_spaced_subset,
     num_classes,
 )
-from dino.eval.encoders import cls_features
-from dino.eval.features import encode_dataset
-from dino.eval.knn import knn_accuracy
 from dino.io import distributed
 
 log = logging.getLogger("dino.train")

@@ -24,8 +24,8 @@ import torch
 
 from dino import code_version
 from dino.config.schema import ARCHS, from_dict
+from dino.eval.evaluated import teacher_backbone
 from dino.eval.results import read_results
-from dino.eval.target import teacher_backbone
 from dino.io import checkpoint, storage
 from dino.io.checkpoint import CheckpointError
 

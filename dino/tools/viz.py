@@ -18,8 +18,8 @@ from torch import nn
 from dino.config.overrides import apply, split_all
 from dino.config.schema import ConfigError, from_dict
 from dino.eval.config import EvalRunConfig
-from dino.eval.datasets import eval_transform
-from dino.eval.target import teacher_backbone
+from dino.eval.evaluated import teacher_backbone
+from dino.eval.splits import eval_transform
 from dino.io import checkpoint, distributed, storage
 from dino.io.checkpoint import CheckpointError
 

@@ -62,7 +62,7 @@ def run_command(args: argparse.Namespace) -> int:
         import yaml
 
         from dino.config.schema import to_dict
-        from dino.eval.target import resolve
+        from dino.eval.evaluated import resolve
 
         cfg, _ = resolve(args.overrides)
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")

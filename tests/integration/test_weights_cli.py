@@ -11,7 +11,7 @@ import timm
 import torch
 
 from dino.config.schema import from_dict
-from dino.eval.target import teacher_backbone
+from dino.eval.evaluated import teacher_backbone
 from dino.io import checkpoint, weights
 from tests.integration.cli import TINY, dinolab, results
 from tests.unit.test_weights import FIXTURES

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dino.io import checkpoint
-from dino.io.checkpoint_writer import CheckpointWriter
+from dino.io.checkpoint import CheckpointWriter
 
 
 def _save(run_dir, step, keep_last=3):

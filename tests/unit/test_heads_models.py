@@ -1,7 +1,6 @@
 import torch
 
-from dino.method.heads import DINOHead
-from dino.method.models import build_student_teacher
+from dino.method.models import DINOHead, build_student_teacher
 
 
 def test_head_shapes_and_frozen_weight_g():

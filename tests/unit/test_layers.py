@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 # The DINO method: tensors in, tensors out. No files, no tracking, no configuration machinery.
-METHOD = ["dino.method.loss", "dino.method.heads", "dino.method.schedules", "dino.method.step", "dino.method.augment", "dino.method.batch_augment",
+METHOD = ["dino.method.loss", "dino.method.schedules", "dino.method.step", "dino.method.augment", "dino.method.batch_augment",
           "dino.method.models", "dino.method.collapse", "dino.method.rng"]  # fmt: skip
 EDGES = ["hydra", "omegaconf", "mlflow", "fsspec", "s3fs", "submitit", "dino.io.storage", "dino.io.tracking"]
 

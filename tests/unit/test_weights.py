@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dino.io import weights
-from dino.method.heads import DINOHead
+from dino.method.models import DINOHead
 from dino.tools.viz import last_block_attention
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference-dino"

@@ -1,6 +1,6 @@
-"""What an evaluation evaluates: `resolve` turns overrides into an `EvalConfig` and a `Target`.
+"""What an evaluation evaluates: `resolve` turns overrides into an `EvalConfig` and a `Evaluated`.
 
-The target is the frozen network being evaluated (the teacher backbone of a complete checkpoint, a
+The evaluated network is the frozen network (the teacher backbone of a complete checkpoint, a
 weights file, or a baseline: the same architecture randomly initialised, or raw pixels) and the
 provenance every result records (checkpoint path, step, config hash).
 """
@@ -18,14 +18,14 @@ from dino.config.identity import config_hash as run_config_hash
 from dino.config.overrides import split_all
 from dino.config.schema import ConfigError, DinoConfig, from_dict, to_dict
 from dino.eval.config import EvalConfig, compose_eval, run_dir_of_checkpoint
-from dino.eval.datasets import validate_data
+from dino.eval.splits import validate_data
 from dino.io import checkpoint, storage, weights
 from dino.io.checkpoint import CheckpointError
 from dino.method.models import build_backbone
 
 
 @dataclass
-class Target:
+class Evaluated:
     """The network under evaluation and where it came from."""
 
     key: str
@@ -58,7 +58,7 @@ def teacher_backbone(state: dict[str, Any], run_cfg: DinoConfig) -> nn.Module:
     return backbone.eval()
 
 
-def resolve(overrides: list[str] | tuple[str, ...]) -> tuple[EvalConfig, Target]:
+def resolve(overrides: list[str] | tuple[str, ...]) -> tuple[EvalConfig, Evaluated]:
     """Parse overrides, find the checkpoint (refusing incomplete ones) and build the target."""
     first = compose_eval(overrides)
     if first.weights:
@@ -86,7 +86,9 @@ def resolve(overrides: list[str] | tuple[str, ...]) -> tuple[EvalConfig, Target]
     return cfg, build_target(cfg, run_dir, run_cfg, ckpt)
 
 
-def _resolve_weights(first: EvalConfig, overrides: list[str] | tuple[str, ...]) -> tuple[EvalConfig, Target]:
+def _resolve_weights(
+    first: EvalConfig, overrides: list[str] | tuple[str, ...]
+) -> tuple[EvalConfig, Evaluated]:
     """A weights file as the target: its own results folder, the architecture from the file."""
     if first.checkpoint or first.baseline != "none":
         raise ConfigError("weights= evaluates a file: leave checkpoint= and baseline= out")
@@ -115,12 +117,12 @@ def _resolve_weights(first: EvalConfig, overrides: list[str] | tuple[str, ...]) 
         "weights_format": loaded.format,
         "weights_key": loaded.key,
     }
-    return cfg, Target(f"weights-{loaded.sha256[:12]}", run_dir, run_cfg, backbone, provenance)
+    return cfg, Evaluated(f"weights-{loaded.sha256[:12]}", run_dir, run_cfg, backbone, provenance)
 
 
 def build_target(
     cfg: EvalConfig, run_dir: str, run_cfg: DinoConfig, ckpt: checkpoint.LoadedCheckpoint | None
-) -> Target:
+) -> Evaluated:
     provenance: dict[str, Any] = {
         "run_dir": run_dir,
         "checkpoint": ckpt.path if ckpt else None,
@@ -129,7 +131,7 @@ def build_target(
         "baseline": cfg.baseline,
     }
     if cfg.baseline == "pixels":
-        return Target("pixels", run_dir, run_cfg, None, provenance)
+        return Evaluated("pixels", run_dir, run_cfg, None, provenance)
     if cfg.baseline == "random":
         # Built as training builds it (seed, then the student's backbone first): the run's own init.
         seed = run_cfg.train.seed if cfg.baseline_seed < 0 else cfg.baseline_seed
@@ -139,6 +141,6 @@ def build_target(
                 run_cfg.model.name, run_cfg.model.patch_size, run_cfg.crops.global_size, 0.0
             )
         provenance["seed"] = seed
-        return Target(f"random-seed{seed}", run_dir, run_cfg, backbone.eval(), provenance)
+        return Evaluated(f"random-seed{seed}", run_dir, run_cfg, backbone.eval(), provenance)
     assert ckpt is not None
-    return Target(f"{ckpt.step:09d}", run_dir, run_cfg, teacher_backbone(ckpt.state, run_cfg), provenance)
+    return Evaluated(f"{ckpt.step:09d}", run_dir, run_cfg, teacher_backbone(ckpt.state, run_cfg), provenance)

@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dino.data import pack_shards, shards
+from dino.data import shards
 from dino.data.datasets import ImageFolder  # noqa: E402
 from dino.io import storage  # noqa: E402
 from tests.s3_server import S3Server  # noqa: E402
@@ -74,7 +74,7 @@ def main() -> None:
             folder = ImageFolder(storage.join(root, "folder"))
             list_s = time.monotonic() - start
             read_all(folder, f"{where} image folder (1 object per image)", rows, list_s)
-            pack_shards.pack(folder, storage.join(root, "shards"), args.shard_size, classes=folder.classes)
+            shards.pack(folder, storage.join(root, "shards"), args.shard_size, classes=folder.classes)
             read_all(
                 shards.ShardedDataset(storage.join(root, "shards")),
                 f"{where} shards ({args.shard_size}/shard)",

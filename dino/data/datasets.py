@@ -16,9 +16,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, Subset
+from torch.utils.data import Dataset, Sampler
 
-from dino.config.schema import DataConfig
 from dino.data.bad_images import BadImages
 from dino.io import storage
 from dino.method.augment import MultiCropAugment, sample_seed
@@ -153,26 +152,6 @@ def decode_image(data: bytes, max_decode_size: int = 0) -> torch.Tensor:
                 img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
         array = np.asarray(img.convert("RGB"))
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-
-def build_dataset(data: DataConfig, seed: int = 0, split: str | None = None) -> Dataset:
-    """The configured dataset; with `data.limit` only its first N images (pretraining split only)."""
-    split = split or data.split
-    if data.name == "synthetic":
-        dataset: Dataset = SyntheticDataset(data.num_samples, data.image_size, data.num_classes, seed)
-    elif data.name == "fashion_mnist":
-        dataset = FashionMNIST(data.root, split)
-    elif data.name == "imagefolder":
-        dataset = ImageFolder(data.root, data.max_decode_size, data.on_bad_image)
-    elif data.name == "webdataset":
-        from dino.data.shards import ShardedDataset
-
-        dataset = ShardedDataset(data.root, data.max_decode_size, on_bad_image=data.on_bad_image)
-    else:
-        raise ValueError(f"data.name={data.name!r} is unknown")
-    if data.limit and split == data.split and data.limit < len(dataset):
-        dataset = Subset(dataset, range(data.limit))
-    return dataset
 
 
 class MultiCropDataset(Dataset):

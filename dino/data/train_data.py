@@ -1,5 +1,5 @@
 """The training batches of a run: crops on the training device, one batch per global step, whatever
-the source (folder and synthetic datasets through `data.RunBatchSampler`, webdataset shards through
+the source (`build_dataset` picks it from the config: folder and synthetic datasets through `data.RunBatchSampler`, webdataset shards through
 `shards.ShardStream`) and wherever augmentation runs (per image in the loader workers, or batched on
 the training device with `data.augment_device=gpu`). The loop only iterates `TrainData.batches`."""
 
@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from dino.config.schema import DinoConfig
+from dino.config.schema import DataConfig, DinoConfig
 from dino.data import bad_images, shards
 from dino.data import datasets as data
 from dino.method.augment import MultiCropAugment, sample_seed
@@ -26,6 +26,26 @@ def augment_on_device(cfg: DinoConfig, device: torch.device) -> bool:
     return cfg.data.augment_device == "gpu" or (cfg.data.augment_device == "auto" and device.type == "cuda")
 
 
+def build_dataset(source: DataConfig, seed: int = 0, split: str | None = None) -> Dataset:
+    """The configured dataset; with `data.limit` only its first N images (pretraining split only)."""
+    split = split or source.split
+    if source.name == "synthetic":
+        dataset: Dataset = data.SyntheticDataset(
+            source.num_samples, source.image_size, source.num_classes, seed
+        )
+    elif source.name == "fashion_mnist":
+        dataset = data.FashionMNIST(source.root, split)
+    elif source.name == "imagefolder":
+        dataset = data.ImageFolder(source.root, source.max_decode_size, source.on_bad_image)
+    elif source.name == "webdataset":
+        dataset = shards.ShardedDataset(source.root, source.max_decode_size, on_bad_image=source.on_bad_image)
+    else:
+        raise ValueError(f"data.name={source.name!r} is unknown")
+    if source.limit and split == source.split and source.limit < len(dataset):
+        dataset = Subset(dataset, range(source.limit))
+    return dataset
+
+
 @dataclass
 class TrainData:
     cfg: DinoConfig
@@ -37,7 +57,7 @@ class TrainData:
 
     @classmethod
     def open(cls, cfg: DinoConfig, device: torch.device, world_size: int) -> TrainData:
-        base = data.build_dataset(cfg.data, cfg.train.seed)
+        base = build_dataset(cfg.data, cfg.train.seed)
         if augment_on_device(cfg, device):
             if cfg.data.name in ("imagefolder", "webdataset") and not cfg.data.max_decode_size:
                 log.warning(

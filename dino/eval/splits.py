@@ -13,7 +13,8 @@ from torch.utils.data import Dataset, Subset
 from torchvision.transforms import InterpolationMode, v2
 
 from dino.config.schema import ConfigError, DinoConfig
-from dino.data.datasets import FashionMNIST, ImageFolder, SyntheticDataset, build_dataset
+from dino.data.datasets import FashionMNIST, ImageFolder, SyntheticDataset
+from dino.data.train_data import build_dataset
 from dino.eval.config import EvalConfig
 from dino.method.augment import IMAGENET_MEAN, IMAGENET_STD
 

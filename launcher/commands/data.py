@@ -41,7 +41,7 @@ def run_command(args: argparse.Namespace) -> int:
     import torch
     from rich.progress import Progress
 
-    from dino.data import pack_shards
+    from dino.data import shards
     from dino.data.datasets import FashionMNIST, ImageFolder
     from launcher.errors import UserError
 
@@ -60,7 +60,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         with Progress(transient=True) as bar:
             task = bar.add_task("packing", total=None)
-            index = pack_shards.pack(
+            index = shards.pack(
                 dataset, args.out, args.shard_size, args.seed, classes, args.source,
                 on_shard=lambda done, total: bar.update(task, completed=done, total=total),
             )  # fmt: skip

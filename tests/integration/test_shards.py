@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dino.config.schema import CropsConfig
-from dino.data import pack_shards, shards
+from dino.data import shards
 from dino.data.datasets import FashionMNIST
 from dino.io import storage
 from dino.method.augment import MultiCropAugment
@@ -35,7 +35,7 @@ def packed(store_root):
     """512 Fashion-MNIST images in 11 shards of 48 (the last one 32), packed in this process."""
     out = storage.join(store_root, "fm-shards")
     dataset = torch.utils.data.Subset(FashionMNIST(str(FASHION_MNIST_ROOT), "train"), range(N))
-    index = pack_shards.pack(dataset, out, shard_size=48)
+    index = shards.pack(dataset, out, shard_size=48)
     assert [s["count"] for s in index["shards"]] == [48] * 10 + [32]
     return out
 

@@ -9,8 +9,8 @@ from dino.data.datasets import (
     MultiCropDataset,
     RunBatchSampler,
     SyntheticDataset,
-    build_dataset,
 )
+from dino.data.train_data import build_dataset
 from dino.method.augment import MultiCropAugment
 
 

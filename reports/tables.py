@@ -8,10 +8,17 @@ what it is doing (pending, running, preempted, failed), or its flag (collapse, d
 of its state; so an unfinished run shows as unfinished, never as a zero. A column's best is marked
 only when it beats the runner-up by a resolved difference (reports/compare.py); a footnote says what
 the intervals are and on what each figure's choices were made.
+
+`--paper` puts the DINO paper's published numbers (ImageNet-1k; `../shared/ANCHORS.md`) beside a
+table, each saying which table and schedule it comes from: our runs are usually shorter, so the
+numbers are context, not targets. `page` is the self-contained report page: tables and figures (PNG
+as data URIs) in one HTML file.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -19,7 +26,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from dino.eval.results import HEADLINE_K, KNN_HEADLINE_COLUMN, LINEAR_BEST_TOP1, LINEAR_TOP1
-from reports import compare, paper, stats
+from reports import compare, stats
 from reports.collect import n_test_column, protocol_of
 
 
@@ -318,7 +325,7 @@ def render(
             ]
             out[f"p (Holm, {comparisons.tested} tests)"] = [_p_cell(c, fmt) for _, c in rows.iterrows()]
     if with_paper:
-        found = [paper.lookup(by[0], v) for v in summary[by[0]]]
+        found = [_paper_numbers(by[0], v) for v in summary[by[0]]]
         dash = _dash(fmt)
         out["paper k-NN"] = [f"{p[0]:.1f}" if p and p[0] is not None else dash for p in found]
         out["paper linear"] = [f"{p[1]:.1f}" if p and p[1] is not None else dash for p in found]
@@ -329,8 +336,6 @@ def render(
         return "\n\n".join([table, *notes]) if notes else table
     if fmt == "html":
         table = out.to_html(index=False, escape=False, border=0, classes="ablation")
-        import html
-
         return table + "".join(f"\n<p class='note'>{html.escape(n)}</p>" for n in notes)
     latex = out.rename(columns=lambda c: c.replace("_", "\\_").replace("%", "\\%"))
     latex = latex.map(lambda v: v.replace("_", "\\_") if isinstance(v, str) and "$" not in v else v)
@@ -437,3 +442,67 @@ def export(frame: pd.DataFrame, fmt: str, floats: str | None = None) -> str:
     if fmt == "csv":
         return frame.to_csv(index=False)
     return frame.to_markdown(index=False, disable_numparse=floats is None, floatfmt=floats or "g")
+
+
+# ---- the paper's numbers ----------------------------------------------------------------------------
+# axis -> value -> (k-NN top-1, linear top-1, source); None where the paper gives no number.
+_PAPER: dict[str, dict[object, tuple[float | None, float | None, str]]] = {
+    "crops.num_local": {
+        0: (None, 67.8, "Table 8, ViT-S/16, 100 ep"),
+        2: (None, 71.5, "Table 8, ViT-S/16, 100 ep"),
+        6: (None, 73.8, "Table 8, ViT-S/16, 100 ep"),
+        10: (None, 74.6, "Table 8, ViT-S/16, 100 ep"),
+    },
+    "model.patch_size": {
+        16: (74.5, 77.0, "Table 2, ViT-S/16, full schedule"),
+        8: (78.3, 79.7, "Table 2, ViT-S/8, full schedule"),
+    },
+    "teacher.temp": {
+        0.02: (66.7, None, "teacher temperature, ViT-S/16, 100 ep"),
+        0.04: (69.6, None, "teacher temperature, ViT-S/16, 100 ep"),
+        0.06: (68.7, None, "teacher temperature, ViT-S/16, 100 ep"),
+        0.08: (0.1, None, "teacher temperature, ViT-S/16, 100 ep (collapse)"),
+    },
+    "teacher.center_momentum": {
+        0.0: (69.1, None, "center momentum, ViT-S/16, 100 ep"),
+        0.9: (69.7, None, "center momentum, ViT-S/16, 100 ep"),
+        0.999: (0.1, None, "center momentum, ViT-S/16, 100 ep (collapse)"),
+    },
+    "teacher.momentum": {
+        0.0: (0.1, 0.1, "Table 7, no momentum teacher (collapse), 300 ep"),
+        0.996: (72.8, 76.1, "Table 7, DINO ViT-S/16, 300 ep"),
+    },
+}
+
+
+def _paper_numbers(axis: str, value: object) -> tuple[float | None, float | None, str] | None:
+    table = _PAPER.get(axis, {})
+    for key, numbers in table.items():
+        try:
+            if float(key) == float(value):  # 0.9 == "0.9", 2 == 2.0
+                return numbers
+        except (TypeError, ValueError):
+            if key == value:
+                return numbers
+    return None
+
+
+# ---- the report page ---------------------------------------------------------------------------------
+_STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}
+table.ablation,table{border-collapse:collapse;font-size:14px}td,th{padding:4px 10px;border-bottom:1px solid #ddd;
+text-align:right}th{background:#f4f4f4}img{max-width:100%;margin:1em 0}.note{color:#555}"""
+
+
+def page(title: str, sections: list[tuple[str, str]], figures: list[tuple[str, bytes]], note: str) -> str:
+    """`sections`: (heading, table HTML); `figures`: (caption, PNG bytes)."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+             f"<p class='note'>{html.escape(note)}</p>"]  # fmt: skip
+    for heading, table in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>{table}")
+    for caption, png in figures:
+        data = base64.b64encode(png).decode()
+        parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")  # fmt: skip
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -224,7 +224,7 @@ def _plan(args: argparse.Namespace, sweep, df, summary, by, comparisons):
 def _estimated_run_cost(sweep, summary, by) -> dict[int, tuple[float | None, str]]:
     """{summary row: (GPU-hours of one run of that cell, source)} from the sweep's cost estimate of one
     run per cell (pretraining and the sweep's evaluations); {} when it cannot be estimated."""
-    from launcher.cost.estimate import estimate
+    from launcher.cost import estimate
     from launcher.grid import expand
     from reports.compare import same
 
@@ -277,7 +277,6 @@ def write_html(path, uri, experiment, df, summary, by, columns, with_paper, show
 
     from dino.io.mlflow_store import existing_client
     from reports import plots, tables
-    from reports.html import page
 
     client = existing_client(uri)
     main = columns[0]
@@ -317,7 +316,7 @@ def write_html(path, uri, experiment, df, summary, by, columns, with_paper, show
         figures.append((f"{label} per run", plots.curves(histories, label, hline=log_k)))
     note = f"experiment {experiment} in {uri}; {len(df)} runs; means over healthy runs only."
     with open(path, "w") as f:
-        f.write(page(f"dinolab report: {experiment}", sections, figures, note))
+        f.write(tables.page(f"dinolab report: {experiment}", sections, figures, note))
 
 
 def _attach(folder: str, path: str) -> None:

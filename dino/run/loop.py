@@ -1,8 +1,9 @@
 """The training loop: batches in, steps, a metrics line per window, checkpoints on their cadence.
 
-`train()` reads as the run goes: open the data, build the run, resume, step until the end, a stop
-request or a collapse. The checkpoint cadence and payload live in `Checkpoints`, the metrics window
-and what it is written to in `WindowReport`.
+`train(ctx)` reads as the run goes: open the data, build the run, resume, step until the end, a stop
+request or a collapse. What it runs with (config, process group, tracker, logs, the launcher's
+callbacks) is one `RunContext`, built by dino/run/train.py. The checkpoint cadence and payload live in
+`_Checkpoints`, the metrics window and what it is written to in `_WindowReport`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dino.config.schema import ConfigError, DinoConfig, flatten, to_dict
 from dino.data.train_data import TrainData
 from dino.eval.monitor import KnnMonitor
 from dino.io import distributed, storage
-from dino.io.checkpoint_writer import CheckpointWriter
+from dino.io.checkpoint import CheckpointWriter
+from dino.io.tracking import Tracker
 from dino.method import rng
 from dino.method.collapse import CollapseGuard, CollapseRule
 from dino.method.step import train_step
@@ -30,6 +32,38 @@ from dino.run.state import TrainState, restore_latest
 from dino.run.train_metrics import MetricsWindow
 
 log = logging.getLogger("dino.train")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What one training process runs with: built once by dino/run/train.py when it holds the run
+    folder and its tracker is open, then read by `train()`, `_Checkpoints` and `_WindowReport`."""
+
+    cfg: DinoConfig
+    """The resolved config of the run (run.dir, train.*, optim.*, ...)."""
+    dist: distributed.DistInfo
+    """This process's rank, world size and device (`distributed.setup`); rank 0 alone writes."""
+    tracker: Tracker
+    """Rank 0's MLflow tracker (a `NullTracker` elsewhere): the params once (`train()`), each window's
+    metrics (`_WindowReport`). train.py opens it, tags it and closes it."""
+    logs: dict[str, storage.AppendLog]
+    """On rank 0, train.log and metrics.jsonl in run.dir (empty elsewhere): `_WindowReport` appends
+    each metrics line, `_Checkpoints` publishes remote ones with each checkpoint; train.py closes them."""
+    should_stop: Callable[[], bool]
+    """The launcher's stop request (preemption, requeue), read by `train()` at each window and agreed
+    on by all ranks: when true, a complete checkpoint and `TrainResult.stopped`."""
+    on_progress: Callable[[dict[str, float]], None]
+    """Called by `train()` on rank 0 after each window (its metrics, total_steps, checkpoint_step):
+    the launcher keeps its run record's step, loss and heartbeat current with it."""
+    guard: Callable[[], None]
+    """Raises when this process no longer holds the run folder (a remote lease taken over):
+    `_Checkpoints.save` calls it on rank 0 before each checkpoint, so a process that lost the folder
+    never writes into it again."""
+
+    @property
+    def device(self) -> torch.device:
+        """This rank's device (`dist.device`)."""
+        return self.dist.device
 
 
 @dataclass
@@ -49,9 +83,9 @@ class TrainResult:
         return self.step >= self.total_steps
 
 
-def train(cfg, device, dist, tracker, logs, should_stop, on_progress, guard) -> TrainResult:
-    """`guard()` raises when this process no longer holds the run folder (a remote lease taken over):
-    called before each checkpoint, so a process that lost the folder never writes into it again."""
+def train(ctx: RunContext) -> TrainResult:
+    """Train (or continue) the run of `ctx.cfg` in this process; see the module docstring."""
+    cfg, device, dist = ctx.cfg, ctx.device, ctx.dist
     log.info(
         "run %s (config %s) on %s, %d process(es)", cfg.run.dir, config_hash(cfg), device, dist.world_size
     )
@@ -64,9 +98,9 @@ def train(cfg, device, dist, tracker, logs, should_stop, on_progress, guard) -> 
     resumed_from = _resume(cfg, run.state, dist)
     start_step = step = run.state.step
     if dist.is_main:
-        tracker.log_params(flatten(to_dict(cfg)))
-    checkpoints = Checkpoints(cfg, dist, run.state, logs, guard)
-    report = WindowReport(cfg, device, dist, run, data, tracker, logs, start_step)
+        ctx.tracker.log_params(flatten(to_dict(cfg)))
+    checkpoints = _Checkpoints(ctx, run.state)
+    report = _WindowReport(ctx, run, data, start_step)
     # Not carried in checkpoints: a resumed run counts its patience again (it can only stop later).
     collapse_guard = _collapse_guard(cfg, data.steps_per_epoch, start_step)
     last: dict[str, float] = {}
@@ -81,14 +115,14 @@ def train(cfg, device, dist, tracker, logs, should_stop, on_progress, guard) -> 
                 continue
             # Stop requests and the checkpoint clock are read only here, and agreed on by all ranks,
             # so every rank takes the same branch (checkpointing gathers RNG states collectively).
-            stop_now, due_time = distributed.any_true(should_stop(), checkpoints.due_time())
+            stop_now, due_time = distributed.any_true(ctx.should_stop(), checkpoints.due_time())
             last = report(step, due_knn, run.state.teacher)  # raises on a non-finite loss, before a save
             if collapse_guard is not None and not final:  # the same window, so the same answer, on every rank
                 collapse = collapse_guard.update(step, last["teacher_entropy"], last["kl"])
             if due_steps or due_time or final or stop_now or collapse is not None:
                 checkpoints.save(step, report.window.train_seconds)
             if dist.is_main:
-                on_progress({**last, "total_steps": total, "checkpoint_step": checkpoints.newest(start_step)})
+                ctx.on_progress({**last, "total_steps": total, "checkpoint_step": checkpoints.newest()})
             if collapse is not None:
                 break
             if stop_now and not final:
@@ -154,20 +188,14 @@ def _collapse_guard(cfg: DinoConfig, steps_per_epoch: int, start_step: int) -> C
     )
 
 
-class Checkpoints:
+class _Checkpoints:
     """When the loop checkpoints (every train.checkpoint_every_steps steps or _minutes, and whenever
     it stops) and the save itself: `TrainState` on rank 0, written in the background."""
 
-    def __init__(
-        self,
-        cfg: DinoConfig,
-        dist: distributed.DistInfo,
-        state: TrainState,
-        logs: dict[str, storage.AppendLog],
-        guard: Callable[[], None],
-    ) -> None:
-        self.cfg, self.dist, self.state, self.logs, self.guard = cfg, dist, state, logs, guard
-        self.writer = CheckpointWriter(cfg.run.dir, config_hash(cfg), cfg.train.keep_last)
+    def __init__(self, ctx: RunContext, state: TrainState) -> None:
+        self.ctx, self.cfg, self.state = ctx, ctx.cfg, state
+        self.start_step = state.step  # made after the resume: the step this process started from
+        self.writer = CheckpointWriter(self.cfg.run.dir, config_hash(self.cfg), self.cfg.train.keep_last)
         self.last_time = time.monotonic()
 
     def due_steps(self, step: int) -> bool:
@@ -178,18 +206,18 @@ class Checkpoints:
         minutes = self.cfg.train.checkpoint_every_minutes
         return bool(minutes) and time.monotonic() - self.last_time >= 60 * minutes
 
-    def newest(self, start_step: int) -> int:
+    def newest(self) -> int:
         """The newest complete checkpoint of this run (its start step before the first), for progress."""
-        return start_step if self.writer.last_complete is None else self.writer.last_complete
+        return self.start_step if self.writer.last_complete is None else self.writer.last_complete
 
     def save(self, step: int, train_seconds: float) -> None:
         """Collective: every rank's RNG state goes into rank 0's checkpoint."""
         self.state.step, self.state.train_seconds = step, train_seconds
         self.state.rng = distributed.all_gather_object(rng.capture())
-        if self.dist.is_main:
-            self.guard()
+        if self.ctx.dist.is_main:
+            self.ctx.guard()
             # A remote run folder gets its logs published with each checkpoint (object stores cannot append).
-            remote = [run_log for run_log in self.logs.values() if run_log.remote]
+            remote = [run_log for run_log in self.ctx.logs.values() if run_log.remote]
             self.writer.save(step, self.state.state_dict(), remote)
         self.last_time = time.monotonic()
 
@@ -200,17 +228,17 @@ class Checkpoints:
         self.writer.close()
 
 
-class WindowReport:
+class _WindowReport:
     """Every metrics window: the k-NN monitor when due, skipped images, the reduced metrics line into
     metrics.jsonl, the tracker and the progress bar."""
 
-    def __init__(self, cfg, device, dist, run: Run, data: TrainData, tracker, logs, start_step: int) -> None:
-        spe = data.steps_per_epoch
-        self.dist, self.tracker, self.logs, self.bad = dist, tracker, logs, data.bad
-        self.window = MetricsWindow(device, run.schedules, spe, cfg.optim.batch_size, dist.world_size,
+    def __init__(self, ctx: RunContext, run: Run, data: TrainData, start_step: int) -> None:
+        cfg, dist, spe = ctx.cfg, ctx.dist, data.steps_per_epoch
+        self.ctx, self.bad = ctx, data.bad
+        self.window = MetricsWindow(ctx.device, run.schedules, spe, cfg.optim.batch_size, dist.world_size,
                                     run.end_step, cfg.run.dir, run.state.train_seconds)  # fmt: skip
         self.progress = TrainProgress(start_step, run.end_step, spe, cfg.train.progress and dist.is_main)
-        self.monitor = KnnMonitor(cfg, spe, device)
+        self.monitor = KnnMonitor(cfg, spe, ctx.device)
 
     def __call__(self, step: int, due_knn: bool, teacher: torch.nn.Module) -> dict[str, float]:
         extra: dict[str, float] = {}
@@ -221,10 +249,10 @@ class WindowReport:
         if self.bad is not None:  # by this process's loader since it started, summed over ranks
             extra["skipped_images"] = distributed.sum_across(torch.tensor(float(self.bad.count))).item()
         last = self.window.reduce(step, extra)  # raises on a non-finite loss
-        if self.dist.is_main:
-            self.logs["metrics.jsonl"].append(json.dumps(last) + "\n")
-            self.logs["train.log"].check()  # a log line the disk refused stops the run like a metric
-            self.tracker.log_metrics({k: v for k, v in last.items() if k != "step"}, step)
+        if self.ctx.dist.is_main:
+            self.ctx.logs["metrics.jsonl"].append(json.dumps(last) + "\n")
+            self.ctx.logs["train.log"].check()  # a log line the disk refused stops the run like a metric
+            self.ctx.tracker.log_metrics({k: v for k, v in last.items() if k != "step"}, step)
         self.progress.update(step, last)
         return last
 

@@ -19,17 +19,17 @@ import yaml
 from dino.config.identity import config_hash, semantic_diff
 from dino.config.schema import DinoConfig, to_dict
 from dino.io import checkpoint, distributed, run_lock, storage
-from dino.io.tracking import build_tracker
+from dino.io.mlflow_tracker import build_tracker
 from dino.method.collapse import MARKER
-from dino.run.cards import device_card
-from dino.run.loop import TrainResult, train
+from dino.run.accelerators import device_card
+from dino.run.loop import RunContext, TrainResult, train
 from dino.run.progress import setup_logging
 from dino.run.state import ConfigMismatchError
 
 log = logging.getLogger("dino.train")
 
 
-def read_collapse(run_dir: str) -> dict | None:
+def _read_collapse(run_dir: str) -> dict | None:
     """The collapse guard's decision saved in run.dir (None: the run has not collapsed)."""
     path = storage.join(run_dir, MARKER)
     if not storage.exists(path):
@@ -40,7 +40,7 @@ def read_collapse(run_dir: str) -> dict | None:
         return None
 
 
-def prepare_run_dir(cfg: DinoConfig, is_main: bool) -> None:
+def _prepare_run_dir(cfg: DinoConfig, is_main: bool) -> None:
     """Create run.dir and its config.yaml; refuse a run.dir that holds another config's run."""
     path = storage.join(cfg.run.dir, "config.yaml")
     if storage.exists(path):
@@ -76,12 +76,19 @@ def run(
         raise storage.WriteError(f"{err}. {_resume_point(cfg.run.dir)}") from None
 
 
-def _run(cfg, should_stop, on_progress, on_start) -> TrainResult:
+def _run(
+    cfg: DinoConfig,
+    should_stop: Callable[[], bool] | None,
+    on_progress: Callable[[dict[str, float]], None] | None,
+    on_start: Callable[[], None] | None,
+) -> TrainResult:
+    """Set up in order (process group, run-folder lock, logs, config.yaml, collapse marker, tracker),
+    train with the one `RunContext` they make, and release them whatever happens."""
     dist = distributed.setup(cfg.train.device)  # the rank's device, then its process group
-    device = dist.device
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    should_stop = should_stop or (lambda: False)
     logs: dict[str, storage.AppendLog] = {}
-    lock = _lock_run_dir(cfg, dist, should_stop or (lambda: False))  # before any write: one writer
+    lock = _lock_run_dir(cfg, dist, should_stop)  # before any write: one writer
     try:
         if dist.is_main:
             if on_start is not None:
@@ -91,14 +98,14 @@ def _run(cfg, should_stop, on_progress, on_start) -> TrainResult:
                 for name in ("train.log", "metrics.jsonl")
             }
         setup_logging(logs.get("train.log"))
-        prepare_run_dir(cfg, dist.is_main)  # before tracking: a folder of another config is refused
+        _prepare_run_dir(cfg, dist.is_main)  # before tracking: a folder of another config is refused
         stopped_before = _collapsed_before(cfg, dist)
         if stopped_before is not None:
             return stopped_before
         guard = lock.check if lock is not None else (lambda: None)
-        return _tracked(
-            cfg, device, dist, logs, should_stop or (lambda: False), on_progress or (lambda m: None), guard
-        )
+        tracker = build_tracker(cfg, dist.is_main)  # closed by _tracked, whatever happens there
+        ctx = RunContext(cfg, dist, tracker, logs, should_stop, on_progress or (lambda m: None), guard)
+        return _tracked(ctx)
     finally:
         distributed.destroy()
         setup_logging(None)  # release the log file before it is published
@@ -114,7 +121,7 @@ def _run(cfg, should_stop, on_progress, on_start) -> TrainResult:
 def _collapsed_before(cfg: DinoConfig, dist: distributed.DistInfo) -> TrainResult | None:
     """A run the collapse guard stopped: with train.collapse_stop still on it stays stopped (the
     result says so, nothing is trained); turned off, the decision is dropped and the run trains on."""
-    found = read_collapse(cfg.run.dir)
+    found = _read_collapse(cfg.run.dir)
     if found is None:
         return None
     if cfg.train.collapse_stop:
@@ -182,25 +189,25 @@ def _lock_run_dir(
     return lock
 
 
-def _tracked(cfg, device, dist, logs, should_stop, on_progress, guard) -> TrainResult:
+def _tracked(ctx: RunContext) -> TrainResult:
     """Train with the tracker open; its MLflow run ends FINISHED, KILLED (stopped to be requeued)
     or FAILED."""
-    tracker = build_tracker(cfg, dist.is_main)
+    cfg, tracker = ctx.cfg, ctx.tracker
     status = "FAILED"
     try:
         # The card is a throughput-shaping key: `sweep plan` uses this run's img/s for runs of the
         # same shape on the same card (launcher/cost/estimate.py).
-        tracker.set_tags({"dinolab.config_hash": config_hash(cfg), "dinolab.card": device_card(device)})
+        tracker.set_tags({"dinolab.config_hash": config_hash(cfg), "dinolab.card": device_card(ctx.device)})
         tracker.log_artifact(storage.join(cfg.run.dir, "config.yaml"))
-        result = train(cfg, device, dist, tracker, logs, should_stop, on_progress, guard)
+        result = train(ctx)
         if result.collapsed is not None:
-            _record_collapse(cfg, dist, tracker, result.collapsed, result.last_metrics)
+            _record_collapse(ctx, result.collapsed, result.last_metrics)
         # A collapsed run ends FINISHED (it will not be resumed, its reports show its last metrics)
         # with the tag dinolab.state=collapsed; KILLED is a run stopped to be requeued.
         done = result.finished or result.collapsed is not None
         status = "FINISHED" if done else "KILLED"
-        if done and logs:
-            tracker.log_artifact(logs["metrics.jsonl"].local_path, "")
+        if done and ctx.logs:
+            tracker.log_artifact(ctx.logs["metrics.jsonl"].local_path, "")
         return result
     finally:
         try:
@@ -213,15 +220,15 @@ def _tracked(cfg, device, dist, logs, should_stop, on_progress, guard) -> TrainR
             log.error("%s", err)
 
 
-def _record_collapse(cfg, dist, tracker, collapsed: dict, last: dict[str, float]) -> None:
+def _record_collapse(ctx: RunContext, collapsed: dict, last: dict[str, float]) -> None:
     """After the final checkpoint is complete: the decision in run.dir (a restart reads it), on the
     MLflow run, and one WARNING line."""
-    if dist.is_main:
+    if ctx.dist.is_main:
         collapsed["gpu_hours"] = last.get("gpu_hours", 0.0)
-        storage.atomic_write_text(storage.join(cfg.run.dir, MARKER), json.dumps(collapsed, indent=1))
-        tracker.set_tags({"dinolab.state": "collapsed", "dinolab.collapse_step": str(collapsed["step"]),
-                          "dinolab.collapse_signal": collapsed["signal"],
-                          "dinolab.total_steps": str(collapsed["total_steps"])})  # fmt: skip
+        storage.atomic_write_text(storage.join(ctx.cfg.run.dir, MARKER), json.dumps(collapsed, indent=1))
+        ctx.tracker.set_tags({"dinolab.state": "collapsed", "dinolab.collapse_step": str(collapsed["step"]),
+                              "dinolab.collapse_signal": collapsed["signal"],
+                              "dinolab.total_steps": str(collapsed["total_steps"])})  # fmt: skip
     log.warning(
         "teacher output collapsed (%s): run stopped at step %d of %d with a final checkpoint; "
         "train.collapse_stop=false trains it on", collapsed["signal"], collapsed["step"], collapsed["total_steps"],

@@ -1,1 +1,15 @@
-"""Training data: datasets, webdataset shards, unreadable images, the train loader."""
+"""Training data: datasets, webdataset shards, unreadable images, a run's batches.
+
+Entry points: `TrainData` (a run's batches on the training device, one per global step),
+`build_dataset` (the source a config names), `pack` (a dataset written as webdataset shards).
+"""
+
+from dino import entry_points
+
+_ENTRY_POINTS = {
+    "TrainData": "dino.data.train_data",
+    "build_dataset": "dino.data.train_data",
+    "pack": "dino.data.shards",
+}
+__all__ = list(_ENTRY_POINTS)
+__getattr__, __dir__ = entry_points(__name__, _ENTRY_POINTS)

@@ -1,9 +1,22 @@
-"""Evaluation protocols on checkpoints of a run: weighted k-NN and the linear probe (DINO's).
+"""Evaluation protocols on frozen backbones: weighted k-NN and the linear probe (DINO's), and the
+live k-NN monitor of pretraining.
 
-`target` resolves what is evaluated (a complete checkpoint's teacher backbone, a weights file, or a
-baseline); `datasets` gives the evaluation splits and transform, `encoders` turns images into
-features and `features` caches them as shards under `<run>/eval/features/`. `knn` and `linear` (with
-`probe`, the probe's parts) are the protocols: each writes a JSON result under
-`<run>/eval/<protocol>/` that records the checkpoint path, step and config hash it used, and logs
-it to the run's MLflow run (`track`). `results` names what they produce and reads results back.
+Entry points: `run_knn(overrides)`, `run_linear(overrides)` (each writes a JSON result under
+`<run>/eval/<protocol>/` and logs it to the run's MLflow run); `resolve` (what an override list
+evaluates: a checkpoint's teacher, a weights file, a baseline); `KnnMonitor`; `read_results`.
+`evaluated` resolves the network, `splits` gives the evaluation splits and transform, `encoders` turns
+images into features and `features` caches them; `probe` holds the linear probe's parts; `results`
+names what the protocols produce.
 """
+
+from dino import entry_points
+
+_ENTRY_POINTS = {
+    "run_knn": "dino.eval.knn",
+    "run_linear": "dino.eval.linear",
+    "resolve": "dino.eval.evaluated",
+    "KnnMonitor": "dino.eval.monitor",
+    "read_results": "dino.eval.results",
+}
+__all__ = list(_ENTRY_POINTS)
+__getattr__, __dir__ = entry_points(__name__, _ENTRY_POINTS)

@@ -207,3 +207,19 @@ def test_no_import_cycle_not_even_inside_a_function():
 
 def test_the_cycle_check_finds_a_function_level_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_each_layer_names_its_entry_points(layer):
+    """`from dino.<layer> import <entry point>` works for every name the package's `__init__` lists,
+    and each is defined in that layer (the `__init__` is the layer's public face, as submitit's is)."""
+    code = (
+        f"import dino.{layer} as p\n"
+        "assert p.__all__, 'no entry points named'\n"
+        "for name in p.__all__:\n"
+        "    obj = getattr(p, name)\n"
+        f"    assert obj.__module__.startswith('dino.{layer}.'), (name, obj.__module__)\n"
+        "print(len(p.__all__))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and int(out.stdout) >= 1, out.stderr

@@ -95,7 +95,7 @@ def update_record(run_dir: str, **changes: Any) -> dict[str, Any]:
 
 def mark_pending(run_dir: str, estimates: dict[str, Any]) -> None:
     """The launcher is about to (re)submit the run: state `pending`, no error, its cost estimates
-    (`launcher.cost.estimate.record_fields`), and every evaluation to run again."""
+    (`launcher.cost.record_fields`), and every evaluation to run again."""
     update_record(run_dir, state=PENDING, error="", evals={}, **estimates)
     reset_evals(run_dir)
 

@@ -50,7 +50,7 @@ def submit(
 ) -> Submitted:  # fmt: skip
     """One array for the pretraining runs, one per evaluation; evaluations of runs being trained wait
     for their own run (SLURM `aftercorr` on the pretrain array; locally a wait on the run record).
-    `estimates` (run id -> launcher.cost.estimate.record_fields) go into each (re)trained run's record and
+    `estimates` (run id -> launcher.cost.record_fields) go into each (re)trained run's record and
     MLflow tags, for `status` and `report` to show beside the GPU-hours spent."""
     train, eval_only = to_submit(todos, only)
     out = Submitted(skipped=[t for t in todos if t not in train and t not in eval_only])
@@ -110,8 +110,7 @@ def _submit_arrays(sweep, train, eval_only, executor, out, created, estimates) -
     if train:
         ex = build_executor(sweep, "pretrain", executor, folder)
         jobs = _submit_array(sweep, ex, "pretrain", executor,
-                             [TrainJob(t.run.job_config(), t.run.run_dir, local_slots, slots_folder(sweep))
-                              for t in train])  # fmt: skip
+                             [TrainJob(t.run.overrides, t.run.run_dir, local_slots, slots_folder(sweep)) for t in train])  # fmt: skip
         for todo, job in zip(train, jobs, strict=True):
             _record_submission(todo.run, "pretrain", job, executor)
             out.pretrain.append((todo.run, job))

@@ -18,8 +18,8 @@ from dino.config.schema import DinoConfig
 from dino.data.train_data import TrainData
 from dino.io import distributed
 from dino.method.step import StepState, train_step
+from dino.run.accelerators import PEAK_BF16
 from dino.run.build import build_run
-from dino.run.cards import PEAK_BF16
 from dino.run.train_metrics import memory_gib
 
 

@@ -53,7 +53,7 @@ def run_command(args: argparse.Namespace) -> int:
     cfg = compose(args.overrides)
     result = bench.run(cfg, args.warmup, args.steps, args.input)
     if args.save:
-        from launcher.cost.bench import save_bench
+        from launcher.cost import save_bench
 
         path = save_bench(args.save, cfg, result)
         print(f"calibration saved to {path}", file=sys.stderr)

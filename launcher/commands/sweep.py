@@ -107,7 +107,7 @@ def _line(text: str) -> None:
 
 def _print_cost(sweep, runs) -> None:
     """The cost table and its summary lines (launcher/cost/estimate.py) of the whole sweep."""
-    from launcher.cost import estimate as cost
+    from launcher import cost
 
     try:
         estimate = cost.estimate(sweep, runs)
@@ -122,8 +122,7 @@ def _print_cost(sweep, runs) -> None:
 def _estimate_submission(args: argparse.Namespace, sweep, todos) -> dict:
     """The cost of what this submission would queue, checked against --max-gpu-hours (else the
     sweep's budget:) before anything is queued; returns each run's estimate for its record."""
-    from launcher import plan, records
-    from launcher.cost import estimate as cost
+    from launcher import cost, plan, records
 
     train, eval_only = plan.to_submit(todos, args.only)
     work = {}

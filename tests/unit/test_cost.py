@@ -1,4 +1,4 @@
-"""launcher/cost*.py's arithmetic: images per stage, GPU-hours, wall-clock with array parallelism, cards,
+"""launcher/cost/'s arithmetic: images per stage, GPU-hours, wall-clock with array parallelism, cards,
 the order of trust of the sources and the budget check. No MLflow, no training."""
 
 from __future__ import annotations
@@ -8,13 +8,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.cost import bench as cost_bench
-from launcher.cost import estimate as cost
-from launcher.cost import flops as cost_flops
-from launcher.cost import images as cost_images
-from launcher.cost import measured as cost_measured
-from launcher.cost import model as cost_model
-from launcher.cost import shapes as cost_shapes
+from launcher import cost
+from launcher.cost import speeds
+from launcher.cost.estimate import (
+    _dataset_size,
+    _devices,
+    _eval_images,
+    _pretrain_images,
+    _Size,
+    _stage_card,
+    _wall_hours,
+)
 from launcher.grid import expand
 from launcher.sweep import load_sweep
 from tests.conftest import TINY_OVERRIDES
@@ -43,40 +47,38 @@ def _flop_cache(tmp_path, monkeypatch):
 def test_pretrain_images_count_whole_global_batches_as_the_train_loop(tmp_path):
     (run,) = expand(load_sweep(sweep_file(tmp_path, grid={"optim.batch_size": [8]})))
     cfg = run.config  # 64 synthetic images, batch 8, 2 epochs
-    assert cost_images.pretrain_images(cfg, 1).images == 2 * 8 * 8
-    assert (
-        cost_images.pretrain_images(cfg, 3).images == 2 * (64 // 24) * 24
-    )  # the remainder of an epoch is dropped
+    assert _pretrain_images(cfg, 1).images == 2 * 8 * 8
+    assert _pretrain_images(cfg, 3).images == 2 * (64 // 24) * 24  # the remainder of an epoch is dropped
     cfg.train.max_steps = 5
-    assert cost_images.pretrain_images(cfg, 1).images == 5 * 8
+    assert _pretrain_images(cfg, 1).images == 5 * 8
 
 
 def test_gpu_hours_and_wall_clock_of_a_stage():
-    speed = cost_model.Speed(100.0, 2.0, cost_model.MEASURED, "")
-    stage = cost_model.StageCost("pretrain", 3_600_000, 16, speed)
+    speed = cost.Speed(100.0, 2.0, speeds.MEASURED, "")
+    stage = cost.StageCost("pretrain", 3_600_000, 16, speed)
     assert stage.gpu_hours == pytest.approx(10.0)  # 3.6M images at 100 img/s per GPU
     assert stage.hours == pytest.approx(10.0 / 16)  # spread over 2 nodes x 8 GPUs
-    assert cost_model.StageCost("pretrain", None, 1, speed).gpu_hours is None  # dataset size unknown
+    assert cost.StageCost("pretrain", None, 1, speed).gpu_hours is None  # dataset size unknown
 
 
 def test_wall_clock_runs_array_parallelism_jobs_at_a_time_and_chains_evaluations(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path, grid={"optim.batch_size": [8, 4, 2]}, evals=["knn"]))
     runs = expand(sweep)
-    one_hour = cost_model.Speed(1.0, None, cost_model.ESTIMATED, "")
+    one_hour = cost.Speed(1.0, None, speeds.ESTIMATED, "")
     costs = [
-        cost_model.RunCost(
+        cost.RunCost(
             r,
             [
-                cost_model.StageCost("pretrain", 3600, 1, one_hour),
-                cost_model.StageCost("knn", 1800, 1, one_hour),
+                cost.StageCost("pretrain", 3600, 1, one_hour),
+                cost.StageCost("knn", 1800, 1, one_hour),
             ],
         )
         for r in runs
     ]
     # Parallelism 2: pretraining runs 1 and 2 in [0, 1] h, run 3 in [1, 2] h; its k-NN [2, 2.5] h.
-    assert cost._wall_hours(sweep, costs) == pytest.approx(2.5)
+    assert _wall_hours(sweep, costs) == pytest.approx(2.5)
     sweep.array_parallelism = 3
-    assert cost._wall_hours(sweep, costs) == pytest.approx(1.5)
+    assert _wall_hours(sweep, costs) == pytest.approx(1.5)
 
 
 def test_the_card_comes_from_the_config_and_the_resources(tmp_path):
@@ -89,37 +91,35 @@ def test_the_card_comes_from_the_config_and_the_resources(tmp_path):
             },
         )  # fmt: skip
     )
-    assert cost_shapes.stage_card(sweep, "pretrain", "auto") == "H100"
-    assert cost_shapes.stage_card(sweep, "pretrain", "cpu") == "cpu"  # train.device=cpu asks for no GPU
-    assert cost_shapes.stage_card(sweep, "knn", "auto") == cost_shapes.UNKNOWN_GPU
-    assert cost_shapes.devices(sweep, "pretrain") == 16 and cost_shapes.devices(sweep, "knn") == 1
+    assert _stage_card(sweep, "pretrain", "auto") == "H100"
+    assert _stage_card(sweep, "pretrain", "cpu") == "cpu"  # train.device=cpu asks for no GPU
+    assert _stage_card(sweep, "knn", "auto") == speeds.UNKNOWN_GPU
+    assert _devices(sweep, "pretrain") == 16 and _devices(sweep, "knn") == 1
 
 
 def test_a_measured_shape_wins_over_a_calibration_which_wins_over_a_flop_estimate(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path))
     big, small = expand(sweep)
-    shape = cost_shapes.shape_of(big.config, "cpu")
+    shape = speeds.shape_of(big.config, "cpu")
     measured = [(shape, 500.0, 1.0, "elsewhere")]
-    bench = {cost_bench.bench_key(shape): {"img_per_s": 300.0, "memory_gib": 1.5, "device": "cpu", "time": 0}}
-    assert cost_measured.measured_speed(shape, measured).img_per_s == 500.0
+    bench = {speeds._bench_key(shape): {"img_per_s": 300.0, "memory_gib": 1.5, "device": "cpu", "time": 0}}
+    assert speeds.measured_speed(shape, measured).img_per_s == 500.0
     assert (
-        cost_measured.measured_speed(cost_shapes.shape_of(small.config, "cpu"), measured) is None
+        speeds.measured_speed(speeds.shape_of(small.config, "cpu"), measured) is None
     )  # batch 4: another shape
-    assert (
-        cost_measured.measured_speed(cost_shapes.shape_of(big.config, "H100"), measured) is None
-    )  # another card
-    assert cost_bench.calibrated_speed(shape, bench).source == cost_model.CALIBRATED
-    guess = cost_flops.estimated_speed(big.config, "cpu", 1)
-    assert guess.source == cost_model.ESTIMATED and guess.detail.startswith("guess:")
-    flops = cost_flops.train_flops(big.config)["flops"]
-    assert guess.img_per_s == pytest.approx(cost_flops.CPU_FLOPS_PER_THREAD / flops)
+    assert speeds.measured_speed(speeds.shape_of(big.config, "H100"), measured) is None  # another card
+    assert speeds.calibrated_speed(shape, bench).source == speeds.CALIBRATED
+    guess = speeds.estimated_speed(big.config, "cpu", 1)
+    assert guess.source == speeds.ESTIMATED and guess.detail.startswith("guess:")
+    flops = speeds._train_flops(big.config)["flops"]
+    assert guess.img_per_s == pytest.approx(speeds._CPU_FLOPS_PER_THREAD / flops)
 
 
 def test_flops_per_image_match_the_reference_step():
     """ViT-S/16, 2x224 + 10x96, K=65536: 124 GFLOP per image (ANCHORS, one H200 step)."""
     from dino.config.compose import compose
 
-    counted = cost_flops.train_flops(compose(["model=vit_small"]))
+    counted = speeds._train_flops(compose(["model=vit_small"]))
     assert counted["flops"] / 1e9 == pytest.approx(124, rel=0.02)
 
 
@@ -128,35 +128,31 @@ def test_evaluation_images_are_bank_and_queries_or_epochs_of_the_train_split(tmp
 
     data = {"name": "fashion_mnist", "root": "/x"}
     knn = compose_eval(["knn.max_train=2000", "run.dir=r"], data)
-    assert cost_images.eval_images("knn", knn).images == 2000 + 10000
+    assert _eval_images("knn", knn).images == 2000 + 10000
     linear = compose_eval(["linear.epochs=3", "run.dir=r"], data)
-    assert cost_images.eval_images("linear", linear).images == 10000 + 3 * 60000
+    assert _eval_images("linear", linear).images == 10000 + 3 * 60000
 
 
 def test_the_budget_refuses_naming_the_most_expensive_runs(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path, grid={"optim.batch_size": [8, 4, 2, 1]}))
     costs = [
-        cost_model.RunCost(
+        cost.RunCost(
             r,
-            [
-                cost_model.StageCost(
-                    "pretrain", 3600 * (i + 1), 1, cost_model.Speed(1.0, None, cost_model.MEASURED, "")
-                )
-            ],
+            [cost.StageCost("pretrain", 3600 * (i + 1), 1, cost.Speed(1.0, None, speeds.MEASURED, ""))],
         )
         for i, r in enumerate(expand(sweep))
     ]
-    total = cost_model.SweepCost(costs, None)
+    total = cost.SweepCost(costs, None)
     assert total.gpu_hours == pytest.approx(10.0)
     cost.check_budget(sweep, total, 10.0, "--max-gpu-hours")  # at the limit: allowed
-    with pytest.raises(cost_model.BudgetExceeded) as err:
+    with pytest.raises(cost.BudgetExceeded) as err:
         cost.check_budget(sweep, total, 9.5, "--max-gpu-hours")
     message = str(err.value)
     assert "estimated at 10.0 GPU-hours" in message and "over --max-gpu-hours of 9.5" in message
     assert "most expensive: batch_size1 (4, measured), batch_size2 (3, measured)" in message
     assert "Nothing was submitted" in message
-    unknown = cost_model.SweepCost([cost_model.RunCost(costs[0].run, [cost_model.StageCost("pretrain", None, 1, costs[0].stages[0].speed)])], None)  # fmt: skip
-    with pytest.raises(cost_model.BudgetExceeded, match="have no estimate"):
+    unknown = cost.SweepCost([cost.RunCost(costs[0].run, [cost.StageCost("pretrain", None, 1, costs[0].stages[0].speed)])], None)  # fmt: skip
+    with pytest.raises(cost.BudgetExceeded, match="have no estimate"):
         cost.check_budget(sweep, unknown, 100.0, "the sweep's budget")
 
 
@@ -173,7 +169,7 @@ def test_data_num_images_prices_a_dataset_that_is_not_here_and_the_count_on_disk
     from dino.eval.config import EvalDataConfig
 
     missing = str(tmp_path / "not-mounted")
-    size = cost_images.dataset_size(DataConfig(name="imagefolder", root=missing, num_images=1000), "train")
+    size = _dataset_size(DataConfig(name="imagefolder", root=missing, num_images=1000), "train")
     assert size.images == 1000 and size.why == ""
     assert size.notes == (f"data.root {missing} is not readable here: data.num_images=1,000 used",)
 
@@ -181,26 +177,21 @@ def test_data_num_images_prices_a_dataset_that_is_not_here_and_the_count_on_disk
     (folder / "cls").mkdir(parents=True)
     for name in ("a.jpg", "b.png", "c.JPEG", "notes.txt"):
         (folder / "cls" / name).write_bytes(b"")
-    size = cost_images.dataset_size(DataConfig(name="imagefolder", root=str(folder), num_images=5), "train")
+    size = _dataset_size(DataConfig(name="imagefolder", root=str(folder), num_images=5), "train")
     assert size.images == 3  # the files on disk, not the declared 5, and a note says so
     assert size.notes == (
         f"data.num_images=5 but data.root {folder} holds 3 images here: the count on disk is used",
     )
-    assert (
-        cost_images.dataset_size(
-            DataConfig(name="imagefolder", root=str(folder), num_images=3), "train"
-        ).notes
-        == ()
-    )
+    assert _dataset_size(DataConfig(name="imagefolder", root=str(folder), num_images=3), "train").notes == ()
 
     # {train, val}: val is data.val_root, the evaluations' test split; without it that split is unknown.
     data = EvalDataConfig(
         name="imagefolder", root=missing, val_root=missing + "-val", num_images={"train": 1000, "val": 50}
     )
-    assert cost_images.dataset_size(data, "test").images == 50
-    assert cost_images.dataset_size(data, "train").images == 1000
+    assert _dataset_size(data, "test").images == 50
+    assert _dataset_size(data, "train").images == 1000
     data.num_images = 1000
-    test = cost_images.dataset_size(data, "test")
+    test = _dataset_size(data, "test")
     assert test.images is None
     assert test.why == (
         f"data.val_root '{missing}-val' is not readable here, so its size is unknown: "
@@ -208,8 +199,8 @@ def test_data_num_images_prices_a_dataset_that_is_not_here_and_the_count_on_disk
     )
     for wrong in ("many", {"train": 0}, {"tarin": 5}, True):
         data = DataConfig(name="webdataset", root=missing, num_images=wrong)
-        assert "is not an integer or {train: N, val: M}" in cost_images.dataset_size(data, "train").why
-    unknown = cost_images.dataset_size(DataConfig(name="imagefolder", root=missing + "2"), "train")
+        assert "is not an integer or {train: N, val: M}" in _dataset_size(data, "train").why
+    unknown = _dataset_size(DataConfig(name="imagefolder", root=missing + "2"), "train")
     assert unknown.images is None and unknown.why.endswith("set data.num_images=<N> to price it")
 
 
@@ -220,13 +211,13 @@ def test_a_plain_num_images_counts_the_train_split_only():
 
     root = "/usr/share/datasets/fashion-mnist"
     data = DataConfig(name="fashion_mnist", root=root, num_images=60000)
-    assert cost_images.dataset_size(data, "test") == cost_images.Size(10000)
+    assert _dataset_size(data, "test") == _Size(10000)
     data = DataConfig(name="fashion_mnist", root=root, num_images=5)
-    assert cost_images.dataset_size(data, "train").notes == (
+    assert _dataset_size(data, "train").notes == (
         f"data.num_images=5 but data.root {root} holds 60,000 images here: the count on disk is used",
     )
-    assert cost_images.dataset_size(data, "test") == cost_images.Size(10000)
-    wrong = cost_images.dataset_size(DataConfig(name="fashion_mnist", root=root, num_images="abc"), "train")
+    assert _dataset_size(data, "test") == _Size(10000)
+    wrong = _dataset_size(DataConfig(name="fashion_mnist", root=root, num_images="abc"), "train")
     assert wrong.images == 60000 and wrong.notes == (
         "data.num_images='abc' is not an integer or {train: N, val: M} (positive counts): ignored, "
         f"data.root {root} holds 60,000 images here",

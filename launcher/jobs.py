@@ -38,27 +38,37 @@ def _export_distributed_env(num_tasks: int) -> None:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+@dataclass
 class TrainJob(submitit.helpers.Checkpointable):
     """Pretrain one run. Holds only its spec (pickled by submitit); thread and stop flag live in the job."""
 
-    def __init__(self, overrides: list[str], run_dir: str, local_slots: int = 0, slots_dir: str = "") -> None:
-        self.overrides, self.run_dir = list(overrides), run_dir
-        self.local_slots, self.slots_dir = (
-            local_slots,
-            slots_dir,
-        )  # local executor parallelism (local_slots.py)
-        self._stop: threading.Event | None = None
-        self._thread: threading.Thread | None = None
-        self._started = False
+    config: dict[str, Any]
+    """The run's config as the planner composed it (`RunSpec.job_config`): a plain dict, small to
+    pickle; values that read the node's environment (`${oc.env:RANK}`) are expressions resolved here."""
+    run_dir: str
+    """The run's folder, where its record is written (the config's run.dir)."""
+    local_slots: int = 0
+    """The local executor's parallelism (launcher/local_slots.py); 0 under SLURM."""
+    slots_dir: str = ""
+    _stop: threading.Event | None = field(default=None, init=False, repr=False, compare=False)
+    _thread: threading.Thread | None = field(default=None, init=False, repr=False, compare=False)
+    _started: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_stop", "_thread", "_started")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if (
+            "config" not in state
+        ):  # queued by a dinolab whose jobs composed their own config: a requeue across an upgrade
+            from dino.config.compose import compose
+            from dino.config.schema import to_dict
+
+            state = {**state, "config": to_dict(compose(state.pop("overrides")))}
         self.__dict__.update(state, _stop=None, _thread=None, _started=False)
 
     def __call__(self) -> dict[str, Any]:
-        from dino.config.compose import compose
+        from dino.config.compose import from_job_dict
         from dino.run.train import run
 
         job_id, rank, num_tasks = _job_env()
@@ -68,7 +78,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             from launcher.local_slots import acquire
 
             slot = acquire(self.slots_dir, self.local_slots)
-        cfg = compose(self.overrides)
+        cfg = from_job_dict(self.config)
         main = rank == 0
 
         def started() -> None:  # once this job holds the run folder: a refused job leaves the record
@@ -132,8 +142,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             records.update_record(self.run_dir, state=records.REQUEUED, requeues=record.get("requeues", 0) + 1,
                                   requeued_at_step=record.get("step", 0))  # fmt: skip
         print(f"dinolab: requeueing {self.run_dir} at step {record.get('step')}", file=sys.stderr, flush=True)
-        fresh = TrainJob(self.overrides, self.run_dir, self.local_slots, self.slots_dir)
-        return submitit.helpers.DelayedSubmission(fresh)
+        return submitit.helpers.DelayedSubmission(dataclasses.replace(self))  # a fresh job, same spec
 
 
 @dataclass

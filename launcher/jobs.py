@@ -10,13 +10,15 @@ newest complete checkpoint, at the exact step.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import sys
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import submitit
 
@@ -48,7 +50,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     run_dir: str
     """The run's folder, where its record is written (the config's run.dir)."""
     local_slots: int = 0
-    """The local executor's parallelism (launcher/local_slots.py); 0 under SLURM."""
+    """The local executor's parallelism (`_acquire_slot`); 0 under SLURM."""
     slots_dir: str = ""
     _stop: threading.Event | None = field(default=None, init=False, repr=False, compare=False)
     _thread: threading.Thread | None = field(default=None, init=False, repr=False, compare=False)
@@ -75,9 +77,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         _export_distributed_env(num_tasks)
         slot = None
         if self.local_slots and num_tasks == 1:
-            from launcher.local_slots import acquire
-
-            slot = acquire(self.slots_dir, self.local_slots)
+            slot = _acquire_slot(self.slots_dir, self.local_slots)
         cfg = from_job_dict(self.config)
         main = rank == 0
 
@@ -180,9 +180,7 @@ class EvalJob(submitit.helpers.Checkpointable):
             return self._skip_collapsed()
         slot = None
         if self.local_slots and num_tasks == 1:
-            from launcher.local_slots import acquire
-
-            slot = acquire(self.slots_dir, self.local_slots)
+            slot = _acquire_slot(self.slots_dir, self.local_slots)
         if main:
             self._set_eval_state("running")
         try:
@@ -233,3 +231,20 @@ class EvalJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(dataclasses.replace(self))
+
+
+def _acquire_slot(folder: str, slots: int, poll_s: float = 0.5) -> IO:
+    """Array parallelism for submitit's local executor, which starts every job at once: block until
+    one of `slots` slot files under `folder` is free (a non-blocking `flock`), and keep the returned
+    file open to hold it. The kernel drops the lock when the process ends, however it ends, so a
+    killed job never leaves a slot taken."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    while True:
+        for i in range(slots):
+            handle = open(os.path.join(folder, f"slot-{i}.lock"), "w")  # noqa: SIM115 - held open on purpose
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return handle
+            except BlockingIOError:
+                handle.close()
+        time.sleep(poll_s)

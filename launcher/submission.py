@@ -110,7 +110,8 @@ def _submit_arrays(sweep, train, eval_only, executor, out, created, estimates) -
     if train:
         ex = build_executor(sweep, "pretrain", executor, folder)
         jobs = _submit_array(sweep, ex, "pretrain", executor,
-                             [TrainJob(t.run.overrides, t.run.run_dir, local_slots, slots_folder(sweep)) for t in train])  # fmt: skip
+                             [TrainJob(t.run.job_config(), t.run.run_dir, local_slots, slots_folder(sweep))
+                              for t in train])  # fmt: skip
         for todo, job in zip(train, jobs, strict=True):
             _record_submission(todo.run, "pretrain", job, executor)
             out.pretrain.append((todo.run, job))

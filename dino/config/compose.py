@@ -7,6 +7,22 @@ key is a config group (`model=vit_test`, `data=fashion_mnist`) picks the preset 
 in the order given (the last value of a key wins), with OmegaConf's type checks. Presets are applied
 before values whatever the order on the command line, so `model.patch_size=8 model=vit_test` is ViT-test/8.
 
+One `Composer` does this for `dinolab train` (`compose`) and for every run of a sweep alike. A sweep's
+runs share their presets and differ in a few values, and OmegaConf takes 10-30 ms to merge a whole
+config (Hydra 70-200 ms), so the composer keeps:
+- the presets composed by Hydra once per distinct choice;
+- each distinct `key=value` read by the one parser and type-checked (and converted: 1 -> 1.0 for a
+  float key) by OmegaConf once;
+and a config is then the preset base's flat dict updated with its values, built into the dataclasses
+directly. What that cannot mirror exactly (an interpolation such as `${optim.lr}` or `${oc.env:RANK}`,
+a key that is not a schema leaf, a value its type or YAML refuses, a preset that does not exist) goes
+through OmegaConf itself (`overrides.apply` on the Hydra base), which also gives the error message.
+`tests/unit/test_compose.py` checks both against OmegaConf.
+
+A sweep's job gets its run's config composed here, as a plain dict (`job_dict`), and turns it back
+into a `DinoConfig` on the node (`from_job_dict`); values that read the node's environment
+(`${oc.env:RANK}`) travel as expressions and are resolved there.
+
 Hydra and OmegaConf are imported inside the functions: commands that only read a sweep's files
 (`sweep status`, `plan`) must not pay their import (tests/unit/test_layers.py).
 """
@@ -14,14 +30,22 @@ Hydra and OmegaConf are imported inside the functions: commands that only read a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import importlib.resources
+import typing
+from dataclasses import dataclass
 from typing import Any
 
-from dino.config.overrides import apply, split_all
-from dino.config.schema import ConfigError, DinoConfig
+import yaml
+
+from dino.config.identity import config_hash
+from dino.config.overrides import apply, read_value, split, split_all
+from dino.config.schema import ConfigError, DinoConfig, to_dict
 from dino.config.suggest import not_allowed
 from dino.config.validate import validate
+
+_MISSING = object()
 
 
 @functools.cache
@@ -54,7 +78,7 @@ def preset_name(text: str) -> str:
     return name
 
 
-def split_presets(overrides: list[str] | tuple[str, ...]) -> tuple[dict[str, str], list[tuple[str, str]]]:
+def _split_presets(overrides: list[str] | tuple[str, ...]) -> tuple[dict[str, str], list[tuple[str, str]]]:
     """({group: preset name}, [(key, value text)...]) of `overrides`; a preset that does not exist is
     refused naming the group, the nearest name and the choices."""
     groups = preset_groups()
@@ -71,8 +95,208 @@ def split_presets(overrides: list[str] | tuple[str, ...]) -> tuple[dict[str, str
 
 
 @functools.cache
-def _preset_base(choices: tuple[tuple[str, str], ...]) -> dict[str, Any]:
-    """The schema composed with the chosen presets by Hydra (once per distinct choice)."""
+def _fields(cls: type) -> tuple[tuple[str, type | None], ...]:
+    """(name, dataclass type or None for a leaf) of each field: type hints resolved once per class."""
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (f.name, hints[f.name] if dataclasses.is_dataclass(hints[f.name]) else None)
+        for f in dataclasses.fields(cls)
+    )
+
+
+def _leaves(nested: dict[str, Any], cls: type = DinoConfig, prefix: str = "") -> dict[str, Any]:
+    """{dotted schema leaf: value} of a nested config dict. Unlike `schema.flatten`, a mapping held by
+    a leaf (`data.num_images={train: 5}`) stays one value."""
+    flat = {}
+    for name, child in _fields(cls):
+        if child is not None:
+            flat.update(_leaves(nested[name], child, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = nested[name]
+    return flat
+
+
+def _build(flat: dict[str, Any], cls: type = DinoConfig, prefix: str = "") -> Any:
+    """The dataclass tree of `cls` from a flat {dotted leaf: value} dict. Lists and mappings are
+    copied: the composer's caches hand the same value to every run that has it."""
+    kwargs = {}
+    for name, child in _fields(cls):
+        key = f"{prefix}{name}"
+        if child is not None:
+            kwargs[name] = _build(flat, child, key + ".")
+        else:
+            value = flat[key]
+            kwargs[name] = copy.deepcopy(value) if isinstance(value, list | dict) else value
+    return cls(**kwargs)
+
+
+def _holds(value: Any, text: str) -> bool:
+    """Whether `text` is in a string of `value` (a string, or one inside a list or mapping)."""
+    if isinstance(value, str):
+        return text in value
+    if isinstance(value, list | dict):
+        return any(_holds(v, text) for v in (value.values() if isinstance(value, dict) else value))
+    return False
+
+
+def _escaped(value: Any) -> Any:
+    """`value` with every `${` of its strings escaped, so that OmegaConf reads it as text again."""
+    if isinstance(value, str):
+        return value.replace("${", "\\${")
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _escaped(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class Values:
+    """A config composed but not yet built: what the planner needs before it knows the run's folder."""
+
+    flat: dict[str, Any]
+    """{dotted schema leaf: value}, every value resolved (here, in this process's environment)."""
+    run_id: str
+    """`config_hash` of `flat` (run.dir is not part of it)."""
+    on_node: dict[str, Any]
+    """{leaf: expression} of the values to resolve where the run trains (`${oc.env:RANK}`); `job_dict`
+    puts these in place of the resolved ones."""
+
+
+class Composer:
+    """Composes configs; its caches make the many configs of a sweep cost a dictionary copy each."""
+
+    def __init__(self) -> None:
+        self._groups = preset_groups()
+        defaults = _leaves(to_dict(DinoConfig()))
+        self._leaf_keys = frozenset(defaults)
+        # Text keys: OmegaConf stores a string given to them as it is, so a value unique to each run
+        # (`tracking.run_name`) costs no OmegaConf update.
+        self._text_keys = frozenset(key for key, value in defaults.items() if isinstance(value, str))
+        self._parsed: dict[str, tuple[str, str, Any] | None] = {}  # override -> (kind, key, value)
+        self._converted: dict[tuple[str, str], Any] = {}  # (key, repr(value)) -> value as stored
+        self._presets: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}  # Hydra's, nested
+        self._bases: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}  # the same, flat, typed
+        self._schema: Any = None  # OmegaConf's structured DinoConfig that `_convert` checks against
+
+    def compose(self, overrides: list[str] | tuple[str, ...] = ()) -> DinoConfig:
+        """The validated `DinoConfig` of `overrides`."""
+        return self.build(self.values(overrides).flat)
+
+    def values(self, overrides: list[str] | tuple[str, ...]) -> Values:
+        """The composed values of `overrides` and their run id; errors name the key and the value."""
+        flat = self._mirrored(overrides)
+        if flat is not None:  # no interpolation on this path: nothing is left to the node
+            return Values(flat, config_hash(flat), {})
+        return self._through_omegaconf(overrides)
+
+    def build(self, flat: dict[str, Any]) -> DinoConfig:
+        """The validated `DinoConfig` of `Values.flat` (with whatever the caller set in it: run.dir)."""
+        cfg = _build(flat)
+        validate(cfg)
+        return cfg
+
+    # ---------------------------------------------------------------------------------------------
+    def _through_omegaconf(self, overrides: list[str] | tuple[str, ...]) -> Values:
+        chosen, pairs = _split_presets(overrides)
+        base = self._preset_base(tuple(sorted(chosen.items())))
+        flat = _leaves(to_dict(apply(DinoConfig, pairs, base)))
+        on_node = _read_on_node(pairs, base) if any("${" in text for _, text in pairs) else {}
+        return Values(flat, config_hash(flat), on_node)
+
+    def _mirrored(self, overrides: list[str] | tuple[str, ...]) -> dict[str, Any] | None:
+        """The flat values from the caches, or None when an override needs OmegaConf itself."""
+        chosen: dict[str, str] = {}
+        values = []
+        for override in overrides:
+            if override not in self._parsed:
+                self._parsed[override] = self._classify(override)
+            parsed = self._parsed[override]
+            if parsed is None:
+                return None
+            kind, key, value = parsed
+            if kind == "group":
+                chosen[key] = value
+            else:
+                values.append((key, value))
+        flat = dict(self._base(tuple(sorted(chosen.items()))))
+        for key, value in values:
+            converted = self._convert(key, value)
+            if converted is _MISSING:
+                return None
+            flat[key] = converted
+        return flat
+
+    def _classify(self, override: str) -> tuple[str, str, Any] | None:
+        key, text = split(override)
+        if text is None or "${" in text or text.strip() == "???":
+            # An interpolation is resolved against the whole config of its run, which only OmegaConf
+            # has; `???` is OmegaConf's missing value, which its merge skips (the key keeps its value).
+            return None
+        if key in self._groups:
+            name = preset_name(text)
+            return ("group", key, name) if name in self._groups[key] else None
+        if key not in self._leaf_keys:
+            return None
+        try:
+            return ("value", key, read_value(text))
+        except yaml.YAMLError:
+            return None
+
+    def _convert(self, key: str, value: Any) -> Any:
+        """The value as the schema stores it (OmegaConf's validation and conversion, as `apply`
+        applies an override), once per distinct (key, value); _MISSING when OmegaConf refuses it."""
+        if key in self._text_keys and isinstance(value, str):
+            return value
+        cache_key = (key, repr(value))
+        if cache_key not in self._converted:
+            from omegaconf import OmegaConf
+            from omegaconf.errors import OmegaConfBaseException
+
+            if self._schema is None:
+                self._schema = OmegaConf.structured(DinoConfig)
+            try:
+                # merge=False: a mapping value replaces the node (with merge, the node shared by every
+                # value of this key would keep the keys an earlier value had).
+                OmegaConf.update(self._schema, key, value, merge=False)
+                node = OmegaConf.select(self._schema, key)
+                converted = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+            except OmegaConfBaseException:
+                converted = _MISSING
+            self._converted[cache_key] = converted
+        return self._converted[cache_key]
+
+    def _base(self, choices: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+        """The flat, typed values of the schema with the chosen presets."""
+        if choices not in self._bases:
+            self._bases[choices] = _leaves(to_dict(apply(DinoConfig, [], self._preset_base(choices))))
+        return self._bases[choices]
+
+    def _preset_base(self, choices: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+        """The schema composed with the chosen presets by Hydra, as a plain dict."""
+        if choices not in self._presets:
+            self._presets[choices] = _hydra_compose(choices)
+        return self._presets[choices]
+
+
+def _read_on_node(pairs: list[tuple[str, str]], base: dict[str, Any]) -> dict[str, Any]:
+    """The expressions of the values that read the environment (`${oc.env:...}`), as OmegaConf holds
+    them before resolving: the job resolves them in its node's environment. When there is one, every
+    interpolation stays an expression: one that refers to such a value (`${data.root}`) must be
+    resolved on the node too, and the others resolve there to what they resolve to here."""
+    from omegaconf import OmegaConf
+
+    edits = OmegaConf.create()
+    for key, text in pairs:  # as overrides.apply merges them (which has already accepted them)
+        OmegaConf.update(edits, key, read_value(text))
+    merged = OmegaConf.merge(OmegaConf.structured(DinoConfig), base, edits)
+    raw = _leaves(OmegaConf.to_container(merged, resolve=False))
+    expressions = {key: value for key, value in raw.items() if _holds(value, "${")}
+    return expressions if any(_holds(v, "${oc.env:") for v in expressions.values()) else {}
+
+
+def _hydra_compose(choices: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """The schema composed with the chosen presets by Hydra's compose API, unresolved."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.config_store import ConfigStore
@@ -94,16 +318,40 @@ def _preset_base(choices: tuple[tuple[str, str], ...]) -> dict[str, Any]:
         GlobalHydra.instance().clear()
 
 
-def preset_base(chosen: dict[str, str]) -> dict[str, Any]:
-    """The config as a plain dict with `chosen` presets and no other override (a copy of its own)."""
-    return copy.deepcopy(_preset_base(tuple(sorted(chosen.items()))))
+@functools.cache
+def composer() -> Composer:
+    """The process's composer: its caches serve `dinolab train`, every sweep and the runs read back
+    from a sweep's manifest."""
+    return Composer()
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), check: bool = True) -> DinoConfig:
-    """The validated `DinoConfig` of `overrides` (`check=False`: not validated, for a preset that
-    later overrides complete)."""
-    chosen, values = split_presets(overrides)
-    cfg = apply(DinoConfig, values, preset_base(chosen))
-    if check:
-        validate(cfg)
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DinoConfig:
+    """The validated `DinoConfig` of `overrides`."""
+    return composer().compose(overrides)
+
+
+def job_dict(cfg: DinoConfig, on_node: dict[str, Any]) -> dict[str, Any]:
+    """What a job receives of its run's config: `to_dict(cfg)` (small, picklable), with the values
+    `on_node` (`Values.on_node`) as their expressions. The node reads it with OmegaConf, so a `${`
+    that a resolved string holds (an escaped `\\${x}` gave `${x}`) is escaped again to stay text."""
+    data = to_dict(cfg)
+    for key, value in _leaves(data).items():
+        if key in on_node:
+            value = on_node[key]
+        elif _holds(value, "${"):
+            value = _escaped(value)
+        else:
+            continue
+        *sections, name = key.split(".")
+        node = data
+        for section in sections:
+            node = node[section]
+        node[name] = value
+    return data
+
+
+def from_job_dict(data: dict[str, Any]) -> DinoConfig:
+    """The validated `DinoConfig` of a `job_dict`, its expressions resolved here (OmegaConf, no Hydra)."""
+    cfg = apply(DinoConfig, [], data)
+    validate(cfg)
     return cfg

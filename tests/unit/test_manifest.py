@@ -42,6 +42,7 @@ def test_status_reads_the_runs_submit_resolved_without_composing(tmp_path, monke
     assert _identity(kept) == _identity(expanded)
     assert all(r.resolved is None for r in kept)  # nothing composed yet
     assert to_dict(kept[1].config) == to_dict(expanded[1].config)  # composed when asked
+    assert kept[1].job_config() == expanded[1].job_config()  # a job submitted from either: the same config
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,7 @@ def eval_summary(run: RunSpec, protocol: str, record: dict[str, Any]) -> str:
 
 def gpu_hours(record: dict[str, Any]) -> str:
     """Pretraining GPU-hours spent so far / the estimate its submission was checked against
-    (launcher/cost/estimate.py; "-" for runs submitted before estimates were kept), and where it came from."""
+    (launcher/cost/sweep_cost.py; "-" for runs submitted before estimates were kept), and where it came from."""
     from launcher.cost import gpu_hours_text
 
     spent, estimate = record.get("gpu_hours"), record.get("estimate_gpu_hours")

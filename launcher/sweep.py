@@ -64,7 +64,7 @@ class Sweep:
     tracking_uri: str = "default"
     """MLflow store: "default" = sqlite:///<root>/mlflow.db, "none" = off, or a server URL."""
     budget: float = 0
-    """GPU-hours a submission may cost at most (its estimate, launcher/cost/estimate.py); 0 = no limit."""
+    """GPU-hours a submission may cost at most (its estimate, launcher/cost/sweep_cost.py); 0 = no limit."""
     baseline: dict[str, Any] = field(default_factory=dict)
     """The report's reference cell, {axis: value} (`dinolab report --vs` by default): every other cell is
     compared with it. Axes of `grid`/`zip` only, each value one of that axis's."""

@@ -102,7 +102,7 @@ def collect(uri: str, experiment: str) -> pd.DataFrame:
             df[re.sub(r"^(.*knn_top\d)_k(\d+)$", r"\1@\2", key[len("metrics.") :])] = pd.to_numeric(
                 runs[key], errors="coerce"
             )
-    # The pretraining GPU-hours its submission estimated (launcher/cost/estimate.py), for the runs table to
+    # The pretraining GPU-hours its submission estimated (launcher/cost/sweep_cost.py), for the runs table to
     # set beside `gpu_hours`; absent for runs submitted before estimates were kept.
     df["est_gpu_hours"] = pd.to_numeric(_column(runs, "tags.dinolab.estimate_gpu_hours"), errors="coerce")
     df["est_source"] = _column(runs, "tags.dinolab.estimate_source")

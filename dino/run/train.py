@@ -196,7 +196,7 @@ def _tracked(ctx: RunContext) -> TrainResult:
     status = "FAILED"
     try:
         # The card is a throughput-shaping key: `sweep plan` uses this run's img/s for runs of the
-        # same shape on the same card (launcher/cost/estimate.py).
+        # same shape on the same card (launcher/cost/speeds.py).
         tracker.set_tags({"dinolab.config_hash": config_hash(cfg), "dinolab.card": device_card(ctx.device)})
         tracker.log_artifact(storage.join(cfg.run.dir, "config.yaml"))
         result = train(ctx)

@@ -190,7 +190,7 @@ def _comparisons(args: argparse.Namespace, sweep, summary, by, main):
 
 def _plan(args: argparse.Namespace, sweep, df, summary, by, comparisons):
     """`--resolve`: seeds per cell, and the GPU-hours of one more run of each cell: the sweep's cost
-    estimate for that cell's config (launcher/cost/estimate.py, which prefers the speed measured by
+    estimate for that cell's config (launcher/cost/sweep_cost.py, which prefers the speed measured by
     runs of the same shape in MLflow); without the sweep file, the GPU-hours its runs logged."""
     import numpy as np
 

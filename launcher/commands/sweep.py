@@ -106,7 +106,7 @@ def _line(text: str) -> None:
 
 
 def _print_cost(sweep, runs) -> None:
-    """The cost table and its summary lines (launcher/cost/estimate.py) of the whole sweep."""
+    """The cost table and its summary lines (launcher/cost/sweep_cost.py) of the whole sweep."""
     from launcher import cost
 
     try:

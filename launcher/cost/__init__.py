@@ -2,22 +2,23 @@
 
 Two modules, one idea each:
 
-- `launcher.cost.estimate`: the estimate and its budget: the cost records (`SweepCost`, `RunCost`,
+- `launcher.cost.sweep_cost`: the estimate and its budget: the cost records (`SweepCost`, `RunCost`,
   `StageCost`), the images each stage processes, the card and GPUs of a stage, `estimate` itself, and
   what the commands show of it (`cost_table`, `summary_lines`, `gpu_hours_text`, `check_budget`,
   `record_fields`).
 - `launcher.cost.speeds`: where a speed comes from: measured in MLflow, calibrated by
   `dinolab bench --save` (`save_bench`), estimated from FLOPs; `Speed` and the run's shape.
-  It imports nothing of `estimate`, which imports it.
+  It imports nothing of `sweep_cost`, which imports it.
 
 The entry points are re-exported here: `from launcher import cost; cost.estimate(sweep, runs)`. The
 function `estimate` hides the module of the same name as an attribute of this package; reach the
-module's other names with `from launcher.cost.estimate import ...`. Importing this package loads
+module's other names with `from launcher.cost.sweep_cost import ...`. Importing this package loads
 neither torch, Hydra, MLflow, pandas nor timm: `sweep status` and `plan` stay fast
 (tests/unit/test_layers.py).
 """
 
-from launcher.cost.estimate import (
+from launcher.cost.speeds import Speed, save_bench
+from launcher.cost.sweep_cost import (
     BudgetExceeded,
     RunCost,
     StageCost,
@@ -29,7 +30,6 @@ from launcher.cost.estimate import (
     record_fields,
     summary_lines,
 )
-from launcher.cost.speeds import Speed, save_bench
 
 __all__ = [
     "BudgetExceeded",

@@ -1,5 +1,5 @@
 """Where a speed comes from: the img/s and peak memory per GPU of a run's shape on its card, which
-launcher/cost/estimate.py turns into GPU-hours. Three sources, in order of trust:
+launcher/cost/sweep_cost.py turns into GPU-hours. Three sources, in order of trust:
 
 1. measured: finished, running or preempted runs in the sweep's MLflow store (any experiment) with the
    same shape on the same card, and their logged `avg_img_per_s`. One search per sweep; the store is
@@ -12,7 +12,7 @@ launcher/cost/estimate.py turns into GPU-hours. Three sources, in order of trust
 
 A run's shape is what sets a training step's speed: the values of its config's throughput-shaping keys
 (`_SHAPE_KEYS`) and its card (`shape_of`). `Speed`, its sources and the shape live here rather than
-beside the cost records so that this module imports nothing of launcher/cost/estimate.py, which
+beside the cost records so that this module imports nothing of launcher/cost/sweep_cost.py, which
 imports it. Imports nothing heavy: MLflow and torch are imported when a figure is asked for.
 """
 

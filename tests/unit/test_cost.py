@@ -10,7 +10,7 @@ import yaml
 
 from launcher import cost
 from launcher.cost import speeds
-from launcher.cost.estimate import (
+from launcher.cost.sweep_cost import (
     _dataset_size,
     _devices,
     _eval_images,

@@ -35,7 +35,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from dino.io.storage import StorageError
     from dino.run.state import ConfigMismatchError
     from dino.run.train_metrics import NonFiniteLossError
-    from launcher.sweep import SweepError
+    from launcher.sweep_file import SweepError
     from launcher.tracking_runs import TrackingUnavailable
 
     return (

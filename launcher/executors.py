@@ -8,7 +8,7 @@ from typing import Any
 import submitit
 
 from launcher.errors import UserError
-from launcher.sweep import Resources, Sweep
+from launcher.sweep_file import Resources, Sweep
 
 EXECUTORS = ("local", "slurm", "debug")
 

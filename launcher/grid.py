@@ -21,8 +21,7 @@ from dino.config.overrides import read_value
 from dino.config.schema import ConfigError, DinoConfig, flatten, to_dict
 from dino.config.suggest import did_you_mean
 from dino.io import storage
-from launcher.sweep import Sweep
-from launcher.sweep_checks import SweepError
+from launcher.sweep_file import Sweep, SweepError
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any
 
 from dino.io import storage
 from launcher.grid import RunSpec, expand
-from launcher.sweep import Sweep
+from launcher.sweep_file import Sweep
 
 MANIFEST = "manifest.json"
 # The Sweep fields that decide which runs exist, their ids and their folders.

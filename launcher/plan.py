@@ -18,7 +18,7 @@ from dino.io import checkpoint
 from launcher import records
 from launcher.grid import RunSpec
 from launcher.scheduler import LIVE_SLURM_STATES, job_is_live, slurm_states
-from launcher.sweep import Sweep
+from launcher.sweep_file import Sweep
 
 NEW, RESUME, FINISHED, ACTIVE, FAILED = "new", "resume", "finished", "active", "failed"
 COLLAPSED = "collapsed"  # stopped by the collapse guard: done, its evaluations skipped

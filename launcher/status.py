@@ -15,7 +15,7 @@ from dino.eval.results import headline, read_results
 from launcher import records
 from launcher.grid import RunSpec
 from launcher.scheduler import job_is_live, slurm_states
-from launcher.sweep import Sweep
+from launcher.sweep_file import Sweep
 
 
 @dataclass

@@ -17,7 +17,7 @@ from launcher.grid import RunSpec
 from launcher.jobs import EvalJob, TrainJob
 from launcher.plan import Todo, slots_folder, submitit_folder, to_submit
 from launcher.scheduler import SchedulerError, cancel_job, job_is_live, slurm_message
-from launcher.sweep import Sweep
+from launcher.sweep_file import Sweep
 
 
 @dataclass

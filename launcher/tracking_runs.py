@@ -14,7 +14,7 @@ from typing import Any
 from dino.io import mlflow_store, storage
 from dino.io.tracking import LINK, read_link, write_link
 from launcher.grid import RunSpec
-from launcher.sweep import Sweep
+from launcher.sweep_file import Sweep
 
 
 class TrackingUnavailable(RuntimeError):

@@ -73,7 +73,7 @@ def look_submitted(path: Path) -> int:
     sys.path.insert(0, str(REPO))
     from launcher import manifest, records
     from launcher.grid import expand
-    from launcher.sweep import load_sweep
+    from launcher.sweep_file import load_sweep
 
     sweep = load_sweep(path)
     runs = expand(sweep)

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from dino.config.compose import compose
-    from dino.tools import bench
+    from dino.tools import throughput as bench
     from launcher.errors import UserError
 
     if args.steps <= 0 or args.warmup < 0:

@@ -34,7 +34,7 @@ def _run_dir(args: argparse.Namespace) -> str:
     if not args.source.endswith((".yaml", ".yml")):
         return args.source
     from launcher.grid import expand, select
-    from launcher.sweep import load_sweep
+    from launcher.sweep_file import load_sweep
 
     runs = select(expand(load_sweep(args.source)), [args.run] if args.run else None)
     if len(runs) != 1:

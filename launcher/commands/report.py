@@ -93,7 +93,7 @@ def _source(args: argparse.Namespace) -> tuple[str, str, list[str], str, object]
     from launcher.errors import UserError
 
     if args.sweep_file:
-        from launcher.sweep import load_sweep
+        from launcher.sweep_file import load_sweep
 
         sweep = load_sweep(args.sweep_file, args.overrides)
         uri = args.tracking_uri or sweep.tracking_uri
@@ -258,7 +258,7 @@ def _with_weights(args: argparse.Namespace, summary, by, columns):
     from dino.config.schema import to_dict
     from launcher.errors import UserError
     from launcher.grid import expand
-    from launcher.sweep import load_sweep
+    from launcher.sweep_file import load_sweep
     from reports.weights_rows import WeightsRowError, weights_rows
 
     if not args.sweep_file:

@@ -8,8 +8,9 @@ import sys
 import time
 
 from rich.console import Console
-
-from launcher.long_tables import LONG, plain, show
+from rich.table import Table
+from rich.text import Text
+from tabulate import tabulate
 
 # Outside a terminal (logs, CI) rich would wrap at 80 columns; tables are wider than that. COLUMNS,
 # when set, is the width either way (as rich reads it).
@@ -75,7 +76,7 @@ def _load(args: argparse.Namespace, submitted: bool = False):
     already submitted read them from the sweep's manifest instead of expanding the grid again."""
     from launcher import manifest
     from launcher.grid import expand, select
-    from launcher.sweep import load_sweep
+    from launcher.sweep_file import load_sweep
 
     sweep = load_sweep(args.sweep_file, args.overrides)
     everything = manifest.runs(sweep) if submitted else expand(sweep)
@@ -229,3 +230,31 @@ def _cancel(args: argparse.Namespace) -> int:
     for line in submission.cancel(runs):
         console.print(line)
     return 0
+
+
+# ---- long tables ---------------------------------------------------------------------------------------
+# A table of runs: rich's framed, coloured table, or plain columns when it is long.
+#
+# rich lays a table out by measuring every cell: about 3 s for the 1,000 rows of a large search on
+# our 2-core machine, longer than reading the 1,000 runs' files. Past `LONG` rows `sweep plan` and
+# `sweep status` print the same columns through tabulate (0.2 s for 1,000 rows), one line per run
+# (what a long listing is for: grep, less), with the table's title above and its caption below.
+
+LONG = 200
+
+
+def plain(table: Table) -> str:
+    """The table's title, rows and caption as aligned plain text."""
+    columns = [[c.plain if isinstance(c, Text) else str(c) for c in column.cells] for column in table.columns]
+    rows = list(zip(*columns, strict=True))
+    body = tabulate(
+        rows, headers=[str(c.header) for c in table.columns], tablefmt="simple", disable_numparse=True
+    )
+    return "\n".join(str(part) for part in (table.title, body, table.caption) if part)
+
+
+def show(console: Console, table: Table) -> None:
+    if table.row_count > LONG:
+        console.print(plain(table), markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print(table)

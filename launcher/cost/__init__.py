@@ -10,9 +10,7 @@ Two modules, one idea each:
   `dinolab bench --save` (`save_bench`), estimated from FLOPs; `Speed` and the run's shape.
   It imports nothing of `sweep_cost`, which imports it.
 
-The entry points are re-exported here: `from launcher import cost; cost.estimate(sweep, runs)`. The
-function `estimate` hides the module of the same name as an attribute of this package; reach the
-module's other names with `from launcher.cost.sweep_cost import ...`. Importing this package loads
+The entry points are re-exported here: `from launcher import cost; cost.estimate(sweep, runs)`. Importing this package loads
 neither torch, Hydra, MLflow, pandas nor timm: `sweep status` and `plan` stay fast
 (tests/unit/test_layers.py).
 """

@@ -30,7 +30,7 @@ from typing import Any
 from dino.config.schema import DinoConfig
 from dino.io import mlflow_store, storage
 from dino.run import accelerators
-from launcher.sweep import Sweep
+from launcher.sweep_file import Sweep
 
 # --------------------------------------------------------------------------------------------------
 # A speed, its source and the shape it is the speed of

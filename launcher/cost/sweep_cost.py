@@ -54,7 +54,7 @@ from launcher.cost.speeds import (
 )
 from launcher.errors import UserError
 from launcher.grid import RunSpec
-from launcher.sweep import Sweep
+from launcher.sweep_file import Sweep
 
 # --------------------------------------------------------------------------------------------------
 # The cost records: plain arithmetic

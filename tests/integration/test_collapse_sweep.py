@@ -61,10 +61,10 @@ def test_a_collapsed_run_stops_early_and_skips_its_knn_while_the_healthy_one_com
     # table unfolded); `submit` treats the collapsed run as done.
     assert "1 collapsed, 1 completed" in proc.stdout and "skipped (collapsed)" in proc.stdout
     from launcher.cli import main  # in this process: no second start-up of Python, torch and MLflow
+    from launcher.commands.sweep import plain
     from launcher.grid import expand
-    from launcher.long_tables import plain
     from launcher.status import status_table
-    from launcher.sweep import load_sweep
+    from launcher.sweep_file import load_sweep
 
     loaded = load_sweep(sweep)
     (row,) = [

@@ -219,7 +219,7 @@ def test_a_local_job_gets_as_many_threads_as_cpus_it_asked_for(
     import torch
 
     from launcher.executors import build_executor
-    from launcher.sweep import load_sweep
+    from launcher.sweep_file import load_sweep
 
     if inherited is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -97,7 +97,7 @@ def test_export_loads_into_plain_timm_and_back_into_dinolab(tmp_path):
 
 def test_export_names_a_sweep_run_by_its_name(tmp_path):
     from launcher.grid import expand
-    from launcher.sweep import load_sweep
+    from launcher.sweep_file import load_sweep
 
     sweep = tmp_path / "s.yaml"
     sweep.write_text(

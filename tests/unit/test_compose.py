@@ -22,7 +22,7 @@ from dino.config.validate import validate
 from launcher import records
 from launcher.grid import expand
 from launcher.jobs import TrainJob
-from launcher.sweep import load_sweep
+from launcher.sweep_file import load_sweep
 
 SWEEPS = sorted((Path(__file__).resolve().parents[2] / "sweeps").glob("*.yaml"))
 

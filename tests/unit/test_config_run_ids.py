@@ -9,7 +9,7 @@ from dino.config.compose import compose
 from dino.config.identity import config_hash, semantic_diff
 from dino.config.schema import DinoConfig, to_dict
 from launcher.grid import expand
-from launcher.sweep import load_sweep
+from launcher.sweep_file import load_sweep
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from launcher.cost.sweep_cost import (
     _wall_hours,
 )
 from launcher.grid import expand
-from launcher.sweep import load_sweep
+from launcher.sweep_file import load_sweep
 from tests.conftest import TINY_OVERRIDES
 
 
@@ -157,7 +157,7 @@ def test_the_budget_refuses_naming_the_most_expensive_runs(tmp_path):
 
 
 def test_budget_is_validated_in_the_sweep_file(tmp_path):
-    from launcher.sweep import SweepError
+    from launcher.sweep_file import SweepError
 
     assert load_sweep(sweep_file(tmp_path, budget=12.5)).budget == 12.5
     with pytest.raises(SweepError, match="budget: '-1' must be GPU-hours"):

@@ -14,9 +14,9 @@ from dino.config.schema import ConfigError
 from dino.eval import encoders
 from dino.eval import linear as linear_module
 from dino.eval.config import compose_eval
+from dino.eval.evaluated import resolve
 from dino.eval.knn import evaluate_knn, knn_accuracy, knn_votes
 from dino.eval.linear import run_linear
-from dino.eval.evaluated import resolve
 from dino.io import checkpoint
 from dino.io.checkpoint import CheckpointError
 

@@ -14,9 +14,9 @@ from dino.config.schema import ConfigError
 from dino.eval import linear as lin
 from dino.eval import probe
 from dino.eval.encoders import cls_features, multi_block_features
+from dino.eval.evaluated import resolve
 from dino.eval.linear import evaluate_linear
 from dino.eval.probe import build_head, cosine_lr
-from dino.eval.evaluated import resolve
 from dino.io import checkpoint
 from dino.method.models import build_backbone
 

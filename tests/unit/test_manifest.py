@@ -10,10 +10,11 @@ import yaml
 from rich.console import Console
 
 from dino.config.schema import to_dict
-from launcher import long_tables, manifest, records
+from launcher import manifest, records
+from launcher.commands import sweep as long_tables
 from launcher.grid import expand
 from launcher.status import status_table
-from launcher.sweep import load_sweep
+from launcher.sweep_file import load_sweep
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "sweeps" / "quickstart.yaml"
 

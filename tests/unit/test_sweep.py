@@ -13,8 +13,7 @@ import yaml
 from launcher.executors import sbatch_preview
 from launcher.grid import expand
 from launcher.plan import submitit_folder
-from launcher.sweep import SweepError, load_sweep
-from launcher.sweep_checks import expand_env
+from launcher.sweep_file import SweepError, expand_env, load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))

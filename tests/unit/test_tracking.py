@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from dino.config.schema import ConfigError
 from dino.io import mlflow_store
 from dino.io.mlflow_tracker import PENDING, MLflowTracker
-from launcher.sweep import SweepError, load_sweep
+from launcher.sweep_file import SweepError, load_sweep
 from reports.collect import flag
 
 

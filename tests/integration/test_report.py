@@ -57,7 +57,7 @@ def log_run(client, exp_id, parent, num_local, seed, status="FINISHED", collapse
         ]
     client.log_batch(rid, metrics=metrics, params=[Param("head.out_dim", str(K)), Param("train.seed", str(seed))],
                      tags=[RunTag("dinolab.config_hash", f"h{num_local}{seed}")])  # fmt: skip
-    if status == "FINISHED":  # the evaluations' result JSONs, as dino/eval/track.py keeps them
+    if status == "FINISHED":  # the evaluations' result JSONs, as dino/eval/results.py:log_result keeps them
         chosen = "held-out 0.1 of the train split (500 images)"
         for protocol, record in (
             ("knn", {"protocol": "knn", "baseline": "none", "num_test": 1000, "time": 2.0}),

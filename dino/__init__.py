@@ -29,9 +29,9 @@ def code_version() -> str:
 
 def entry_points(
     package: str, names: dict[str, str]
-) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
-    """`__getattr__` and `__dir__` for a layer package whose `__init__` names its entry points
-    ({name: the module that defines it}) without importing them up front: `from dino.eval import
+) -> tuple[list[str], Callable[[str], object], Callable[[], list[str]]]:
+    """`__all__`, `__getattr__` and `__dir__` for a layer package whose `__init__` names its entry
+    points ({name: the module that defines it}) without importing them up front: `from dino.eval import
     run_knn` loads dino/eval/knn.py on first use, while `from dino.io import storage` (what `sweep
     status` needs) still loads neither torch nor MLflow (tests/unit/test_layers.py)."""
 
@@ -43,4 +43,4 @@ def entry_points(
     def __dir__() -> list[str]:
         return sorted(names)
 
-    return __getattr__, __dir__
+    return list(names), __getattr__, __dir__

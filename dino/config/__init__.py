@@ -8,13 +8,14 @@ result).
 
 from dino import entry_points
 
-_ENTRY_POINTS = {
-    "compose": "dino.config.compose",
-    "DinoConfig": "dino.config.schema",
-    "ConfigError": "dino.config.schema",
-    "to_dict": "dino.config.schema",
-    "from_dict": "dino.config.schema",
-    "config_hash": "dino.config.identity",
-}
-__all__ = list(_ENTRY_POINTS)
-__getattr__, __dir__ = entry_points(__name__, _ENTRY_POINTS)
+__all__, __getattr__, __dir__ = entry_points(
+    __name__,
+    {
+        "compose": "dino.config.compose",
+        "DinoConfig": "dino.config.schema",
+        "ConfigError": "dino.config.schema",
+        "to_dict": "dino.config.schema",
+        "from_dict": "dino.config.schema",
+        "config_hash": "dino.config.identity",
+    },
+)

@@ -6,10 +6,11 @@ Entry points: `TrainData` (a run's batches on the training device, one per globa
 
 from dino import entry_points
 
-_ENTRY_POINTS = {
-    "TrainData": "dino.data.train_data",
-    "build_dataset": "dino.data.train_data",
-    "pack": "dino.data.shards",
-}
-__all__ = list(_ENTRY_POINTS)
-__getattr__, __dir__ = entry_points(__name__, _ENTRY_POINTS)
+__all__, __getattr__, __dir__ = entry_points(
+    __name__,
+    {
+        "TrainData": "dino.data.train_data",
+        "build_dataset": "dino.data.train_data",
+        "pack": "dino.data.shards",
+    },
+)

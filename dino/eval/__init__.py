@@ -11,12 +11,13 @@ names what the protocols produce.
 
 from dino import entry_points
 
-_ENTRY_POINTS = {
-    "run_knn": "dino.eval.knn",
-    "run_linear": "dino.eval.linear",
-    "resolve": "dino.eval.evaluated",
-    "KnnMonitor": "dino.eval.monitor",
-    "read_results": "dino.eval.results",
-}
-__all__ = list(_ENTRY_POINTS)
-__getattr__, __dir__ = entry_points(__name__, _ENTRY_POINTS)
+__all__, __getattr__, __dir__ = entry_points(
+    __name__,
+    {
+        "run_knn": "dino.eval.knn",
+        "run_linear": "dino.eval.linear",
+        "resolve": "dino.eval.evaluated",
+        "KnnMonitor": "dino.eval.monitor",
+        "read_results": "dino.eval.results",
+    },
+)

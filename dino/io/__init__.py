@@ -9,14 +9,15 @@ any known format).
 
 from dino import entry_points
 
-_ENTRY_POINTS = {
-    "load_latest": "dino.io.checkpoint",
-    "CheckpointWriter": "dino.io.checkpoint",
-    "RunLock": "dino.io.run_lock",
-    "build_tracker": "dino.io.mlflow_tracker",
-    "open_run_tracker": "dino.io.mlflow_tracker",
-    "setup": "dino.io.distributed",
-    "read": "dino.io.weights",
-}
-__all__ = list(_ENTRY_POINTS)
-__getattr__, __dir__ = entry_points(__name__, _ENTRY_POINTS)
+__all__, __getattr__, __dir__ = entry_points(
+    __name__,
+    {
+        "load_latest": "dino.io.checkpoint",
+        "CheckpointWriter": "dino.io.checkpoint",
+        "RunLock": "dino.io.run_lock",
+        "build_tracker": "dino.io.mlflow_tracker",
+        "open_run_tracker": "dino.io.mlflow_tracker",
+        "setup": "dino.io.distributed",
+        "read": "dino.io.weights",
+    },
+)

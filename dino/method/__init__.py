@@ -8,15 +8,16 @@ per image or per batch), `CollapseGuard` (stops a collapsed run).
 
 from dino import entry_points
 
-_ENTRY_POINTS = {
-    "build_student_teacher": "dino.method.models",
-    "DINOLoss": "dino.method.loss",
-    "build_schedules": "dino.method.schedules",
-    "StepState": "dino.method.step",
-    "train_step": "dino.method.step",
-    "MultiCropAugment": "dino.method.augment",
-    "BatchMultiCrop": "dino.method.batch_augment",
-    "CollapseGuard": "dino.method.collapse",
-}
-__all__ = list(_ENTRY_POINTS)
-__getattr__, __dir__ = entry_points(__name__, _ENTRY_POINTS)
+__all__, __getattr__, __dir__ = entry_points(
+    __name__,
+    {
+        "build_student_teacher": "dino.method.models",
+        "DINOLoss": "dino.method.loss",
+        "build_schedules": "dino.method.schedules",
+        "StepState": "dino.method.step",
+        "train_step": "dino.method.step",
+        "MultiCropAugment": "dino.method.augment",
+        "BatchMultiCrop": "dino.method.batch_augment",
+        "CollapseGuard": "dino.method.collapse",
+    },
+)

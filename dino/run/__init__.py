@@ -7,10 +7,11 @@ run a config describes and returns a `TrainResult`; `build_run` makes a fresh ru
 
 from dino import entry_points
 
-_ENTRY_POINTS = {
-    "run": "dino.run.train",
-    "TrainResult": "dino.run.loop",
-    "build_run": "dino.run.build",
-}
-__all__ = list(_ENTRY_POINTS)
-__getattr__, __dir__ = entry_points(__name__, _ENTRY_POINTS)
+__all__, __getattr__, __dir__ = entry_points(
+    __name__,
+    {
+        "run": "dino.run.train",
+        "TrainResult": "dino.run.loop",
+        "build_run": "dino.run.build",
+    },
+)

@@ -8,10 +8,11 @@ teacher backbone as a timm or reference file, `dinolab export`).
 
 from dino import entry_points
 
-_ENTRY_POINTS = {
-    "run": "dino.tools.throughput",
-    "attention_figure": "dino.tools.viz",
-    "export_backbone": "dino.tools.export",
-}
-__all__ = list(_ENTRY_POINTS)
-__getattr__, __dir__ = entry_points(__name__, _ENTRY_POINTS)
+__all__, __getattr__, __dir__ = entry_points(
+    __name__,
+    {
+        "run": "dino.tools.throughput",
+        "attention_figure": "dino.tools.viz",
+        "export_backbone": "dino.tools.export",
+    },
+)

@@ -25,6 +25,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 BAD_IMAGE_MODES = ("skip", "fail")  # data.on_bad_image (dino/data/bad_images.py)
 DATASETS = ("synthetic", "fashion_mnist", "imagefolder", "webdataset")
 DEVICES = ("auto", "cpu", "cuda")
+CODE_CHANGE_POLICIES = ("", "warn", "refuse")  # train.on_code_change; "": as the run was started
 
 # MLflow stores dinolab can use (tracking.uri of a run, tracking_uri of a sweep).
 TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "postgresql", "mysql", "databricks")
@@ -189,6 +190,13 @@ class TrainConfig:
     wait_for_lock: bool = not_in_run_id(False)
     """When another process trains this run.dir: wait for it to end (true) instead of refusing to
     start (false). A requeued job whose previous allocation is still ending always waits."""
+    hang_timeout_s: float = not_in_run_id(600.0)
+    """Seconds a rank may go without finishing a step (long phases get more: dino/run/watchdog.py)
+    before the job stops as `hung`, with every live rank's stacks in run.dir/health/ (0: never). The
+    process group's timeout follows it."""
+    on_code_change: str = not_in_run_id("")
+    """A resume with code other than the checkpoint's (its code hash): warn, refuse, or "" (as the run
+    was started: a sweep's runs refuse, a `dinolab train` run warns)."""
     init_weights: str = added_later("")
     """Start student and teacher from this weights file (dino/io/weights.py formats: the reference's .pth
     or checkpoint.pth, timm, a dinolab checkpoint or export): the backbone, and the head when the file

@@ -1,4 +1,5 @@
-"""A run's identity: the hash of the configuration keys that can change its result.
+"""A run's identity: the hash of the configuration keys that can change its result; and the code's
+identity: the hash of the dinolab source a process imported (`code_hash`).
 
 Which keys those are is marked on the schema's fields (dino/config/schema.py): `not_in_run_id` for a key
 or a whole section that cannot change a result (folders, tracking, workers, the collapse guard...),
@@ -11,9 +12,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
+import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from dino.config.schema import ADDED_LATER, NOT_IN_RUN_ID, DinoConfig, flatten, to_dict
@@ -103,3 +107,69 @@ def semantic_diff(saved: dict[str, Any], current: DinoConfig) -> list[str]:
         for key in sorted(set(old) | set(new))
         if old.get(key) != new.get(key)
     ]
+
+
+# ---- the code's identity ---------------------------------------------------------------------------
+CODE_PACKAGES = ("dino", "launcher", "reports")
+"""The packages whose source is dinolab's code: what a sweep snapshots (launcher/code_snapshot.py)."""
+
+
+def _code_files(folder: Path) -> Iterator[Path]:
+    """Every file under a package folder but compiled ones (`__pycache__/`, `*.pyc`: the interpreter's,
+    not the code) and hidden ones (editor swap and lock files such as `.#loop.py`, never package data)."""
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder).parts
+        if any(part == "__pycache__" or part.startswith(".") for part in relative):
+            continue
+        if path.suffix in (".pyc", ".pyo") or not path.is_file():
+            continue
+        yield path
+
+
+def _hash_folders(folders: dict[str, Path]) -> str:
+    """12 hex characters of SHA-256 over every code file of the packages {name: folder}, sorted by
+    their path relative to the folder above the packages (`dino/io/checkpoint.py`), path and bytes."""
+    files = sorted(
+        (f"{name}/{path.relative_to(folder).as_posix()}", path)
+        for name, folder in folders.items()
+        for path in _code_files(folder)
+    )
+    digest = hashlib.sha256()
+    for relative, path in files:
+        data = path.read_bytes()
+        # Lengths delimit each part, so no two different trees can feed the same bytes to the hash.
+        digest.update(f"{len(relative)}:{relative}:{len(data)}:".encode())
+        digest.update(data)
+    return digest.hexdigest()[:12]
+
+
+def package_folders() -> dict[str, Path]:
+    """{package: its folder} for dinolab's code packages as this process imports them: a package
+    already imported by its `__file__`, the others where an import would find them (PYTHONPATH
+    first, so a sweep job sees its snapshot), without importing them: dino imports nothing of the
+    launcher or the reports (tests/unit/test_layers.py)."""
+    folders = {}
+    for name in CODE_PACKAGES:
+        module = sys.modules.get(name)
+        origin = getattr(module, "__file__", None)
+        if origin is None:
+            spec = importlib.util.find_spec(name)
+            origin = spec.origin if spec is not None else None
+        if origin is None:  # dino alone, installed without the launcher
+            continue
+        folders[name] = Path(origin).resolve().parent
+    return folders
+
+
+@functools.cache  # the code of a process does not change: hashing ~1 MB once is enough
+def code_hash() -> str:
+    """The content hash of the dinolab code this process imported (`dino`, `launcher` and `reports`:
+    every source and data file, e.g. the presets' YAML); a sweep job that imports its snapshot gets
+    the hash that names the snapshot's folder (`code_hash_of`)."""
+    return _hash_folders(package_folders())
+
+
+def code_hash_of(root: Path | str) -> str:
+    """`code_hash` of the source tree at `root` (the folder holding dino/, launcher/, reports/)."""
+    root = Path(root)
+    return _hash_folders({name: root / name for name in CODE_PACKAGES if (root / name).is_dir()})

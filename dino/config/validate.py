@@ -7,8 +7,8 @@ from dino.config.schema import (
     ARCHS,
     AUGMENT_DEVICES,
     BAD_IMAGE_MODES,
-    DATASETS,
     CODE_CHANGE_POLICIES,
+    DATASETS,
     DEVICES,
     PRECISIONS,
     TRACKING_SCHEMES,
@@ -42,7 +42,9 @@ def validate(cfg: DinoConfig) -> None:
     check_choice("train.device", cfg.train.device, DEVICES)
     check_choice("train.on_code_change", cfg.train.on_code_change, CODE_CHANGE_POLICIES)
     if cfg.train.hang_timeout_s < 0:
-        raise ConfigError(f"train.hang_timeout_s={cfg.train.hang_timeout_s}: seconds, >= 0 (0 turns the watchdog off)")
+        raise ConfigError(
+            f"train.hang_timeout_s={cfg.train.hang_timeout_s}: seconds, >= 0 (0 turns the watchdog off)"
+        )
     check_choice("data.name", cfg.data.name, DATASETS)
     check_choice("data.augment_device", cfg.data.augment_device, AUGMENT_DEVICES)
     check_choice("data.on_bad_image", cfg.data.on_bad_image, BAD_IMAGE_MODES)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from typing import Any
 
 import submitit
 
+from launcher.code_snapshot import PLACEHOLDER, snapshots_folder
 from launcher.errors import UserError
 from launcher.sweep_file import Resources, Sweep
 
@@ -25,8 +27,26 @@ def thread_setup(res: Resources) -> list[str]:
     return [f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{res.cpus_per_task}}}"]
 
 
-def executor_parameters(res: Resources, executor: str, name: str, parallelism: int) -> dict[str, Any]:
-    """submitit parameters for one stage; SLURM-only keys are passed only to SLURM."""
+def pythonpath_setup(code_dir: str) -> list[str]:
+    """The job's last setup lines: the sweep's code snapshot (launcher/code_snapshot.py) first on
+    PYTHONPATH, so the job and every requeue import dinolab from it, not from the working tree (the
+    editable install's finder comes after PYTHONPATH). PYTHONSAFEPATH too: submitit starts the job
+    with `python -m submitit.core._submit`, and `-m` puts the current folder before PYTHONPATH; a job
+    starts in the folder it was submitted from, often the checkout, whose `launcher/` would win.
+    Last, so a stage's own `setup` that sets PYTHONPATH keeps its entries after the snapshot rather
+    than dropping it."""
+    head, tail = code_dir.rsplit("/", 1)  # the hash (or plan's placeholder) stays unquoted: readable
+    return [
+        "export PYTHONSAFEPATH=1",
+        f"export PYTHONPATH={shlex.quote(head)}/{tail}${{PYTHONPATH:+:$PYTHONPATH}}",
+    ]
+
+
+def executor_parameters(
+    res: Resources, executor: str, name: str, parallelism: int, code_dir: str = ""
+) -> dict[str, Any]:
+    """submitit parameters for one stage; SLURM-only keys are passed only to SLURM. `code_dir`: the
+    snapshot the jobs import (empty: the code this process imports, as for a test's executor)."""
     params: dict[str, Any] = {
         "name": name,
         "timeout_min": res.timeout_min,
@@ -37,7 +57,7 @@ def executor_parameters(res: Resources, executor: str, name: str, parallelism: i
     }
     if res.gpus_per_node:  # asking for 0 GPUs fails on clusters without GRES
         params["gpus_per_node"] = res.gpus_per_node
-    setup = [*thread_setup(res), *res.setup]
+    setup = [*thread_setup(res), *res.setup, *(pythonpath_setup(code_dir) if code_dir else [])]
     if executor == "slurm":
         params["slurm_array_parallelism"] = parallelism
         params["slurm_signal_delay_s"] = res.signal_delay_s
@@ -63,7 +83,9 @@ def require_slurm() -> None:
         )
 
 
-def build_executor(sweep: Sweep, stage: str, executor: str, folder: str) -> submitit.AutoExecutor:
+def build_executor(
+    sweep: Sweep, stage: str, executor: str, folder: str, code_dir: str = ""
+) -> submitit.AutoExecutor:
     if executor not in EXECUTORS:
         raise ValueError(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
     if executor == "slurm":
@@ -71,7 +93,7 @@ def build_executor(sweep: Sweep, stage: str, executor: str, folder: str) -> subm
     ex = submitit.AutoExecutor(folder=folder, cluster=executor, slurm_max_num_timeout=sweep.max_timeouts)
     res = sweep.stage_resources(stage)
     ex.update_parameters(
-        **executor_parameters(res, executor, f"{sweep.name}-{stage}", sweep.array_parallelism)
+        **executor_parameters(res, executor, f"{sweep.name}-{stage}", sweep.array_parallelism, code_dir)
     )
     return ex
 
@@ -97,9 +119,11 @@ def sbatch_preview(sweep: Sweep, stage: str, folder: str, array_size: int, depen
     reaches its private `_convert_parameters`, `_submitit_command_str` and
     `_make_submission_file_text` (the launcher's one use of submitit's private API).
     `tests/integration/test_plan_without_slurm.py` checks the result against what a (fake) sbatch
-    receives from `sweep submit`, byte for byte."""
+    receives from `sweep submit`, byte for byte, but for the code snapshot's hash: `plan` writes no
+    snapshot and shows `<code hash>` in its folder's name (launcher/code_snapshot.py)."""
     res = sweep.stage_resources(stage)
-    params = executor_parameters(res, "slurm", f"{sweep.name}-{stage}", sweep.array_parallelism)
+    code_dir = f"{snapshots_folder(sweep)}/{PLACEHOLDER}"
+    params = executor_parameters(res, "slurm", f"{sweep.name}-{stage}", sweep.array_parallelism, code_dir)
     if dependency:  # the stage's own extra sbatch options plus the dependency, as submission.py passes them
         params["slurm_additional_parameters"] = dict(res.additional, dependency=dependency)
     ex = _ScriptOnlySlurmExecutor(folder, max_num_timeout=sweep.max_timeouts)

@@ -1,7 +1,8 @@
 """Submit a plan (all or nothing), wait for its jobs, cancel a sweep's live jobs.
 
 The launcher's side of the run records goes through `launcher/records.py` (`mark_pending`,
-`mark_cancelled`, `restore`, `add_job`); the scheduler through `launcher/scheduler.py`.
+`mark_cancelled`, `restore`, `add_job`); the scheduler through `launcher/scheduler.py`; the code the
+jobs import through `launcher/code_snapshot.py` (one snapshot per submit, made before any job).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher import records, tracking_runs
+from launcher import code_snapshot, records, tracking_runs
 from launcher.executors import build_executor
 from launcher.grid import RunSpec
 from launcher.jobs import EvalJob, TrainJob
@@ -25,10 +26,15 @@ class Submitted:
     pretrain: list[tuple[RunSpec, Any]] = field(default_factory=list)
     evals: list[tuple[RunSpec, str, Any]] = field(default_factory=list)
     skipped: list[Todo] = field(default_factory=list)
+    code: code_snapshot.Snapshot | None = None
+    """The code snapshot the jobs import; None when nothing was submitted."""
 
     def summary(self) -> str:
         ids = sorted({str(j.job_id).split("_")[0] for _, j in self.pretrain})
         lines = [f"submitted {len(self.pretrain)} pretraining job(s) {' '.join(ids)}".rstrip()]
+        if self.code is not None and (self.pretrain or self.evals):
+            how = "snapshot" if self.code.created else "snapshot reused"
+            lines.append(f"code {self.code.code_hash} ({how}: {self.code.path})")
         if self.evals:
             lines.append(
                 f"submitted {len(self.evals)} evaluation job(s) ({', '.join(sorted({p for _, p, _ in self.evals}))})"
@@ -54,6 +60,8 @@ def submit(
     MLflow tags, for `status` and `report` to show beside the GPU-hours spent."""
     train, eval_only = to_submit(todos, only)
     out = Submitted(skipped=[t for t in todos if t not in train and t not in eval_only])
+    if train or eval_only:  # once, before any job: every job of this submit imports the same code
+        out.code = code_snapshot.snapshot(sweep)
     before = {t.run.run_dir: records.snapshot(t.run.run_dir) for t in [*train, *eval_only]}
     created: list[str] = []
     try:
@@ -95,6 +103,7 @@ def _submit_array(sweep: Sweep, ex: Any, stage: str, executor: str, jobs: list[A
 
 def _submit_arrays(sweep, train, eval_only, executor, out, created, estimates) -> None:
     folder = submitit_folder(sweep)
+    code_dir = str(out.code.path)
     local_slots = sweep.array_parallelism if executor == "local" else 0
     # Experiment, parent and child MLflow runs exist before any job starts (no races between jobs).
     tags = {
@@ -108,7 +117,7 @@ def _submit_arrays(sweep, train, eval_only, executor, out, created, estimates) -
                 cancel_job(job, records.read_record(todo.run.run_dir))
         records.mark_pending(todo.run.run_dir, estimates.get(todo.run.run_id, {}))
     if train:
-        ex = build_executor(sweep, "pretrain", executor, folder)
+        ex = build_executor(sweep, "pretrain", executor, folder, code_dir)
         jobs = _submit_array(sweep, ex, "pretrain", executor,
                              [TrainJob(t.run.job_config(), t.run.run_dir, local_slots, slots_folder(sweep))
                               for t in train])  # fmt: skip
@@ -122,7 +131,7 @@ def _submit_arrays(sweep, train, eval_only, executor, out, created, estimates) -
         alone = [t for t in eval_only if protocol in t.evals]
         overrides = sweep.eval_overrides.get(protocol, [])
         if chained:
-            ex = build_executor(sweep, protocol, executor, folder)
+            ex = build_executor(sweep, protocol, executor, folder, code_dir)
             if executor == "slurm":
                 array_id = str(chained[0][1].job_id).split("_")[0]
                 # The stage's own extra sbatch options (what build_executor passed) plus the dependency.
@@ -135,7 +144,7 @@ def _submit_arrays(sweep, train, eval_only, executor, out, created, estimates) -
                 _record_submission(todo.run, protocol, job, executor)
                 out.evals.append((todo.run, protocol, job))
         if alone:
-            ex = build_executor(sweep, protocol, executor, folder)
+            ex = build_executor(sweep, protocol, executor, folder, code_dir)
             jobs = _submit_array(sweep, ex, protocol, executor,
                                  [EvalJob(protocol, t.run.run_dir, overrides, False, local_slots, slots_folder(sweep))
                                   for t in alone])  # fmt: skip

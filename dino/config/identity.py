@@ -114,7 +114,7 @@ CODE_PACKAGES = ("dino", "launcher", "reports")
 """The packages whose source is dinolab's code: what a sweep snapshots (launcher/code_snapshot.py)."""
 
 
-def _code_files(folder: Path) -> Iterator[Path]:
+def code_files(folder: Path) -> Iterator[Path]:
     """Every file under a package folder but compiled ones (`__pycache__/`, `*.pyc`: the interpreter's,
     not the code) and hidden ones (editor swap and lock files such as `.#loop.py`, never package data)."""
     for path in folder.rglob("*"):
@@ -126,13 +126,13 @@ def _code_files(folder: Path) -> Iterator[Path]:
         yield path
 
 
-def _hash_folders(folders: dict[str, Path]) -> str:
+def hash_folders(folders: dict[str, Path]) -> str:
     """12 hex characters of SHA-256 over every code file of the packages {name: folder}, sorted by
     their path relative to the folder above the packages (`dino/io/checkpoint.py`), path and bytes."""
     files = sorted(
         (f"{name}/{path.relative_to(folder).as_posix()}", path)
         for name, folder in folders.items()
-        for path in _code_files(folder)
+        for path in code_files(folder)
     )
     digest = hashlib.sha256()
     for relative, path in files:
@@ -166,10 +166,10 @@ def code_hash() -> str:
     """The content hash of the dinolab code this process imported (`dino`, `launcher` and `reports`:
     every source and data file, e.g. the presets' YAML); a sweep job that imports its snapshot gets
     the hash that names the snapshot's folder (`code_hash_of`)."""
-    return _hash_folders(package_folders())
+    return hash_folders(package_folders())
 
 
 def code_hash_of(root: Path | str) -> str:
     """`code_hash` of the source tree at `root` (the folder holding dino/, launcher/, reports/)."""
     root = Path(root)
-    return _hash_folders({name: root / name for name in CODE_PACKAGES if (root / name).is_dir()})
+    return hash_folders({name: root / name for name in CODE_PACKAGES if (root / name).is_dir()})

@@ -39,7 +39,9 @@ def test_a_collapsed_run_stops_early_and_skips_its_knn_while_the_healthy_one_com
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = tmp_path / "sweeps" / "collapse"
     dirs = {
-        p.name.rsplit("-", 1)[0]: p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+        p.name.rsplit("-", 1)[0]: p
+        for p in folder.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name != "code"
     }
     healthy, collapsed = dirs["cm0.9-m0.996"], dirs["cm1.0-m0.0"]
 

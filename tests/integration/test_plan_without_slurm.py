@@ -119,7 +119,12 @@ def test_the_preview_is_what_submit_hands_to_sbatch(tmp_path, only_one):
 
     sent = [(keep / f"{i}.sh").read_text() for i in range(len(list(keep.iterdir())))]
     assert len(sent) == len(previews) == 2  # pretrain, then knn
-    pretrain, knn = (p.removesuffix("\n") for p in previews)  # print() adds a newline
+    # plan writes no code snapshot: it names the folder submit makes, with a placeholder for its hash.
+    (code,) = (tmp_path / "root" / "fake" / "code").iterdir()
+    pretrain, knn = (
+        p.removesuffix("\n").replace("<code hash>", code.name) for p in previews
+    )  # print() adds a newline
+    assert f"export PYTHONPATH={code}${{PYTHONPATH:+:$PYTHONPATH}}" in sent[0].splitlines()
     assert pretrain == sent[0]
     assert knn.replace("'aftercorr:<pretrain array job id>'", "aftercorr:4200") == sent[1]
     assert ("#SBATCH --array=" in sent[0]) is not only_one

@@ -28,7 +28,11 @@ def test_quickstart_sweep_runs_every_run_and_its_knn_then_resubmits_nothing(tmp_
         "submitted 4 pretraining job(s)" in proc.stdout
         and "submitted 4 evaluation job(s) (knn)" in proc.stdout
     )
-    run_dirs = sorted(p for p in (root / "quickstart").iterdir() if p.is_dir() and not p.name.startswith("."))
+    run_dirs = sorted(
+        p
+        for p in (root / "quickstart").iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name != "code"
+    )
     assert len(run_dirs) == 4
     for run_dir in run_dirs:
         record = records.read_record(str(run_dir))

@@ -73,7 +73,9 @@ def write_sweep(tmp_path: Path, name: str, **extra) -> Path:
 def run_dirs(tmp_path: Path, name: str) -> dict[str, Path]:
     folder = tmp_path / "sweeps" / name
     return {
-        p.name.rsplit("-", 1)[0]: p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+        p.name.rsplit("-", 1)[0]: p
+        for p in folder.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name != "code"
     }
 
 

@@ -6,6 +6,9 @@ key and the nearest valid name; the job receives that config (`RunSpec.job_confi
 nothing. A run's id is the hash of the config keys that can change its result
 (dino/config/identity.py), so the same grid point always lands in the same folder:
 `<root>/<sweep name>/<run name>-<id>/`, which is the config's run.dir.
+
+A sweep's runs refuse to resume with code other than their checkpoint's (`train.on_code_change=refuse`,
+unless the sweep file sets the key): one table, one code. The key is not part of the run id.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import yaml
 
 from dino.config.compose import Values, composer, job_dict, preset_groups
 from dino.config.overrides import read_value
+from dino.config.overrides import split as split_override
 from dino.config.schema import ConfigError, DinoConfig, flatten, to_dict
 from dino.config.suggest import did_you_mean
 from dino.io import storage
@@ -112,17 +116,34 @@ def _check_axis_keys(sweep: Sweep) -> None:
                 )
 
 
+CODE_POLICY_KEY = "train.on_code_change"
+
+
+def _code_policy(sweep: Sweep) -> list[str]:
+    """`train.on_code_change=refuse` unless the sweep sets the key itself (base, an axis, or a
+    `key=value` of the command line, which joins the base): a requeue or resubmit that would mix
+    code versions in one table stops naming both code hashes (dino/run/state.py)."""
+    keys = {split_override(ov)[0].lstrip("+") for ov in sweep.base} | set(sweep.grid) | set(sweep.zip)
+    return [] if CODE_POLICY_KEY in keys else [f"{CODE_POLICY_KEY}=refuse"]
+
+
 def expand(sweep: Sweep) -> list[RunSpec]:
     """Every (grid point, seed) as a RunSpec with its composed, validated config."""
     _check_axis_keys(sweep)
     runs: list[RunSpec] = []
+    policy = _code_policy(sweep)
     for point in _grid_points(sweep):
         for seed in sweep.seeds:
             parts = [f"{_short(k, sweep)}{_value(v)}" for k, v in point.items()]
             if len(sweep.seeds) > 1:
                 parts.append(f"s{seed}")
             name = "-".join(parts) or "run"
-            overrides = [*sweep.base, *(f"{k}={_value(v)}" for k, v in point.items()), f"train.seed={seed}"]
+            overrides = [
+                *sweep.base,
+                *(f"{k}={_value(v)}" for k, v in point.items()),
+                f"train.seed={seed}",
+                *policy,
+            ]
             if sweep.tracking_uri:  # the launcher creates the MLflow run; these name it for `train` alone
                 overrides += [f"tracking.uri={sweep.tracking_uri}", f"tracking.experiment={sweep.name}",
                               f"tracking.run_name={_text(name)}"]  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -85,20 +86,40 @@ def launched_distributed() -> bool:
     return world > 1 or (world == 1 and os.environ.get("MASTER_ADDR", "") != "")
 
 
-def setup(want: str) -> DistInfo:
+def group_timeout(hang_timeout_s: float) -> timedelta | None:
+    """The process group's timeout for a `train.hang_timeout_s`: twice it, so the progress watchdog
+    (dino/io/watchdog.py), which names the rank that stopped and writes stacks, acts first and the
+    group's own timeout is the backstop; torch's default (None) when the watchdog is off."""
+    return timedelta(seconds=2 * hang_timeout_s) if hang_timeout_s > 0 else None
+
+
+def nccl_flight_recorder(trace_dir: str) -> None:
+    """NCCL's flight recorder: the last collectives of every rank, dumped when a collective times
+    out, into `trace_dir` (the run's health/ folder). Values already set in the environment win."""
+    os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+    os.makedirs(trace_dir, exist_ok=True)
+    os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", os.path.join(trace_dir, "nccl-trace-rank"))
+
+
+def setup(want: str, hang_timeout_s: float = 0.0, trace_dir: str = "") -> DistInfo:
     """Choose this process's device, make it current, then join the process group described by the
-    environment (a plain single process initialises nothing). NCCL on GPUs, gloo on CPU.
-    Safe to call again: a process already in a group keeps it."""
+    environment (a plain single process initialises nothing). NCCL on GPUs, gloo on CPU; the group's
+    timeout follows `hang_timeout_s` (`group_timeout`), NCCL's flight recorder writes into a local
+    `trace_dir`. Safe to call again: a process already in a group keeps it."""
     global _device
     device = rank_device(want)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the group: NCCL binds its communicator to it
     _device = device
     if not is_initialized() and launched_distributed():
+        timeout = group_timeout(hang_timeout_s)
         if device.type == "cuda":
-            dist.init_process_group(backend="nccl", device_id=device)
+            if trace_dir and "://" not in trace_dir:
+                nccl_flight_recorder(trace_dir)
+            dist.init_process_group(backend="nccl", device_id=device, timeout=timeout)
         else:
-            dist.init_process_group(backend="gloo")
+            dist.init_process_group(backend="gloo", timeout=timeout)
     return info()
 
 

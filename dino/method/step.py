@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,6 +79,9 @@ class StepState:
     device_type: str
     precision: str
     clip_grad: float
+    clock: Any = None
+    """Optional `start()`/`forward_done()` around the forward pass (dino/run/train_metrics.py StepClock:
+    each rank's own time per step, to find a straggler)."""
 
     def __post_init__(self) -> None:
         # Parameter lists are built once; EMA pairs them by name so the order cannot drift.
@@ -104,10 +108,14 @@ def set_hyperparameters(state: StepState, step: int) -> None:
 def train_step(state: StepState, crops: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
     """One optimisation step at global step `step`; returns device-tensor metrics (no host sync)."""
     set_hyperparameters(state, step)
+    if state.clock is not None:
+        state.clock.start()
     with state.autocast():
         with torch.no_grad():
             teacher_out = state.teacher(crops[:2])
         student_out = state.student(crops)
+    if state.clock is not None:
+        state.clock.forward_done()
     loss, signals = state.loss_fn(student_out, teacher_out, float(state.schedules.teacher_temp[step]))
 
     state.optimizer.zero_grad(set_to_none=True)

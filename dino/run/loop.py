@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,13 +23,14 @@ from dino.eval.monitor import KnnMonitor
 from dino.io import distributed, storage
 from dino.io.checkpoint import CheckpointWriter
 from dino.io.tracking import Tracker
+from dino.io.watchdog import Watchdog
 from dino.method import rng
 from dino.method.collapse import CollapseGuard, CollapseRule
 from dino.method.step import train_step
 from dino.run.build import Run, build_run
 from dino.run.progress import TrainProgress
 from dino.run.state import TrainState, restore_latest
-from dino.run.train_metrics import MetricsWindow
+from dino.run.train_metrics import MetricsWindow, StepClock
 
 log = logging.getLogger("dino.train")
 
@@ -59,6 +60,11 @@ class RunContext:
     """Raises when this process no longer holds the run folder (a remote lease taken over):
     `_Checkpoints.save` calls it on rank 0 before each checkpoint, so a process that lost the folder
     never writes into it again."""
+    health: Watchdog
+    """This rank's progress watchdog (dino/io/watchdog.py): `train()` beats it after every step and
+    gives long phases (checkpoint, k-NN monitor, the end) their allowance."""
+    hosts: tuple[str, ...] = ()
+    """The node of every rank (`hosts[rank]`), gathered once at start: a straggler is named by it."""
 
     @property
     def device(self) -> torch.device:
@@ -101,14 +107,18 @@ def train(ctx: RunContext) -> TrainResult:
         ctx.tracker.log_params(flatten(to_dict(cfg)))
     checkpoints = _Checkpoints(ctx, run.state)
     report = _WindowReport(ctx, run, data, start_step)
+    run.step_state.clock = report.window.clock  # each rank's own time per step, for stragglers
+    health = ctx.health
     # Not carried in checkpoints: a resumed run counts its patience again (it can only stop later).
     collapse_guard = _collapse_guard(cfg, data.steps_per_epoch, start_step)
     last: dict[str, float] = {}
     stopped, collapse, total = False, None, run.schedules.total_steps
     try:
-        for crops in data.batches(start_step, run.end_step, dist.rank, dist.world_size):
+        batches = data.batches(start_step, run.end_step, dist.rank, dist.world_size)
+        for crops in _timed(batches, report.window.clock, health):
             report.window.add(train_step(run.step_state, crops, step), step)
             step += 1
+            health.beat(step)
             final = step >= run.end_step
             due_steps, due_knn = checkpoints.due_steps(step), report.monitor.due(step, final)
             if not (step % cfg.train.log_every == 0 or due_steps or final or due_knn):
@@ -120,7 +130,8 @@ def train(ctx: RunContext) -> TrainResult:
             if collapse_guard is not None and not final:  # the same window, so the same answer, on every rank
                 collapse = collapse_guard.update(step, last["teacher_entropy"], last["kl"])
             if due_steps or due_time or final or stop_now or collapse is not None:
-                checkpoints.save(step, report.window.train_seconds)
+                with health.phase("checkpoint"):
+                    checkpoints.save(step, report.window.train_seconds)
             if dist.is_main:
                 ctx.on_progress({**last, "total_steps": total, "checkpoint_step": checkpoints.newest()})
             if collapse is not None:
@@ -131,16 +142,34 @@ def train(ctx: RunContext) -> TrainResult:
                 break
     finally:
         report.close()
-        checkpoints.wait()  # whatever happened, the save in flight ends before the process may exit
+        with health.phase("checkpoint"):
+            checkpoints.wait()  # whatever happened, the save in flight ends before the process may exit
     report.warn_skipped(last)
-    checkpoints.close()  # raises if the newest checkpoint could not be written
-    # Rank 0 alone writes checkpoints; the others return only once it is complete (a job that ends
-    # or is requeued then never leaves a rank ahead of the newest checkpoint).
-    distributed.barrier()
+    with health.phase("end"):
+        checkpoints.close()  # raises if the newest checkpoint could not be written
+        # Rank 0 alone writes checkpoints; the others return only once it is complete (a job that
+        # ends or is requeued then never leaves a rank ahead of the newest checkpoint).
+        distributed.barrier()
     if step >= total and start_step == step:
         log.info("run already finished at step %d", step)
     collapsed = None if collapse is None else {**collapse.to_dict(), "total_steps": total}
     return TrainResult(cfg.run.dir, step, total, stopped, resumed_from, last, collapsed)
+
+
+def _timed(batches: Iterable, clock: StepClock, health: Watchdog) -> Iterator:
+    """The batches, with the time this rank waits for each (its own time, for stragglers) and the
+    watchdog told whether the rank waits for data (outside any collective) or steps."""
+    it = iter(batches)
+    while True:
+        health.waiting("data")
+        waited_from = time.perf_counter()
+        try:
+            crops = next(it)
+        except StopIteration:
+            return
+        clock.waited(time.perf_counter() - waited_from)
+        health.waiting("step")
+        yield crops
 
 
 def _require_a_batch(cfg: DinoConfig, data: TrainData, world_size: int) -> None:
@@ -243,7 +272,8 @@ class _WindowReport:
     def __call__(self, step: int, due_knn: bool, teacher: torch.nn.Module) -> dict[str, float]:
         extra: dict[str, float] = {}
         if due_knn:
-            result = self.monitor(teacher.backbone, step)
+            with self.ctx.health.phase("monitor"):
+                result = self.monitor(teacher.backbone, step)
             extra = result.metrics()
             self.window.pause(result.seconds)
         if self.bad is not None:  # by this process's loader since it started, summed over ranks

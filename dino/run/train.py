@@ -20,6 +20,7 @@ from dino.config.identity import config_hash, semantic_diff
 from dino.config.schema import DinoConfig, to_dict
 from dino.io import checkpoint, distributed, run_lock, storage
 from dino.io.mlflow_tracker import build_tracker
+from dino.io.watchdog import Hang, Watchdog, health_dir, node_name
 from dino.method.collapse import MARKER
 from dino.run.accelerators import device_card
 from dino.run.loop import RunContext, TrainResult, train
@@ -61,6 +62,7 @@ def run(
     should_stop: Callable[[], bool] | None = None,
     on_progress: Callable[[dict[str, float]], None] | None = None,
     on_start: Callable[[], None] | None = None,
+    on_hang: Callable[[Hang], None] | None = None,
 ) -> TrainResult:
     """Train (or continue training) the run described by `cfg`; see the module docstring.
 
@@ -68,10 +70,12 @@ def run(
     before it writes anything; `on_progress(metrics)` on rank 0 after every metric reduction and
     checkpoint (the launcher keeps its run record's step, loss and heartbeat current with them).
     A write the disk refuses stops the run with `storage.WriteError` naming the file and the
-    checkpoint the same command resumes from.
+    checkpoint the same command resumes from. A rank that makes no progress for
+    `train.hang_timeout_s` ends the process with `HUNG_EXIT_CODE` after `on_hang(hang)` ran on the
+    lowest live rank (dino/io/watchdog.py).
     """
     try:
-        return _run(cfg, should_stop, on_progress, on_start)
+        return _run(cfg, should_stop, on_progress, on_start, on_hang)
     except storage.WriteError as err:  # a full disk: what failed, and where the run resumes from
         raise storage.WriteError(f"{err}. {_resume_point(cfg.run.dir)}") from None
 
@@ -81,14 +85,18 @@ def _run(
     should_stop: Callable[[], bool] | None,
     on_progress: Callable[[dict[str, float]], None] | None,
     on_start: Callable[[], None] | None,
+    on_hang: Callable[[Hang], None] | None,
 ) -> TrainResult:
-    """Set up in order (process group, run-folder lock, logs, config.yaml, collapse marker, tracker),
-    train with the one `RunContext` they make, and release them whatever happens."""
-    dist = distributed.setup(cfg.train.device)  # the rank's device, then its process group
+    """Set up in order (process group, run-folder lock, logs, watchdog, config.yaml, collapse marker,
+    tracker), train with the one `RunContext` they make, and release them whatever happens."""
+    # The rank's device, then its process group (its timeout follows train.hang_timeout_s).
+    trace_dir = "" if storage.is_remote(cfg.run.dir) else health_dir(cfg.run.dir)
+    dist = distributed.setup(cfg.train.device, cfg.train.hang_timeout_s, trace_dir)
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
     should_stop = should_stop or (lambda: False)
     logs: dict[str, storage.AppendLog] = {}
     lock = _lock_run_dir(cfg, dist, should_stop)  # before any write: one writer
+    health = Watchdog(cfg.run.dir, dist.rank, dist.world_size, cfg.train.hang_timeout_s, on_hang=on_hang)
     try:
         if dist.is_main:
             if on_start is not None:
@@ -98,15 +106,19 @@ def _run(
                 for name in ("train.log", "metrics.jsonl")
             }
         setup_logging(logs.get("train.log"))
+        hosts = tuple(distributed.all_gather_object(node_name()))
+        health.start()  # after the lock: heartbeat files of a refused job would overwrite the holder's
         _prepare_run_dir(cfg, dist.is_main)  # before tracking: a folder of another config is refused
         stopped_before = _collapsed_before(cfg, dist)
         if stopped_before is not None:
             return stopped_before
         guard = lock.check if lock is not None else (lambda: None)
         tracker = build_tracker(cfg, dist.is_main)  # closed by _tracked, whatever happens there
-        ctx = RunContext(cfg, dist, tracker, logs, should_stop, on_progress or (lambda m: None), guard)
+        ctx = RunContext(cfg, dist, tracker, logs, should_stop, on_progress or (lambda m: None), guard,
+                         health, hosts)  # fmt: skip
         return _tracked(ctx)
     finally:
+        health.stop()
         distributed.destroy()
         setup_logging(None)  # release the log file before it is published
         for run_log in logs.values():

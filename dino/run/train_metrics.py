@@ -24,6 +24,70 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak resident set, KiB on Linux
 
 
+class StepClock:
+    """One rank's own time per step, for finding a straggler: waiting for its batch plus its forward
+    pass, up to the loss, whose centre all-reduce is the step's first collective.
+
+    A synchronous job's wall time per step is the same on every rank (the fast ones wait in the
+    collectives for the slow one), so only the time before a rank's first collective tells who is
+    slow. On a GPU the forward is timed with CUDA events, read at the window's reduce (which
+    synchronises anyway), so the step gains no host synchronisation.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.data_s, self.forward_s, self.events = 0.0, 0.0, []
+        self._t = 0.0
+        self._start: torch.cuda.Event | None = None
+
+    def waited(self, seconds: float) -> None:
+        """Seconds this rank waited for its batch."""
+        self.data_s += seconds
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t = time.perf_counter()
+
+    def forward_done(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((self._start, end))
+        else:
+            self.forward_s += time.perf_counter() - self._t
+
+    def take(self) -> float:
+        """The window's own seconds (data + forward), and a new window."""
+        forward = self.forward_s
+        if self.events:
+            self.events[-1][1].synchronize()
+            forward += sum(start.elapsed_time(end) for start, end in self.events) / 1000
+        own = self.data_s + forward
+        self.data_s, self.forward_s, self.events = 0.0, 0.0, []
+        return own
+
+
+def rank_times(per_rank: list[float]) -> dict[str, float]:
+    """The window's straggler figures from every rank's own seconds per step: the slowest rank, its
+    time, the median of all, and its ratio to the median of the others (with two ranks, the other
+    one: the median of all would be their mean, and a rank three times slower would read 1.5x)."""
+    slowest = max(range(len(per_rank)), key=per_rank.__getitem__)
+    others = sorted(t for r, t in enumerate(per_rank) if r != slowest)
+    middle = len(others) // 2
+    median_others = others[middle] if len(others) % 2 else (others[middle - 1] + others[middle]) / 2
+    every = sorted(per_rank)
+    m = len(every) // 2
+    return {
+        "rank_step_s_max": per_rank[slowest],
+        "rank_step_s_median": every[m] if len(every) % 2 else (every[m - 1] + every[m]) / 2,
+        "slowest_rank": float(slowest),
+        "straggler_ratio": per_rank[slowest] / max(median_others, 1e-9),
+    }
+
+
 class MetricsWindow:
     """Sums loss, teacher entropy and KL on the device step by step (no host sync) and turns them into
     one metrics line per window.
@@ -53,6 +117,7 @@ class MetricsWindow:
         self.last: dict[str, float] = {}
         self.start, self.steps = time.monotonic(), 0
         self.timed_s, self.timed_images, self.windows = 0.0, 0.0, 0
+        self.clock = StepClock(device)
 
     def add(self, out: dict[str, torch.Tensor], step: int) -> None:
         """One step's outputs; remembers (on the device) the first step whose loss was not finite."""
@@ -72,6 +137,7 @@ class MetricsWindow:
         values = distributed.all_reduce_mean_(self.sums / max(self.steps, 1))
         bad_ranks = distributed.all_reduce_sum_((self.first_bad >= 0).float())
         loss, entropy, kl = values.tolist()
+        stragglers = self._rank_times()
         elapsed = time.monotonic() - self.start
         images = self.steps * self.batch_size
         self.train_seconds += elapsed
@@ -102,8 +168,19 @@ class MetricsWindow:
             "avg_img_per_s": self.timed_images / self.timed_s if self.timed_s > 0 else rate,
             "memory_gib": memory_gib(self.device),
             "gpu_hours": self.train_seconds * self.world_size / 3600,
+            **stragglers,
             **extra,
         }
         self.sums.zero_()
         self.start, self.steps = time.monotonic(), 0
         return self.last
+
+    def _rank_times(self) -> dict[str, float]:
+        """Every rank's own seconds per step this window (`StepClock`), gathered: one small
+        all-reduce of a vector with one slot per rank; nothing in a single process."""
+        own = self.clock.take() / max(self.steps, 1)
+        if self.world_size == 1:
+            return {}
+        slots = torch.zeros(self.world_size, device=self.device)
+        slots[distributed.info().rank] = own
+        return rank_times(distributed.all_reduce_sum_(slots).tolist())

@@ -85,7 +85,7 @@ def test_local_rank_3_gets_cuda3_set_before_the_nccl_group_with_its_device_id(fa
     info = distributed.setup("auto")
     assert calls == [
         ("set_device", torch.device("cuda", 3)),
-        ("init_process_group", {"backend": "nccl", "device_id": torch.device("cuda", 3)}),
+        ("init_process_group", {"backend": "nccl", "device_id": torch.device("cuda", 3), "timeout": None}),
     ]
     assert info.device == distributed.device() == torch.device("cuda", 3)
 
@@ -112,7 +112,7 @@ def test_cpu_ranks_join_gloo_without_touching_a_gpu(fake_gpus, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert distributed.setup("cpu").device == torch.device("cpu")
-    assert calls == [("init_process_group", {"backend": "gloo"})]
+    assert calls == [("init_process_group", {"backend": "gloo", "timeout": None})]
 
 
 def test_torchruns_world_of_one_runs_the_nccl_path(fake_gpus, monkeypatch):
@@ -120,7 +120,7 @@ def test_torchruns_world_of_one_runs_the_nccl_path(fake_gpus, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("MASTER_ADDR", "localhost")
     distributed.setup("auto")
-    assert calls[1] == ("init_process_group", {"backend": "nccl", "device_id": torch.device("cuda", 0)})
+    assert calls[1] == ("init_process_group", {"backend": "nccl", "device_id": torch.device("cuda", 0), "timeout": None})
 
 
 def test_one_process_joins_no_group_and_a_missing_gpu_is_named(fake_gpus, monkeypatch):

@@ -78,7 +78,8 @@ def flag(row: pd.Series, out_dim: float) -> str:
 
 
 def collect(uri: str, experiment: str) -> pd.DataFrame:
-    """One row per run: name, id, axes (`axis.*` tags), seed, state, flag and the METRICS columns."""
+    """One row per run: name, id, axes (`axis.*` tags), seed, state, flag, the METRICS columns, its
+    run folder (`run_dir`) and code hash (`code_hash`, NaN when not recorded)."""
     runs = search(uri, experiment)
     axes = sorted(c[len("tags.axis.") :] for c in runs.columns if c.startswith("tags.axis."))
     df = pd.DataFrame(
@@ -107,6 +108,12 @@ def collect(uri: str, experiment: str) -> pd.DataFrame:
     df["est_gpu_hours"] = pd.to_numeric(_column(runs, "tags.dinolab.estimate_gpu_hours"), errors="coerce")
     df["est_source"] = _column(runs, "tags.dinolab.estimate_source")
     df["out_dim"] = pd.to_numeric(_column(runs, "params.head.out_dim"), errors="coerce")  # K, for ln K
+    # The run folder, where its repro.json lies (dino/run/repro.py): tagged at submission
+    # (launcher/tracking_runs.py), else the config's run.dir of a lone `dinolab train`.
+    tagged, param = _column(runs, "tags.dinolab.run_dir"), _column(runs, "params.run.dir")
+    df["run_dir"] = tagged.where(tagged.notna() & (tagged != ""), param)
+    # The code the run trained with (set by the training job; runs started before it lack the tag).
+    df["code_hash"] = _column(runs, "tags.dinolab.code_hash")
     # A run the collapse guard stopped ends FINISHED with the tag dinolab.state=collapsed (dino/run/train.py).
     stopped = _column(runs, "tags.dinolab.state") == "collapsed"
     df.loc[stopped.to_numpy(), "state"] = "collapsed"

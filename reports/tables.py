@@ -22,6 +22,7 @@ import html
 import math
 from collections import Counter
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -51,6 +52,12 @@ RANDOM_INIT = "baseline_random/"
 """Prefix of a run's random-init evaluation (`dinolab eval ... baseline=random`) in the runs' columns."""
 
 
+# Columns of the runs' frame that are no metric (`--metric` does not offer them).
+NOT_METRICS = ("run", "run_id", "mlflow_run_id", "flag", "run_dir", "code_hash", "est_source")
+REPRO_FILE = "repro.json"
+"""A run's reproducibility record in its run folder (dino/run/repro.py), linked from the runs table."""
+
+
 class SelectionError(ValueError):
     """A figure chosen on the split it is reported on; says which and what to report instead."""
 
@@ -59,9 +66,7 @@ def columns_for(df: pd.DataFrame, metric: str) -> list[Column]:
     """The default columns, `metric` first; metric columns no run has are left out. A metric chosen
     on the test split it is measured on is refused (SelectionError)."""
     if metric not in df:
-        known = ", ".join(
-            c for c in df.columns if c not in ("run", "run_id", "mlflow_run_id", "flag") and ":" not in c
-        )
+        known = ", ".join(c for c in df.columns if c not in NOT_METRICS and ":" not in c)
         raise KeyError(f"no metric '{metric}' in these runs; columns: {known}")
     selected_on(df, metric)  # refuses a figure chosen on the test split
     main = next((c for c in COLUMNS if c.key == metric), Column(metric, metric, "max", 2))
@@ -352,6 +357,15 @@ def _latex_text(text: str) -> str:
     return text
 
 
+def _latex_plain(text: str) -> str:
+    """Plain text (a run name, an axis, a header) safe in LaTeX; text already in LaTeX is kept."""
+    if "\\" in text or "$" in text:
+        return text
+    for plain, tex in (("%", "\\%"), ("_", "\\_"), ("&", "\\&"), ("#", "\\#")):
+        text = text.replace(plain, tex)
+    return text
+
+
 def csv_table(
     summary: pd.DataFrame, by: list[str], columns: list[Column], comparisons: compare.Comparisons | None
 ) -> str:
@@ -399,13 +413,68 @@ def pivot(summary: pd.DataFrame, by: list[str], col: Column, fmt: str) -> str:
 
 def runs_table(df: pd.DataFrame, by: list[str], columns: list[Column], fmt: str) -> str:
     """One row per run: name, axes, seed, state, flag and the report's metric columns; beside
-    gpu_hours, the estimate the run was submitted with and its source, when runs have one."""
+    gpu_hours, the estimate the run was submitted with and its source, when runs have one; the code
+    hash when runs have one; last, a link to the run's repro.json."""
     keys = [c.key for c in columns]
     if "est_gpu_hours" in df and df["est_gpu_hours"].notna().any():
         at = keys.index("gpu_hours") + 1 if "gpu_hours" in keys else len(keys)
         keys[at:at] = ["est_gpu_hours", "est_source"]
+    if "code_hash" in df and df["code_hash"].notna().any():
+        keys.append("code_hash")
     view = df[["run", *by, "seed", "state", "flag", *keys]]
+    if "run_dir" in df:
+        view = view.assign(repro=[repro_link(d, fmt) for d in df["run_dir"]])
     return export(view, fmt, floats=".3g")
+
+
+def repro_link(run_dir: object, fmt: str) -> str:
+    """A link to `<run_dir>/repro.json` in `fmt` (a dash when the run's folder is unknown). HTML: an
+    <a href> (file:// for a local absolute path); Markdown: a link; LaTeX: the path; CSV: the path."""
+    if not isinstance(run_dir, str) or not run_dir:
+        return _dash(fmt)
+    path = run_dir.rstrip("/") + "/" + REPRO_FILE
+    if fmt == "html":
+        href = path if "://" in path or not path.startswith("/") else "file://" + quote(path)
+        return f'<a href="{html.escape(href)}">{REPRO_FILE}</a>'
+    if fmt == "markdown":
+        return f"[{REPRO_FILE}](<{path}>)"
+    if fmt == "latex":
+        return "\\texttt{" + _latex_text(path.replace("#", "\\#").replace("$", "\\$")) + "}"
+    return path
+
+
+def mixed_code(df: pd.DataFrame) -> str:
+    """A warning when the runs of a table trained with more than one code version (their
+    `dinolab.code_hash` tags), naming each hash and its runs; "" when they agree. A run without a
+    code hash (started before it was recorded) is not counted as different."""
+    known = df["code_hash"].dropna() if "code_hash" in df else pd.Series([], dtype=object)
+    counts = Counter(str(h) for h in known if str(h))
+    if len(counts) < 2:
+        return ""
+    listed = ", ".join(f"{h} ({n} run{'s' if n > 1 else ''})"
+                       for h, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))  # fmt: skip
+    untagged = len(df) - sum(counts.values())
+    tail = f"; {untagged} run(s) without a code hash not compared" if untagged else ""
+    return (
+        f"the runs of this table trained with {len(counts)} different code versions: code {listed}{tail}. "
+        "A difference between cells may come from the code rather than the ablation; each run's "
+        "repro.json says what it ran (docs/reproducibility.md)."
+    )
+
+
+def with_warning(text: str, warning: str, fmt: str) -> str:
+    """`text` (a table in `fmt`) with `warning` as a visible note above it; CSV stays plain CSV (the
+    command prints the warning on stderr)."""
+    if not warning or fmt == "csv":
+        return text
+    if fmt == "markdown":
+        return f"> **Warning: mixed code.** {warning}\n\n{text}"
+    if fmt == "html":
+        return f"<p class='warning'><b>Warning: mixed code.</b> {html.escape(warning)}</p>\n{text}"
+    return (
+        f"% dinolab report: warning: mixed code: {warning}\n"
+        f"\\par\\noindent{{\\footnotesize\\textbf{{Warning: mixed code.}} {_latex_text(warning)}}}\\par\\smallskip\n{text}"
+    )
 
 
 def collapsed_table(df: pd.DataFrame, fmt: str) -> str:
@@ -433,7 +502,8 @@ def collapsed_table(df: pd.DataFrame, fmt: str) -> str:
 
 def export(frame: pd.DataFrame, fmt: str, floats: str | None = None) -> str:
     """A plain table (cells already formatted unless `floats` is given) in one of FORMATS."""
-    if fmt == "latex":
+    if fmt == "latex":  # cells made for LaTeX (a backslash or $ in them) are kept as they are
+        frame = frame.rename(columns=_latex_plain).map(lambda v: _latex_plain(v) if isinstance(v, str) else v)
         return frame.to_latex(index=False, escape=False, float_format=floats and f"%{floats}")
     if fmt == "html":
         return frame.to_html(
@@ -490,7 +560,8 @@ def _paper_numbers(axis: str, value: object) -> tuple[float | None, float | None
 # ---- the report page ---------------------------------------------------------------------------------
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}
 table.ablation,table{border-collapse:collapse;font-size:14px}td,th{padding:4px 10px;border-bottom:1px solid #ddd;
-text-align:right}th{background:#f4f4f4}img{max-width:100%;margin:1em 0}.note{color:#555}"""
+text-align:right}th{background:#f4f4f4}img{max-width:100%;margin:1em 0}.note{color:#555}
+.warning{color:#a40000;border-left:4px solid #a40000;padding-left:8px}"""
 
 
 def page(title: str, sections: list[tuple[str, str]], figures: list[tuple[str, bytes]], note: str) -> str:

@@ -16,7 +16,9 @@ across seeds plus the test set's binomial error; "1 seed": the binomial alone) a
 how many runs were left out (collapsed, diverged, failed, stopped); the state of the runs; a column's
 best in bold only when it beats the runner-up by a resolved difference; a footnote saying what the
 intervals are and what each figure was selected on. Runs stopped early are listed with their step and
-the GPU-hours saved.
+the GPU-hours saved. The runs table (--runs, and the HTML page) links each run's repro.json (what it
+ran: code, packages, hosts, SLURM job, seeds). Runs that trained with different code (their
+dinolab.code_hash tags) get a warning naming each hash and its runs, on stderr and above the table.
 
 --vs AXIS=VALUE (default: the sweep file's baseline:) adds each cell's difference to that reference
 cell, seed-paired, Holm-corrected, marked resolved or not resolved. --resolve POINTS prints the seeds
@@ -141,6 +143,10 @@ def run_command(args: argparse.Namespace) -> int:
     notes = tables.footnote(df, shown, columns, comparisons)
     text = tables.render(shown, by, columns, args.format, with_paper=args.paper, comparisons=comparisons,
                          notes=notes)  # fmt: skip
+    mixed = tables.mixed_code(df)  # runs of this table trained with different code
+    if mixed:
+        print(f"dinolab report: warning: mixed code: {mixed}", file=sys.stderr)
+        text = tables.with_warning(text, mixed, args.format)
     if len(by) == 2 and args.format != "csv":
         text += "\n\n" + tables.pivot(summary, by, columns[0], args.format)
     if plan is not None:
@@ -281,8 +287,9 @@ def write_html(path, uri, experiment, df, summary, by, columns, with_paper, show
     client = existing_client(uri)
     main = columns[0]
     table = shown if shown is not None else summary
-    sections = [("Ablation", tables.render(table, by, columns, "html", with_paper=with_paper,
-                                           comparisons=comparisons, notes=notes))]  # fmt: skip
+    ablation = tables.render(table, by, columns, "html", with_paper=with_paper, comparisons=comparisons,
+                             notes=notes)  # fmt: skip
+    sections = [("Ablation", tables.with_warning(ablation, tables.mixed_code(df), "html"))]
     if len(by) == 2:
         sections.append((f"{main.header}: {by[0]} × {by[1]}", tables.pivot(summary, by, main, "html")))
     if plan is not None:

@@ -31,11 +31,13 @@ def top1(num_local: int, seed: int) -> float:
     return 60 + 2 * num_local + 1.5 * seed + 0.7 * ((num_local + 2 * seed) % 3)
 
 
-def log_run(client, exp_id, parent, num_local, seed, status="FINISHED", collapsed=False, results=None):
+def log_run(client, exp_id, parent, num_local, seed, status="FINISHED", collapsed=False, results=None,
+            tags=None, params=()):  # fmt: skip
     name = f"nl{num_local}-s{seed}"
+    tags = {"dinolab.run_dir": f"/runs/multicrop-fake/{name}-id{num_local}{seed}"} if tags is None else tags
     run = client.create_run(exp_id, run_name=name, tags={
         "mlflow.parentRunId": parent, "dinolab.kind": "run", "dinolab.run_id": f"id{num_local}{seed}",
-        "axis.crops.num_local": str(num_local), "dinolab.seed": str(seed)})  # fmt: skip
+        "axis.crops.num_local": str(num_local), "dinolab.seed": str(seed), **tags})  # fmt: skip
     rid = run.info.run_id
     steps = 10 if status == "FINISHED" else 4
     metrics = []
@@ -55,7 +57,8 @@ def log_run(client, exp_id, parent, num_local, seed, status="FINISHED", collapse
             Metric("linear_lr", 0.01, 20_000, steps),
             Metric("baseline_random/knn_top1_k20", 55.0 + seed, 20_000, 0),  # the seed's own init
         ]
-    client.log_batch(rid, metrics=metrics, params=[Param("head.out_dim", str(K)), Param("train.seed", str(seed))],
+    client.log_batch(rid, metrics=metrics, params=[Param("head.out_dim", str(K)), Param("train.seed", str(seed)),
+                                                   *(Param(k, v) for k, v in params)],
                      tags=[RunTag("dinolab.config_hash", f"h{num_local}{seed}")])  # fmt: skip
     if status == "FINISHED":  # the evaluations' result JSONs, as dino/eval/results.py:log_result keeps them
         chosen = "held-out 0.1 of the train split (500 images)"
@@ -87,6 +90,16 @@ def fake_sweep(tmp_path_factory):
             running = (num_local, seed) == (6, 2)
             log_run(client, exp_id, parent, num_local, seed, "RUNNING" if running else "FINISHED",
                     collapsed=(num_local, seed) == (0, 1), results=results)  # fmt: skip
+    # A second table in the same store whose runs trained with different code (dinolab.code_hash):
+    # two with c0de1, one with c0de2, one started before code hashes were kept (no tag), which is
+    # also a lone `dinolab train` (its folder from the run.dir param, no dinolab.run_dir tag).
+    mixed = client.create_experiment("mixed-code", artifact_location=f"file://{folder / 'mlartifacts'}")
+    for num_local, seed, code in ((0, 0, "c0de1"), (0, 1, "c0de1"), (2, 0, "c0de2"), (2, 1, None)):
+        tags = {"dinolab.code_hash": code} if code else {}
+        if code:
+            tags["dinolab.run_dir"] = f"/runs/mixed-code/nl{num_local}-s{seed}"
+        log_run(client, mixed, parent, num_local, seed, results=results, tags=tags,
+                params=() if code else [("run.dir", "runs/default")])  # fmt: skip
     return uri
 
 
@@ -125,8 +138,11 @@ CELL = re.compile(r"^(\*\*)?\d+\.\d+(\*\*)? \[\d+\.\d+, \d+\.\d+\] \((n=\d+|1 se
 
 
 def test_markdown_table_matches_golden(fake_sweep):
-    out = report(fake_sweep, "--paper", "--vs", "crops.num_local=0", "--resolve", "0.5").stdout
+    out = report(fake_sweep, "--paper", "--vs", "crops.num_local=0", "--resolve", "0.5", "--runs").stdout
     check_golden("report.md", out)
+    # --runs: each run links its repro.json in its run folder; one code (none recorded): no warning
+    assert "| [repro.json](</runs/multicrop-fake/nl0-s1-id01/repro.json>) |" in out
+    assert "mixed code" not in out
     rows = first_table(out)
     # The collapsed run of num_local=0 is counted once, not among the finished, and left out of the mean.
     assert rows[0][0] == "0" and rows[0][-1] == "2 finished; 1 collapsed (uniform)"
@@ -149,10 +165,14 @@ def test_markdown_table_matches_golden(fake_sweep):
     "fmt, golden", [("latex", "report.tex"), ("html", "report.html"), ("csv", "report.csv")]
 )
 def test_latex_html_and_csv_tables_match_golden(fake_sweep, capsys, fmt, golden):
+    runs = ("--runs",) if fmt != "csv" else ()  # the runs table with its repro.json links
     code, out, err = report_here(capsys, "--experiment", "multicrop-fake", "--tracking-uri", fake_sweep,
-                                 "--format", fmt, "--vs", "crops.num_local=0")  # fmt: skip
+                                 "--format", fmt, "--vs", "crops.num_local=0", *runs)  # fmt: skip
     assert code == 0, err
     check_golden(golden, out)
+    link = {"latex": "\\texttt{/runs/multicrop-fake/nl6-s2-id62/repro.json}",
+            "html": '<a href="file:///runs/multicrop-fake/nl6-s2-id62/repro.json">repro.json</a>'}  # fmt: skip
+    assert fmt == "csv" or link[fmt] in out
     if fmt == "csv":
         import io
 
@@ -266,6 +286,53 @@ def test_html_page_holds_tables_and_plots(fake_sweep, tmp_path):
     assert page.count("data:image/png;base64,") == 5 and "k-NN top-1 during pretraining" in page
     assert page.count("<table") == 2 and "nl6-s2" in page and "collapsed (uniform)" in page
     assert "random init dashed" in page and "<p class='note'>Cells: mean over the healthy seeds" in page
+    assert '<a href="file:///runs/multicrop-fake/nl0-s0-id00/repro.json">repro.json</a>' in page
+    assert "mixed code" not in page
+
+
+MIXED = ("the runs of this table trained with 2 different code versions: code c0de1 (2 runs), c0de2 (1 run); "
+         "1 run(s) without a code hash not compared.")  # fmt: skip
+
+
+def test_a_table_whose_runs_used_different_code_is_flagged_in_every_format(fake_sweep, capsys):
+    args = ("--experiment", "mixed-code", "--tracking-uri", fake_sweep)
+    code, out, err = report_here(capsys, *args, "--runs")
+    assert code == 0, err
+    assert (
+        out.startswith(f"> **Warning: mixed code.** {MIXED}")
+        and f"dinolab report: warning: mixed code: {MIXED}" in err
+    )
+    runs = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| nl")}
+    assert (
+        "| c0de2 " in runs["nl2-s0"]
+        and "[repro.json](</runs/mixed-code/nl2-s0/repro.json>)" in runs["nl2-s0"]
+    )
+    assert "[repro.json](<runs/default/repro.json>)" in runs["nl2-s1"]  # the run.dir param of a lone run
+    code, out, err = report_here(capsys, *args, "--format", "latex")
+    assert code == 0 and out.startswith(f"% dinolab report: warning: mixed code: {MIXED} A difference")
+    assert "\\textbf{Warning: mixed code.} the runs of this table trained with 2" in out
+    code, out, err = report_here(capsys, *args, "--format", "html")
+    assert code == 0 and out.startswith("<p class='warning'><b>Warning: mixed code.</b> the runs of this")
+    code, out, err = report_here(capsys, *args, "--format", "csv")
+    assert (
+        code == 0 and "mixed code" in err and out.startswith("crops.num_local,kind,metric")
+    )  # CSV stays CSV
+
+
+@pytest.mark.parametrize(
+    "hashes, flagged",
+    [(["a", "a", None], False), (["a", None, None], False), ([None, None], False), (["a", "b", "b"], True)],
+)
+def test_runs_without_a_code_hash_are_not_counted_as_different(hashes, flagged):
+    import pandas as pd
+
+    from reports.tables import mixed_code
+
+    warning = mixed_code(pd.DataFrame({"code_hash": hashes}))
+    assert bool(warning) == flagged
+    assert not flagged or warning.startswith(
+        "the runs of this table trained with 2 different code versions: code b (2 runs), a (1 run)"
+    )
 
 
 def test_unknown_experiment_is_one_clear_error(fake_sweep):

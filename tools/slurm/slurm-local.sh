@@ -2,7 +2,9 @@
 # Start and stop a real SLURM cluster on this machine (Debian/Ubuntu, root, no systemd needed):
 # munge + MariaDB + slurmdbd (accounting) + slurmctld + three slurmd. Node `localhost`: partitions
 # `debug` (default) and `urgent` (preempts `debug`); nodes `n1`, `n2` (127.0.0.2, 127.0.0.3, added
-# to /etc/hosts): partitions `multi` and `multi-urgent` (preempts `multi`), for multi-node jobs.
+# to /etc/hosts): partitions `multi` and `multi-urgent` (preempts `multi`), for multi-node jobs;
+# with a spare `n3` (127.0.0.4): partition `multi-spare`, where a 2-node job that excludes a node
+# (a hung rank's, dino/io/watchdog.py) still finds two.
 # See tools/slurm/README.md.
 #
 #   sudo tools/slurm/slurm-local.sh install start   # CI: install once, then start
@@ -15,10 +17,10 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CLUSTER=ci
 NODE=localhost     # partitions debug, urgent
-MULTI_NODES=(n1 n2) # partitions multi, multi-urgent; each its own slurmd, loopback address and port
+MULTI_NODES=(n1 n2 n3) # n1, n2: multi, multi-urgent; all three: multi-spare. Each its own slurmd, address, port
 NODES=("$NODE" "${MULTI_NODES[@]}")
-declare -A NODE_ADDR=([n1]=127.0.0.2 [n2]=127.0.0.3)
-declare -A NODE_PORT=([n1]=6831 [n2]=6832) # localhost's slurmd has the default port, 6818
+declare -A NODE_ADDR=([n1]=127.0.0.2 [n2]=127.0.0.3 [n3]=127.0.0.4)
+declare -A NODE_PORT=([n1]=6831 [n2]=6832 [n3]=6833) # localhost's slurmd has the default port, 6818
 MULTI_CPUS=2
 LOG_DIR=/var/log/slurm
 SLURM_DIR=/etc/slurm
@@ -120,7 +122,8 @@ render() {
         -e "s|@LOG_DIR@|$LOG_DIR|g" -e "s|@DB_NAME@|$DB_NAME|g" -e "s|@DB_USER@|$DB_USER|g" \
         -e "s|@DB_PASS@|$DB_PASS|g" -e "s|@MULTI_CPUS@|$MULTI_CPUS|g" \
         -e "s|@N1_ADDR@|${NODE_ADDR[n1]}|g" -e "s|@N1_PORT@|${NODE_PORT[n1]}|g" \
-        -e "s|@N2_ADDR@|${NODE_ADDR[n2]}|g" -e "s|@N2_PORT@|${NODE_PORT[n2]}|g" "$src" >"$tmp"
+        -e "s|@N2_ADDR@|${NODE_ADDR[n2]}|g" -e "s|@N2_PORT@|${NODE_PORT[n2]}|g" \
+        -e "s|@N3_ADDR@|${NODE_ADDR[n3]}|g" -e "s|@N3_PORT@|${NODE_PORT[n3]}|g" "$src" >"$tmp"
     if grep -q '@[A-Z_]*@' "$tmp"; then
         rm -f "$tmp"
         die "unfilled placeholder in $src"
@@ -148,7 +151,7 @@ write_configs() {
     render slurmdbd.conf.in "$SLURM_DIR/slurmdbd.conf" 600
 }
 
-# /etc/hosts: n1 and n2 must resolve to their loopback addresses (MASTER_ADDR=n1 for
+# /etc/hosts: n1, n2 and n3 must resolve to their loopback addresses (MASTER_ADDR=n1 for
 # torch.distributed; NodeHostname). Appended once, only if the name is not there yet; a name that
 # is there with another address is an error (traffic must stay on loopback).
 ensure_hosts() {
@@ -323,7 +326,7 @@ cmd_start() {
     done
     wait_nodes
     say "start: cluster '$CLUSTER' up in $((SECONDS - t0)) s: nodes $(nodes_summary);" \
-        "partitions debug (default), urgent on $NODE; multi, multi-urgent on $(IFS=,; echo "${MULTI_NODES[*]}")"
+        "partitions debug (default), urgent on $NODE; multi, multi-urgent on n1,n2; multi-spare on $(IFS=,; echo "${MULTI_NODES[*]}")"
 }
 
 cmd_stop() {
@@ -380,7 +383,7 @@ usage() {
     cat <<EOF
 usage: $0 COMMAND [COMMAND...]
   install   apt-get install ${PACKAGES[*]} (what is missing)
-  start     write /etc/slurm configs and the n1/n2 lines of /etc/hosts, start munged, mariadbd,
+  start     write /etc/slurm configs and the n1/n2/n3 lines of /etc/hosts, start munged, mariadbd,
             slurmdbd, slurmctld, and a slurmd for each node (${NODES[*]})
   stop      stop those daemons (by the PIDs in their pid files)
   status    daemon states, sinfo, squeue

@@ -1,12 +1,13 @@
 """Step-based checkpoints: written files first, marker last; last k kept; loaded strictly.
 
 Layout: <run.dir>/checkpoints/<step, 9 digits>/{state.pt, COMPLETE.json}. A checkpoint exists for
-resuming only once its marker does; the marker holds the step and the state file's size and SHA-256,
-so a truncated or corrupt file, or an unreadable or incomplete marker, is detected, reported (one
-warning line) and skipped for the previous complete checkpoint. When a resumed run reaches the step
-of such a damaged checkpoint again, the damaged folder is moved aside to
-`checkpoints/<step>.corrupt-<UTC time>/` (nothing is deleted) and the checkpoint is written anew; a
-valid checkpoint is never overwritten.
+resuming only once its marker does; the marker holds the step and the state file's size and SHA-256
+(besides the config hash, the code hash of the process that wrote it and the run's `on_code_change`
+policy, which dino/run/state.py checks on resume), so a truncated or corrupt file, or an unreadable
+or incomplete marker, is detected, reported (one warning line) and skipped for the previous
+complete checkpoint. When a resumed run reaches the step of such a damaged checkpoint again, the
+damaged folder is moved aside to `checkpoints/<step>.corrupt-<UTC time>/` (nothing is deleted) and
+the checkpoint is written anew; a valid checkpoint is never overwritten.
 
 Published in the background (`CheckpointWriter`): the train loop waits only for serialisation to
 host memory. `save()` snapshots the state into bytes in the caller's thread (after that, training may
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dino import code_version
+from dino.config.identity import code_hash
 from dino.io import storage
 
 STATE_FILE = "state.pt"
@@ -133,8 +135,12 @@ def serialize(state: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def publish(run_dir: str, step: int, data: bytes, config_hash: str, keep_last: int) -> Published:
+def publish(
+    run_dir: str, step: int, data: bytes, config_hash: str, keep_last: int, code: dict[str, str] | None = None
+) -> Published:
     """Write serialized state as the checkpoint of `step`: state file, then marker, then prune.
+    `code` ({"code_hash", "on_code_change"}, what `TrainState.state_dict` holds under "code") goes
+    into the marker; without it the marker gets this process's code hash.
 
     A valid checkpoint of that step is never overwritten (it is kept, and `written` is False); a
     damaged one (bad marker, state file that does not match it) is moved aside to
@@ -158,6 +164,8 @@ def publish(run_dir: str, step: int, data: bytes, config_hash: str, keep_last: i
         "sha256": hashlib.sha256(data).hexdigest(),
         "config_hash": config_hash,
         "code_version": code_version(),
+        "code_hash": code_hash(),
+        **(code or {}),
         "time": time.time(),
     }
     try:
@@ -173,7 +181,7 @@ def publish(run_dir: str, step: int, data: bytes, config_hash: str, keep_last: i
 
 def save(run_dir: str, step: int, state: dict[str, Any], config_hash: str, keep_last: int) -> str:
     """Serialize and publish in the calling thread (see `CheckpointWriter` for the background one)."""
-    return publish(run_dir, step, serialize(state), config_hash, keep_last).path
+    return publish(run_dir, step, serialize(state), config_hash, keep_last, state.get("code")).path
 
 
 def _move_aside(path: str) -> str:
@@ -275,14 +283,17 @@ class CheckpointWriter:
 
     def save(self, step: int, state: dict[str, Any], logs: Sequence[storage.AppendLog] = ()) -> None:
         """Checkpoint `state` as step `step`; the remote `logs` are published after it, as they are now
-        (snapshots taken here, so the upload never reads a growing file), and marked published."""
+        (snapshots taken here, so the upload never reads a growing file), and marked published. The
+        state's "code" entry (code hash and policy, `TrainState.state_dict`) is copied into the marker."""
         start = time.monotonic()
         data = serialize(state)
         snapshots = [(run_log, run_log.snapshot()) for run_log in logs]
         serialize_s = time.monotonic() - start
         self.wait()
         self._thread = threading.Thread(
-            target=self._publish, args=(step, data, snapshots, serialize_s), name=f"checkpoint-{step}"
+            target=self._publish,
+            args=(step, data, snapshots, serialize_s, state.get("code")),
+            name=f"checkpoint-{step}",
         )
         self._thread.start()
 
@@ -308,11 +319,12 @@ class CheckpointWriter:
         return "Earlier complete checkpoints are kept; a resumed run starts from the newest."
 
     def _publish(
-        self, step: int, data: bytes, snapshots: list[tuple[storage.AppendLog, bytes]], serialize_s: float
-    ) -> None:
+        self, step: int, data: bytes, snapshots: list[tuple[storage.AppendLog, bytes]], serialize_s: float,
+        code: dict[str, str] | None,
+    ) -> None:  # fmt: skip
         start = time.monotonic()
         try:
-            published = publish(self.run_dir, step, data, self.config_hash, self.keep_last)
+            published = publish(self.run_dir, step, data, self.config_hash, self.keep_last, code)
             for run_log, content in snapshots:
                 storage.atomic_write_bytes(run_log.path, content)
                 run_log.published(len(content))  # closing the log uploads only what comes after

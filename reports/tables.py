@@ -419,9 +419,10 @@ def runs_table(df: pd.DataFrame, by: list[str], columns: list[Column], fmt: str)
     if "est_gpu_hours" in df and df["est_gpu_hours"].notna().any():
         at = keys.index("gpu_hours") + 1 if "gpu_hours" in keys else len(keys)
         keys[at:at] = ["est_gpu_hours", "est_source"]
-    if "code_hash" in df and df["code_hash"].notna().any():
-        keys.append("code_hash")
+    coded = "code_hash" in df and df["code_hash"].notna().any()
     view = df[["run", *by, "seed", "state", "flag", *keys]]
+    if coded:  # a run without one started before code hashes were kept
+        view = view.assign(code_hash=df["code_hash"] if fmt == "csv" else df["code_hash"].fillna(_dash(fmt)))
     if "run_dir" in df:
         view = view.assign(repro=[repro_link(d, fmt) for d in df["run_dir"]])
     return export(view, fmt, floats=".3g")
@@ -467,12 +468,13 @@ def with_warning(text: str, warning: str, fmt: str) -> str:
     command prints the warning on stderr)."""
     if not warning or fmt == "csv":
         return text
+    line, warning = warning, warning[0].upper() + warning[1:]  # line: as the command prints it on stderr
     if fmt == "markdown":
         return f"> **Warning: mixed code.** {warning}\n\n{text}"
     if fmt == "html":
         return f"<p class='warning'><b>Warning: mixed code.</b> {html.escape(warning)}</p>\n{text}"
     return (
-        f"% dinolab report: warning: mixed code: {warning}\n"
+        f"% dinolab report: warning: mixed code: {line}\n"
         f"\\par\\noindent{{\\footnotesize\\textbf{{Warning: mixed code.}} {_latex_text(warning)}}}\\par\\smallskip\n{text}"
     )
 

@@ -299,10 +299,11 @@ def test_a_table_whose_runs_used_different_code_is_flagged_in_every_format(fake_
     code, out, err = report_here(capsys, *args, "--runs")
     assert code == 0, err
     assert (
-        out.startswith(f"> **Warning: mixed code.** {MIXED}")
+        out.startswith(f"> **Warning: mixed code.** T{MIXED[1:]}")
         and f"dinolab report: warning: mixed code: {MIXED}" in err
     )
     runs = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| nl")}
+    assert "| —  " in runs["nl2-s1"]  # no code hash recorded
     assert (
         "| c0de2 " in runs["nl2-s0"]
         and "[repro.json](</runs/mixed-code/nl2-s0/repro.json>)" in runs["nl2-s0"]
@@ -310,9 +311,9 @@ def test_a_table_whose_runs_used_different_code_is_flagged_in_every_format(fake_
     assert "[repro.json](<runs/default/repro.json>)" in runs["nl2-s1"]  # the run.dir param of a lone run
     code, out, err = report_here(capsys, *args, "--format", "latex")
     assert code == 0 and out.startswith(f"% dinolab report: warning: mixed code: {MIXED} A difference")
-    assert "\\textbf{Warning: mixed code.} the runs of this table trained with 2" in out
+    assert "\\textbf{Warning: mixed code.} The runs of this table trained with 2" in out
     code, out, err = report_here(capsys, *args, "--format", "html")
-    assert code == 0 and out.startswith("<p class='warning'><b>Warning: mixed code.</b> the runs of this")
+    assert code == 0 and out.startswith("<p class='warning'><b>Warning: mixed code.</b> The runs of this")
     code, out, err = report_here(capsys, *args, "--format", "csv")
     assert (
         code == 0 and "mixed code" in err and out.startswith("crops.num_local,kind,metric")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -24,6 +26,11 @@ import submitit
 
 from launcher import records
 
+MAX_HANG_REQUEUES = 3
+"""Requeues of a run after a hang (not counted as timeouts); the next hang leaves it `hung`."""
+STRAGGLER_RATIO = 1.5
+"""A rank whose own time per step is this many times the others' median is slow (a straggler)."""
+
 
 def _job_env() -> tuple[str, int, int]:
     """(job id, global rank, number of tasks) of this process; one local task outside submitit."""
@@ -32,6 +39,79 @@ def _job_env() -> tuple[str, int, int]:
         return str(env.job_id), env.global_rank, env.num_tasks
     except RuntimeError:
         return "", 0, 1
+
+
+def _cluster() -> str:
+    """`slurm`, `local` or `debug`: where this job runs (`""` outside submitit)."""
+    try:
+        return submitit.JobEnvironment().cluster
+    except RuntimeError:
+        return ""
+
+
+def _scontrol(*args: str) -> subprocess.CompletedProcess:
+    """scontrol, immune to the SIGTERM SLURM sends the job's processes once it is requeued (an
+    ignored signal stays ignored across exec): the update after the requeue still gets through."""
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30,
+                          preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))  # fmt: skip
+
+
+def _excluded_nodes(job_id: str) -> list[str]:
+    """The job's own --exclude (the sweep's `exclude:`), kept when a hung node is added to it."""
+    shown = _scontrol("show", "job", job_id).stdout
+    for field_ in shown.split():
+        if field_.startswith("ExcNodeList=") and field_ != "ExcNodeList=(null)":
+            expanded = _scontrol("show", "hostnames", field_.split("=", 1)[1]).stdout.split()
+            return expanded
+    return []
+
+
+def requeue_without(job_id: str, nodes: list[str]) -> str:
+    """Requeue this SLURM job and keep it off `nodes` (`ExcNodeList`, which SLURM only changes on a
+    pending job: set right after the requeue, while the job's nodes are still releasing it, so the
+    scheduler cannot place it there first). Returns the nodes now excluded; raises on failure."""
+    excluded = sorted(set(_excluded_nodes(job_id)) | set(nodes))
+    done = _scontrol("requeue", job_id)
+    if done.returncode:
+        raise RuntimeError(f"scontrol requeue {job_id}: {done.stderr.strip()}")
+    for _ in range(20):
+        done = _scontrol("update", f"JobId={job_id}", f"ExcNodeList={','.join(excluded)}")
+        if done.returncode == 0:
+            return ",".join(excluded)
+        time.sleep(0.5)
+    raise RuntimeError(
+        f"scontrol update JobId={job_id} ExcNodeList={','.join(excluded)}: {done.stderr.strip()}"
+    )
+
+
+def _on_hang(run_dir: str, job_id: str, protocol: str = "") -> Any:
+    """The launcher's part when the watchdog stops a job (on the lowest live rank, before the exit):
+    the run's record (an evaluation's own record, for `protocol`) says `hung`, which rank and node
+    stopped, and on SLURM the job is requeued without that node, at most MAX_HANG_REQUEUES times."""
+
+    def hung(hang: Any) -> None:
+        prior = records.read_eval_record(run_dir, protocol) if protocol else records.read_record(run_dir)
+        hangs = prior.get("hangs", 0) + 1
+        fields = {"state": records.HUNG, "hangs": hangs, "hang_rank": hang.rank, "hang_host": hang.host,
+                  "hang_step": hang.step, "hang_frozen": hang.frozen, "error": hang.message()}  # fmt: skip
+        requeue = _cluster() == "slurm" and hangs <= MAX_HANG_REQUEUES
+        if requeue:
+            try:
+                fields["excluded_nodes"] = requeue_without(job_id, [hang.host])
+                fields["error"] += f"; requeued without {hang.host} ({hangs}/{MAX_HANG_REQUEUES})"
+            except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
+                fields["error"] += f"; not requeued: {err}"
+        elif _cluster() == "slurm":
+            fields["error"] += (
+                f"; not requeued: {hangs - 1} hang requeue(s) already (at most {MAX_HANG_REQUEUES})"
+            )
+        if protocol:
+            records.set_eval_state(run_dir, protocol, records.HUNG, fields.pop("error"), **fields)
+        else:
+            records.update_record(run_dir, **fields)
+        print(f"dinolab: {run_dir}: {hang.message()}", file=sys.stderr, flush=True)
+
+    return hung
 
 
 def _export_distributed_env(num_tasks: int) -> None:
@@ -71,6 +151,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         from dino.config.compose import from_job_dict
+        from dino.config.identity import code_hash
         from dino.run.train import run
 
         job_id, rank, num_tasks = _job_env()
@@ -85,13 +166,15 @@ class TrainJob(submitit.helpers.Checkpointable):
             self._started = True
             prior = records.read_record(self.run_dir)
             records.update_record(self.run_dir, state=records.RUNNING, job_id=job_id, error="", pid=os.getpid(),
-                                  requeues=prior.get("requeues", 0), started=time.time())  # fmt: skip
+                                  requeues=prior.get("requeues", 0), started=time.time(),
+                                  code_hash=code_hash())  # fmt: skip
 
         def report(metrics: dict[str, float]) -> None:
             records.update_record(
                 self.run_dir, state=records.RUNNING, step=int(metrics["step"]), total_steps=int(metrics["total_steps"]),
                 loss=metrics["loss"], teacher_entropy=metrics["teacher_entropy"], img_per_s=metrics["img_per_s"],
                 checkpoint_step=int(metrics["checkpoint_step"]), gpu_hours=metrics.get("gpu_hours"),
+                **_straggler(records.read_record(self.run_dir).get("straggler"), metrics),
             )  # fmt: skip
 
         outcome: dict[str, Any] = {}
@@ -101,7 +184,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             try:
                 outcome["result"] = run(
                     cfg, should_stop=self._stop.is_set, on_progress=report if main else None,
-                    on_start=started if main else None,
+                    on_start=started if main else None, on_hang=_on_hang(self.run_dir, job_id),
                 )  # fmt: skip
             except BaseException as err:  # noqa: BLE001 - reported below, in the main thread
                 outcome["error"] = err
@@ -143,6 +226,19 @@ class TrainJob(submitit.helpers.Checkpointable):
                                   requeued_at_step=record.get("step", 0))  # fmt: skip
         print(f"dinolab: requeueing {self.run_dir} at step {record.get('step')}", file=sys.stderr, flush=True)
         return submitit.helpers.DelayedSubmission(dataclasses.replace(self))  # a fresh job, same spec
+
+
+def _straggler(previous: dict[str, Any] | None, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The record's `straggler`: the slowest rank of the window, its node, its time over the others'
+    median, and for how many windows in a row some rank has been over STRAGGLER_RATIO (`sweep status`
+    flags a run once that is sustained). Nothing for a single-process run."""
+    if "straggler_ratio" not in metrics:
+        return {}
+    ratio, rank = metrics["straggler_ratio"], int(metrics["slowest_rank"])
+    slow = ratio > STRAGGLER_RATIO
+    windows = (previous or {}).get("windows", 0) + 1 if slow else 0
+    return {"straggler": {"rank": rank, "host": metrics.get("slowest_host", ""), "ratio": round(ratio, 2),
+                          "windows": windows, "step": int(metrics["step"])}}  # fmt: skip
 
 
 @dataclass
@@ -203,14 +299,15 @@ class EvalJob(submitit.helpers.Checkpointable):
 
         setup_logging()  # progress and resume messages in the job's stderr
         overrides = [f"run.dir={self.run_dir}", *self.overrides]
+        on_hang = _on_hang(self.run_dir, _job_env()[0], self.protocol)
         if self.protocol == KNN:
             from dino.eval.knn import run_knn
 
-            run_knn(overrides)
+            run_knn(overrides, on_hang=on_hang)
         else:
             from dino.eval.linear import run_linear
 
-            run_linear(overrides)
+            run_linear(overrides, on_hang=on_hang)
 
     def _set_eval_state(self, state: str, reason: str = "") -> None:
         records.set_eval_state(self.run_dir, self.protocol, state, reason)

@@ -28,6 +28,10 @@ JOBS = "jobs.json"
 # collapse guard stopped the run early (dino/method/collapse.py), a decision like `completed`, never resubmitted.
 PENDING, RUNNING, REQUEUED, COMPLETED, FAILED = "pending", "running", "requeued", "completed", "failed"
 CANCELLED, COLLAPSED = "cancelled", "collapsed"
+# `hung`: the progress watchdog stopped the job (a rank made no progress for train.hang_timeout_s,
+# dino/io/watchdog.py); on SLURM the job is requeued without that rank's node (launcher/jobs.py),
+# elsewhere `sweep submit` resumes it like a failed run.
+HUNG = "hung"
 DONE = (COMPLETED, COLLAPSED)  # pretraining that will not run again
 # Evaluation states: running / completed / failed, and `skipped` (with a reason: the run collapsed).
 SKIPPED = "skipped"
@@ -62,13 +66,19 @@ def read_record(run_dir: str) -> dict[str, Any]:
     return record
 
 
-def set_eval_state(run_dir: str, protocol: str, state: str, reason: str = "") -> None:
-    """The state of one evaluation of the run (its job is the file's only writer), and why it was
-    skipped."""
-    content = {"state": state, "heartbeat": time.time(), "host": socket.gethostname()}
+def set_eval_state(run_dir: str, protocol: str, state: str, reason: str = "", **extra: Any) -> None:
+    """The state of one evaluation of the run (its job is the file's only writer), why it was skipped
+    or stopped, and `extra` fields (a hang's rank and node)."""
+    kept = {k: v for k, v in read_eval_record(run_dir, protocol).items() if k == "hangs"}  # bounds the requeues
+    content = {**kept, **extra, "state": state, "heartbeat": time.time(), "host": socket.gethostname()}
     if reason:
         content["reason"] = reason
     storage.atomic_write_text(storage.join(run_dir, eval_record(protocol)), json.dumps(content, indent=1))
+
+
+def read_eval_record(run_dir: str, protocol: str) -> dict[str, Any]:
+    """One evaluation's own record (empty when it never ran)."""
+    return _read(storage.join(run_dir, eval_record(protocol)), {})
 
 
 def eval_reason(run_dir: str, protocol: str) -> str:

@@ -44,10 +44,16 @@ def read_runs(runs: list[RunSpec]) -> list[RunFiles]:
     return files
 
 
+SUSTAINED_WINDOWS = 3
+"""Metrics windows in a row with one rank over launcher/jobs.py STRAGGLER_RATIO before `status` flags it."""
+
+
 def run_state(files: RunFiles) -> str:
-    """pending / running / requeued / preempted / completed / collapsed / failed / cancelled / lost / new."""
+    """pending / running / requeued / completed / collapsed / failed / hung / cancelled / lost / new."""
     rec, sched = files.record, files.scheduler
     state = rec.get("state", "new")
+    if state == records.HUNG and sched in ("pending", "running"):
+        return records.REQUEUED  # the watchdog's requeue, without the hung node (the note says so)
     if state in (records.RUNNING, records.PENDING, records.REQUEUED) and sched == "pending":
         return records.REQUEUED if rec.get("requeues") else records.PENDING
     if state == records.RUNNING and sched == "":
@@ -111,15 +117,20 @@ def status_table(sweep: Sweep, runs: list[RunSpec], compact: bool = False) -> Ta
         progress = f"{step}/{total} ({100 * step / total:.0f}%)" if total else str(step or "-")
         loss = f"{rec['loss']:.3f}" if rec.get("loss") is not None else "-"
         note = ""
-        if state == records.FAILED and rec.get("error"):
+        if state in (records.FAILED, records.HUNG) and rec.get("error"):
             note = " | ".join(rec["error"].strip().splitlines()[-2:])
+        elif state == records.REQUEUED and rec.get("state") == records.HUNG:
+            note = rec.get("error", "")
         elif state == records.COLLAPSED:
             note = f"collapsed at step {rec.get('collapse_step')}: {rec.get('collapse_signal', '')}"
+        elif state == records.RUNNING and straggler_note(rec):
+            note = straggler_note(rec)
         elif state in (records.RUNNING,) and rec.get("heartbeat"):
             note = f"heartbeat {time.time() - rec['heartbeat']:.0f}s ago"
         colour = {
             "completed": "green",
             "failed": "red",
+            "hung": "red",
             "lost": "red",
             "running": "cyan",
             "requeued": "yellow",
@@ -148,6 +159,18 @@ def status_table(sweep: Sweep, runs: list[RunSpec], compact: bool = False) -> Ta
     if hidden:
         table.caption += f"\n--wide also shows: {', '.join(hidden)}"
     return table
+
+
+def straggler_note(record: dict[str, Any]) -> str:
+    """ "slow rank 1 on n2: 2.4x the others' step time (5 windows)" once one rank has been the slow one
+    for SUSTAINED_WINDOWS windows in a row (launcher/jobs.py keeps the count); "" otherwise."""
+    slow = record.get("straggler") or {}
+    if slow.get("windows", 0) < SUSTAINED_WINDOWS:
+        return ""
+    return (
+        f"slow rank {slow['rank']} on {slow.get('host') or '?'}: {slow['ratio']:.1f}x the others' step time "
+        f"({slow['windows']} windows)"
+    )
 
 
 def log_tail(run: RunSpec, stage: str, lines: int) -> str:

@@ -135,6 +135,9 @@ class EvalConfig:
     """Images per cached feature shard (the unit a preempted evaluation resumes at)."""
     workers: int = 2
     """Data loader worker processes."""
+    hang_timeout_s: float = 600.0
+    """Seconds a rank may go without progress (a batch of features or of the probe) before the job
+    stops as `hung` with every live rank's stacks in <run>/eval/health/ (0: never); see train.hang_timeout_s."""
     knn: KnnConfig = field(default_factory=KnnConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
 

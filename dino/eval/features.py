@@ -35,7 +35,7 @@ from dino.eval.splits import (
     evenly_spaced_subset,
     image_size,
 )
-from dino.io import distributed, storage
+from dino.io import distributed, storage, watchdog
 
 log = logging.getLogger("dino.eval")
 
@@ -106,6 +106,7 @@ def encode_dataset(
         for images, batch_labels in loader:
             feats.append(encode(images.to(device, non_blocking=True)).float().cpu())
             labels.append(torch.as_tensor(batch_labels, dtype=torch.long))
+            watchdog.progress()
     return torch.cat(feats), torch.cat(labels)
 
 

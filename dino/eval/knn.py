@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ from dino.eval.evaluated import Evaluated, resolve
 from dino.eval.features import FeatureSet, split_features
 from dino.eval.results import KNN, knn_metric, log_result, write_result
 from dino.eval.splits import eval_dataset, num_classes
-from dino.io import distributed, storage
+from dino.io import distributed, storage, watchdog
 
 log = logging.getLogger("dino.eval")
 
@@ -199,15 +200,22 @@ def subset_id(train: FeatureSet, test: FeatureSet) -> str:
     return f"-{len(train.labels)}x{len(test.labels)}"
 
 
-def run_knn(overrides: list[str] | tuple[str, ...]) -> KnnResult:
+def run_knn(
+    overrides: list[str] | tuple[str, ...], on_hang: Callable[[watchdog.Hang], None] | None = None
+) -> KnnResult:
     """`dinolab eval knn`: resolve the checkpoint (or baseline) from overrides, evaluate it and log the
-    result to the run's MLflow run."""
+    result to the run's MLflow run. A rank without progress for cfg.hang_timeout_s stops the process
+    (`on_hang` first, dino/io/watchdog.py)."""
     cfg, target = resolve(overrides)
     # torchrun/SLURM: one process per device, each its share of the shards
-    main = distributed.setup(cfg.device).is_main
+    dist = distributed.setup(cfg.device, cfg.hang_timeout_s)
+    main = dist.is_main
+    health = watchdog.Watchdog(target.eval_dir, dist.rank, dist.world_size,
+                               cfg.hang_timeout_s, job=KNN, on_hang=on_hang).start()  # fmt: skip
     try:
         result = evaluate_knn(cfg, target)
     finally:
+        health.stop()
         distributed.destroy()
     if main:
         log_result(cfg, result.record, knn_metrics(result), result.path)

@@ -55,7 +55,7 @@ from dino.eval.results import (
     write_result,
 )
 from dino.eval.splits import eval_dataset, evenly_spaced_subset, image_size, num_classes
-from dino.io import checkpoint, distributed, storage
+from dino.io import checkpoint, distributed, storage, watchdog
 
 log = logging.getLogger("dino.eval")
 
@@ -186,6 +186,7 @@ def evaluate_linear(
             data.views, batches, dist.rank, dist.world_size, cfg.workers, device
         ):
             losses = probe_step(probes.heads, probes.optimizers, encode, images, labels, global_n, device)
+            watchdog.progress()
             loss_sums = [a + b for a, b in zip(loss_sums, losses, strict=True)]
         epoch += 1
         _measure_epoch(
@@ -258,16 +259,23 @@ def _record(
 
 
 def run_linear(
-    overrides: list[str] | tuple[str, ...], should_stop: Callable[[], bool] | None = None
+    overrides: list[str] | tuple[str, ...],
+    should_stop: Callable[[], bool] | None = None,
+    on_hang: Callable[[watchdog.Hang], None] | None = None,
 ) -> LinearResult:
     """`dinolab eval linear`: resolve the checkpoint from overrides, train/continue its probe and, once
-    finished, log the result to the run's MLflow run."""
+    finished, log the result to the run's MLflow run. A rank without progress for cfg.hang_timeout_s
+    stops the process (`on_hang` first, dino/io/watchdog.py)."""
     cfg, target = resolve(overrides)
     # torchrun/SLURM: one process per device, each its share of a batch
-    main = distributed.setup(cfg.device).is_main
+    dist = distributed.setup(cfg.device, cfg.hang_timeout_s)
+    main = dist.is_main
+    health = watchdog.Watchdog(target.eval_dir, dist.rank, dist.world_size,
+                               cfg.hang_timeout_s, job=LINEAR, on_hang=on_hang).start()  # fmt: skip
     try:
         result = evaluate_linear(cfg, target, should_stop)
     finally:
+        health.stop()
         distributed.destroy()
     if main and result.finished:
         log_result(cfg, result.record, linear_metrics(result.record), result.path)

@@ -55,6 +55,16 @@ LONG_PHASE = 3.0
 COLLECTIVE_PHASES = ("step", "checkpoint", "end")
 
 
+_active: Watchdog | None = None  # the watchdog of this process's job, for `progress()`
+
+
+def progress() -> None:
+    """Progress inside a long phase of this process's job (a batch of features, a probe batch): the
+    clock starts again, the phase and its allowance stay. Nothing when no watchdog runs."""
+    if _active is not None:
+        _active._progress, _active._progress_wall = time.monotonic(), time.time()
+
+
 def node_name() -> str:
     """The node as the scheduler names it (what `--exclude` takes): SLURM's name for the node when
     running under SLURM (several slurmd on one machine share its hostname), else the hostname."""
@@ -141,7 +151,9 @@ class Watchdog:
         return self.timeout_s > 0
 
     def start(self) -> Watchdog:
+        global _active
         if self.enabled and self._thread is None:
+            _active = self
             storage.makedirs(health_dir(self.run_dir))
             self._write()
             self._thread = threading.Thread(target=self._watch, name=f"dino-watchdog-{self.job}", daemon=True)
@@ -149,6 +161,9 @@ class Watchdog:
         return self
 
     def stop(self) -> None:
+        global _active
+        if _active is self:
+            _active = None
         self._stop.set()
         if self._thread is not None:
             self._thread.join()

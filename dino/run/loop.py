@@ -133,7 +133,12 @@ def train(ctx: RunContext) -> TrainResult:
                 with health.phase("checkpoint"):
                     checkpoints.save(step, report.window.train_seconds)
             if dist.is_main:
-                ctx.on_progress({**last, "total_steps": total, "checkpoint_step": checkpoints.newest()})
+                slowest = (
+                    {"slowest_host": ctx.hosts[int(last["slowest_rank"])]} if "slowest_rank" in last else {}
+                )
+                ctx.on_progress(
+                    {**last, **slowest, "total_steps": total, "checkpoint_step": checkpoints.newest()}
+                )
             if collapse is not None:
                 break
             if stop_now and not final:

@@ -16,12 +16,13 @@ from collections.abc import Callable
 
 import yaml
 
-from dino.config.identity import config_hash, semantic_diff
+from dino.config.identity import code_hash, config_hash, semantic_diff
 from dino.config.schema import DinoConfig, to_dict
 from dino.io import checkpoint, distributed, run_lock, storage
 from dino.io.mlflow_tracker import build_tracker
 from dino.io.watchdog import Hang, Watchdog, health_dir, node_name
 from dino.method.collapse import MARKER
+from dino.run import repro
 from dino.run.accelerators import device_card
 from dino.run.loop import RunContext, TrainResult, train
 from dino.run.progress import setup_logging
@@ -209,8 +210,14 @@ def _tracked(ctx: RunContext) -> TrainResult:
     try:
         # The card is a throughput-shaping key: `sweep plan` uses this run's img/s for runs of the
         # same shape on the same card (launcher/cost/speeds.py).
-        tracker.set_tags({"dinolab.config_hash": config_hash(cfg), "dinolab.card": device_card(ctx.device)})
+        # The code hash: the report flags a table whose runs trained with different code.
+        tracker.set_tags({"dinolab.config_hash": config_hash(cfg), "dinolab.card": device_card(ctx.device),
+                          "dinolab.code_hash": code_hash()})  # fmt: skip
         tracker.log_artifact(storage.join(cfg.run.dir, "config.yaml"))
+        if ctx.dist.is_main:  # what this start ran with and where (docs/reproducibility.md), each start
+            tracker.log_artifact(
+                repro.write_record(cfg.run.dir, repro.build_record(cfg, list(ctx.hosts), code_hash()))
+            )
         result = train(ctx)
         if result.collapsed is not None:
             _record_collapse(ctx, result.collapsed, result.last_metrics)

@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "slurm" / "slurm-local.sh"
 NODE = "localhost"  # partitions debug, urgent
 MULTI_NODES = ("n1", "n2")  # partitions multi, multi-urgent
-NODES = (NODE, *MULTI_NODES)
+SPARE_NODE = "n3"  # with n1, n2: partition multi-spare (a job that excludes a node still finds two)
+NODES = (NODE, *MULTI_NODES, SPARE_NODE)
 
 # Job states after which a job does not run again. Not PREEMPTED: here (PreemptMode=REQUEUE) a
 # preempted job goes back to PENDING.

@@ -69,7 +69,8 @@ def read_record(run_dir: str) -> dict[str, Any]:
 def set_eval_state(run_dir: str, protocol: str, state: str, reason: str = "", **extra: Any) -> None:
     """The state of one evaluation of the run (its job is the file's only writer), why it was skipped
     or stopped, and `extra` fields (a hang's rank and node)."""
-    kept = {k: v for k, v in read_eval_record(run_dir, protocol).items() if k == "hangs"}  # bounds the requeues
+    # The hang count survives the requeued job's "running": it bounds the requeues.
+    kept = {k: v for k, v in read_eval_record(run_dir, protocol).items() if k == "hangs"}
     content = {**kept, **extra, "state": state, "heartbeat": time.time(), "host": socket.gethostname()}
     if reason:
         content["reason"] = reason

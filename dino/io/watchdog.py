@@ -33,6 +33,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -147,6 +148,13 @@ class Watchdog:
         self.hang: Hang | None = None
 
     @property
+    def stale_after_s(self) -> float:
+        """A heartbeat file older than this belongs to a process that stopped running: three missed
+        writes and a few seconds of clock skew between nodes, and less than the timeout, so a rank
+        frozen when the others stalled is already stale when they look."""
+        return min(3 * self.interval_s + 5.0, self.timeout_s / 2)
+
+    @property
     def enabled(self) -> bool:
         return self.timeout_s > 0
 
@@ -229,7 +237,7 @@ class Watchdog:
 
     def find_suspect(self, beats: dict[int, dict], now: float) -> tuple[int, dict, bool]:
         """(rank, its heartbeat, frozen) of the rank that stopped; see the module docstring."""
-        stale_after = 3 * self.interval_s + 5.0
+        stale_after = self.stale_after_s
         missing = [r for r in range(self.world_size) if r not in beats]
         if missing:  # never wrote a heartbeat: it never got this far
             return missing[0], {"rank": missing[0], "host": "?", "pid": 0, "step": -1, "phase": "start",
@@ -251,7 +259,7 @@ class Watchdog:
         beats = self._read_all()
         beats[self.rank] = self._heartbeat()
         rank, beat, frozen = self.find_suspect(beats, now)
-        live = [r for r in beats if r != rank and now - beats[r]["alive_at"] <= 3 * self.interval_s + 5.0]
+        live = [r for r in beats if r != rank and now - beats[r]["alive_at"] <= self.stale_after_s]
         leader = min(live or [self.rank]) == self.rank
         stacks = [self._dump_stacks()]
         hang = Hang(rank=rank, host=beat.get("host", "?"), pid=beat.get("pid", 0), step=beat.get("step", -1),
@@ -305,7 +313,7 @@ class Watchdog:
     def _py_spy(self, pid: int, rank: int) -> str:
         """The frozen process's stacks, read from outside by py-spy (nonblocking: a stopped process
         cannot be paused again); "" when py-spy is not installed or cannot read it."""
-        tool = shutil.which("py-spy")
+        tool = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
         if tool is None or not pid:
             return ""
         try:

@@ -107,3 +107,46 @@ def test_ranks_that_do_not_share_the_run_folder_are_refused_on_resume(tmp_path):
     assert all("(newest step by rank: [4, 0])" in e and "shared by every node" in e for e in errors)
     assert checkpoint.complete_steps(str(tmp_path / "rank0")) == [4]  # nothing trained, nothing lost
     assert checkpoint.complete_steps(str(tmp_path / "rank1")) == []
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_a_frozen_rank_under_plain_torchrun_stops_the_job_with_exit_code_75(tmp_path):
+    """The watchdog without the launcher: rank 1 frozen (SIGSTOP), rank 0 waits in its all-reduce;
+    after train.hang_timeout_s the job ends with the hung exit code, the one line naming rank 1, rank
+    0's stacks and py-spy's dump of the frozen rank in health/. (Requeue on SLURM: test_hang.py.)"""
+    import os
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    args = [*TINY, "optim.epochs=200", "train.workers=0", "optim.batch_size=4", f"run.dir={run_dir}",
+            "train.hang_timeout_s=5"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "launcher.cli", "train", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO,
+    )  # fmt: skip
+    beat, hang = run_dir / "health" / "train-rank1.json", run_dir / "health" / "hang.json"
+    deadline = time.time() + 120
+    while not (beat.exists() and json.loads(beat.read_text())["step"] >= 5):
+        assert time.time() < deadline and proc.poll() is None, "rank 1 never reached step 5"
+        time.sleep(0.2)
+    pid = json.loads(beat.read_text())["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    frozen_at = time.time()
+    while not hang.exists():
+        assert time.time() - frozen_at < 60, "the watchdog did not fire"
+        time.sleep(0.2)
+    detected = time.time() - frozen_at
+    os.kill(pid, signal.SIGCONT)  # torchrun's SIGTERM then ends it at once (else after 30 s)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "exitcode  : 75" in err, err[-3000:]  # torchrun names rank 0's exit code
+    assert 5 <= detected < 20
+    found = json.loads(hang.read_text())
+    assert (found["rank"], found["frozen"], found["pid"], found["detected_by"]) == (1, True, pid, 0)
+    assert "hung: rank 1 on" in (run_dir / "train.log").read_text()
+    stacks = (run_dir / "health" / f"stacks-train-rank0-{found['detected_on']}.txt").read_text()
+    assert "dino/run/loop.py" in stacks and "all_reduce" in stacks  # waiting for rank 1
+    assert "train_step" in (run_dir / "health" / "py-spy-train-rank1.txt").read_text()  # the frozen rank

@@ -120,7 +120,10 @@ def test_torchruns_world_of_one_runs_the_nccl_path(fake_gpus, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("MASTER_ADDR", "localhost")
     distributed.setup("auto")
-    assert calls[1] == ("init_process_group", {"backend": "nccl", "device_id": torch.device("cuda", 0), "timeout": None})
+    assert calls[1] == (
+        "init_process_group",
+        {"backend": "nccl", "device_id": torch.device("cuda", 0), "timeout": None},
+    )
 
 
 def test_one_process_joins_no_group_and_a_missing_gpu_is_named(fake_gpus, monkeypatch):

@@ -92,20 +92,36 @@ def gpu_hours(record: dict[str, Any]) -> str:
 
 
 SPENT = "GPU-h spent/est."
+CODE_CHARS = 8  # of the code hash a run's job imported (launcher/code_snapshot.py): enough to tell runs apart
 # Left out of a compact table when no run has anything to say in them.
 EMPTY = {SPENT: ("-",), "requeues": ("0",), "job": ("-",), "note": ("",)}
 
 
 def status_table(sweep: Sweep, runs: list[RunSpec], compact: bool = False) -> Table:
-    """One row per run: run, axes, seed, state, step, loss, GPU-hours, requeues, job, one column per
-    evaluation and a note (an error, where a collapse stopped it, the last heartbeat).
+    """One row per run: run, axes, seed, state, step, loss, GPU-hours, requeues, job, code hash, one
+    column per evaluation and a note (an error, a hang, where a collapse stopped it, a slow rank, the
+    last heartbeat).
 
     `compact` (what `sweep status` prints unless --wide) fits a terminal: it leaves out the axis and
     seed columns (the run's name spells them: m0.996-nl0-bs32, -s1 with several seeds) and the
-    GPU-hours, requeues, job and note columns when every run's is empty, and names them under the table.
+    GPU-hours, requeues, job and note columns when every run's is empty and the code column when every
+    run's is the same, and names them under the table.
     """
     axes = [*sweep.grid, *sweep.zip]
-    headers = ["run", *axes, "seed", "state", "step", "loss", SPENT, "requeues", "job", *sweep.evals, "note"]
+    headers = [
+        "run",
+        *axes,
+        "seed",
+        "state",
+        "step",
+        "loss",
+        SPENT,
+        "requeues",
+        "job",
+        "code",
+        *sweep.evals,
+        "note",
+    ]
     rows: list[list[str | Text]] = []
     counts: dict[str, int] = {}
     for run, files in zip(runs, read_runs(runs), strict=True):
@@ -141,12 +157,15 @@ def status_table(sweep: Sweep, runs: list[RunSpec], compact: bool = False) -> Ta
         rows.append([
             *map(Text, (run.name, *(str(run.axes[a]) for a in axes), str(run.seed))),
             Text(state, style=colour), progress, loss, gpu_hours(rec), str(rec.get("requeues", 0)),
-            job["job_id"] if job else "-", *(eval_summary(run, p, rec) for p in sweep.evals), Text(note),
+            job["job_id"] if job else "-", rec.get("code_hash", "-")[:CODE_CHARS],
+            *(eval_summary(run, p, rec) for p in sweep.evals), Text(note),
         ])  # fmt: skip
     hidden: list[str] = []
     if compact:
         cells = {h: [str(row[i]) for row in rows] for i, h in enumerate(headers)}
         hidden = [*axes, "seed"] + [h for h, empty in EMPTY.items() if all(c in empty for c in cells[h])]
+        if len(set(cells["code"])) <= 1:  # one code version (or none recorded): nothing to tell apart
+            hidden.append("code")
     table = Table(title=f"sweep {sweep.name} ({sweep.folder})", title_justify="left")
     shown = [i for i, h in enumerate(headers) if h not in hidden]
     for i in shown:

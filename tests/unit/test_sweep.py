@@ -339,3 +339,41 @@ def test_right_types_and_empty_sections_pass(tmp_path):
     path = write_sweep(tmp_path, array_parallelism=3, budget="1e-6", base=None, logs_root=None)
     sweep = load_sweep(path, ["max_timeouts=5", "budget=2"])
     assert (sweep.array_parallelism, sweep.max_timeouts, sweep.budget, sweep.base) == (3, 5, 2.0, [])
+
+
+def test_status_shows_a_hung_run_a_sustained_straggler_with_its_node_and_mixed_code(tmp_path):
+    import os
+
+    from rich.console import Console
+
+    from launcher import records
+    from launcher.status import status_table
+
+    sweep = load_sweep(write_sweep(tmp_path, grid={"teacher.momentum": [0.99, 0.996, 0.999, 0.9995]}))
+    runs = expand(sweep)
+    for run in runs:  # live local jobs (this process's pid), each at step 100
+        records.update_record(run.run_dir, state=records.RUNNING, step=100, total_steps=1000, loss=6.0,
+                              code_hash="aaaaaaaa1111")  # fmt: skip
+        records.add_job(run.run_dir, "pretrain", str(os.getpid()), "local", "out", "err")
+    slow = {"rank": 1, "host": "n2", "ratio": 2.4, "step": 100}
+    records.update_record(runs[0].run_dir, straggler={**slow, "windows": 3}, code_hash="bbbbbbbb2222")
+    records.update_record(runs[1].run_dir, straggler={**slow, "windows": 2})  # not sustained yet
+    message = "hung: rank 1 on n2 (pid 7) made no progress for 61 s (last heartbeat: step 90)"
+    records.update_record(runs[2].run_dir, state=records.HUNG, error=message, hangs=1, hang_host="n2")
+    console = Console(width=200, record=True)
+    console.print(status_table(sweep, runs, compact=True))
+    text = console.export_text()
+    rows = {
+        run.name: next(line for line in text.splitlines() if line.startswith(f"│ {run.name} "))
+        for run in runs
+    }
+    assert "slow rank 1 on n2: 2.4x the others' step time (3 windows)" in rows[runs[0].name]
+    assert "slow rank" not in rows[runs[1].name] and "heartbeat" in rows[runs[1].name]
+    assert "│ hung " in rows[runs[2].name] and "hung: rank 1 on n2" in rows[runs[2].name]
+    assert "bbbbbbbb" in rows[runs[0].name] and "aaaaaaaa" in rows[runs[3].name]  # two code versions: shown
+    for run in runs[:2] + runs[3:]:
+        records.update_record(run.run_dir, code_hash="aaaaaaaa1111")
+    one_code = Console(width=200, record=True)
+    one_code.print(status_table(sweep, runs, compact=True))
+    one = one_code.export_text()
+    assert "aaaaaaaa" not in one and "code" in one.split("--wide also shows")[-1]

@@ -100,7 +100,7 @@ class Hang:
         how = "its process stopped running" if self.frozen else "its process runs but makes no progress"
         return (
             f"hung: rank {self.rank} on {self.host} (pid {self.pid}) made no progress for {self.stalled_s:.0f} s "
-            f"(last step {self.step}, in {self.phase}; {how}); stacks in {HEALTH_DIR}/; "
+            f"(last heartbeat at step {self.step}, in {self.phase}; {how}); stacks in {HEALTH_DIR}/; "
             f"stopping with exit code {HUNG_EXIT_CODE}"
         )
 

@@ -77,8 +77,11 @@ def classify(sweep: Sweep, runs: list[RunSpec]) -> list[Todo]:
             todos.append(Todo(run, ACTIVE if live_eval else FINISHED, [] if live_eval else evals))
         elif live(jobs.get("pretrain")):
             todos.append(Todo(run, ACTIVE))
-        elif record.get("state") == records.FAILED:
-            todos.append(Todo(run, FAILED, evals))
+        elif record.get("state") in (
+            records.FAILED,
+            records.HUNG,
+        ):  # a hang not requeued: retried like a failure
+            todos.append(Todo(run, FAILED, evals, note=record["state"]))
         elif record or checkpoint.list_steps(run.run_dir):
             todos.append(Todo(run, RESUME, evals))
         else:
@@ -95,7 +98,7 @@ def plan_table(sweep: Sweep, runs: list[RunSpec], todos: list[Todo] | None = Non
     for todo in todos:
         r = todo.run
         action = {NEW: "new", RESUME: "resume", FINISHED: "skip (finished)", ACTIVE: "skip (job live)",
-                  FAILED: "retry (failed)", COLLAPSED: f"skip (collapsed {todo.note})"}[todo.action]  # fmt: skip
+                  FAILED: f"retry ({todo.note})", COLLAPSED: f"skip (collapsed {todo.note})"}[todo.action]  # fmt: skip
         table.add_row(r.name, r.run_id, *(str(r.axes[k]) for k in (*sweep.grid, *sweep.zip)), str(r.seed), action,
                       ", ".join(todo.evals) or "-")  # fmt: skip
     gpus = f"{res.gpus_per_node} GPU x " if res.gpus_per_node else ""

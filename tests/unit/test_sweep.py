@@ -377,3 +377,8 @@ def test_status_shows_a_hung_run_a_sustained_straggler_with_its_node_and_mixed_c
     one_code.print(status_table(sweep, runs, compact=True))
     one = one_code.export_text()
     assert "aaaaaaaa" not in one and "code" in one.split("--wide also shows")[-1]
+    from launcher.plan import FAILED, classify
+
+    (Path(runs[2].run_dir) / "jobs.json").unlink()  # its job is gone: the next submit retries it
+    todo = next(t for t in classify(sweep, runs) if t.run.run_id == runs[2].run_id)
+    assert (todo.action, todo.note) == (FAILED, "hung")

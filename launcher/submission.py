@@ -103,7 +103,7 @@ def _submit_array(sweep: Sweep, ex: Any, stage: str, executor: str, jobs: list[A
 
 def _submit_arrays(sweep, train, eval_only, executor, out, created, estimates) -> None:
     folder = submitit_folder(sweep)
-    code_dir = str(out.code.path)
+    code_dir = str(out.code.path) if out.code is not None else ""  # None: nothing to submit
     local_slots = sweep.array_parallelism if executor == "local" else 0
     # Experiment, parent and child MLflow runs exist before any job starts (no races between jobs).
     tags = {

@@ -91,9 +91,14 @@ def _on_hang(run_dir: str, job_id: str, protocol: str = "") -> Any:
 
     def hung(hang: Any) -> None:
         prior = records.read_eval_record(run_dir, protocol) if protocol else records.read_record(run_dir)
+        if prior.get("state") == records.HUNG:
+            # Recorded (and requeued) already by another rank of this allocation: the next allocation
+            # sets `running` first. (The frozen rank itself, continued by SLURM's kill, must not report.)
+            return
         hangs = prior.get("hangs", 0) + 1
         fields = {"state": records.HUNG, "hangs": hangs, "hang_rank": hang.rank, "hang_host": hang.host,
-                  "hang_step": hang.step, "hang_frozen": hang.frozen, "error": hang.message()}  # fmt: skip
+                  "hang_step": hang.step, "hang_frozen": hang.frozen, "hang_at": hang.detected_at,
+                  "error": hang.message()}  # fmt: skip
         requeue = _cluster() == "slurm" and hangs <= MAX_HANG_REQUEUES
         if requeue:
             try:

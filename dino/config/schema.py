@@ -177,6 +177,10 @@ class TrainConfig:
     """torch.compile the student's and teacher's backbones (the first steps pay the compile time)."""
     max_steps: int = not_in_run_id(0)
     """Stop after this global step (0: run all epochs); schedules still span all epochs."""
+    stop_at: float = not_in_run_id(0.0)
+    """Stop at this fraction of the schedule (0: at its end), with a complete checkpoint: a rung of a
+    successive-halving search (launcher/halving.py). Schedules still span all epochs, so a run
+    stopped here and continued is the run it would have been."""
     log_every: int = not_in_run_id(10)
     """Steps between metric reductions (the only host synchronisation of the step)."""
     checkpoint_every_steps: int = not_in_run_id(500)
@@ -264,6 +268,9 @@ class MonitorConfig:
     """Query images: evenly spaced over the test split."""
     knn_k: int = 20
     """Neighbours of the weighted vote (temperature 0.07, as `dinolab eval knn`)."""
+    knn_at_end: bool = False
+    """Also run it at the last step this process trains to (a search's rung: its metric), even when
+    knn_every_* are 0."""
     val_root: str = ""
     """imagefolder/webdataset: the labelled test images (fashion_mnist and synthetic have their own)."""
 

@@ -41,6 +41,10 @@ def validate(cfg: DinoConfig) -> None:
     check_choice("train.precision", cfg.train.precision, PRECISIONS)
     check_choice("train.device", cfg.train.device, DEVICES)
     check_choice("train.on_code_change", cfg.train.on_code_change, CODE_CHANGE_POLICIES)
+    if not 0 <= cfg.train.stop_at <= 1:
+        raise ConfigError(
+            f"train.stop_at={cfg.train.stop_at} must be a fraction of the schedule in [0, 1] (0: its end)"
+        )
     if cfg.train.hang_timeout_s < 0:
         raise ConfigError(
             f"train.hang_timeout_s={cfg.train.hang_timeout_s}: seconds, >= 0 (0 turns the watchdog off)"

@@ -65,7 +65,8 @@ class KnnMonitor:
         return self.every > 0
 
     def due(self, step: int, final: bool) -> bool:
-        return self.enabled and (step % self.every == 0 or final)
+        """Every `every` steps and at the end when on; at the end anyway with monitor.knn_at_end."""
+        return (self.enabled and (step % self.every == 0 or final)) or (final and self.cfg.monitor.knn_at_end)
 
     def _datasets(self) -> dict[str, Dataset]:
         """Bank and query subsets, built on first use (the run may never reach a monitor step)."""

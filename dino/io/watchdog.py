@@ -219,9 +219,17 @@ class Watchdog:
             log.debug("heartbeat not written: %s", err)
 
     def _watch(self) -> None:
+        tick = time.monotonic()
         while not self._stop.wait(self.interval_s):
+            now = time.monotonic()
+            if now - tick > 2 * self.interval_s + 5.0:
+                # This process was itself stopped (SIGSTOP, then SIGCONT as SLURM tears the job down):
+                # it is the rank the others reported, not a judge of them. A fresh allowance.
+                log.warning("this process did not run for %.0f s (stopped?)", now - tick - self.interval_s)
+                self._progress = now
+            tick = now
             self._write()
-            stalled = time.monotonic() - self._progress
+            stalled = now - self._progress
             if self.allowance_s > 0 and stalled > self.allowance_s:
                 self._stopped(stalled)
                 return

@@ -55,3 +55,10 @@ def build_schedules(
         ),
         freeze_last_layer_steps=optim.freeze_last_layer * steps_per_epoch,
     )
+
+
+def rung_step(fraction: float, total_steps: int) -> int:
+    """The step a run stops at for `train.stop_at=fraction` (a search's rung, launcher/halving.py):
+    the nearest step, at least 1, and the last step for 1.0. One function for the loop and the
+    launcher, so the rung the launcher waits for is the step the run stops at."""
+    return min(total_steps, max(1, round(fraction * total_steps)))

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dino.config.schema import DinoConfig, to_dict
 from dino.method.loss import DINOLoss
 from dino.method.models import build_student_teacher
-from dino.method.schedules import Schedules, build_schedules
+from dino.method.schedules import Schedules, build_schedules, rung_step
 from dino.method.step import StepState, build_optimizer
 from dino.run.state import TrainState
 
@@ -64,6 +64,8 @@ def build_run(
         precision=cfg.train.precision, clip_grad=cfg.optim.clip_grad,
     )  # fmt: skip
     end_step = min(schedules.total_steps, cfg.train.max_steps or schedules.total_steps)
+    if cfg.train.stop_at:  # a rung: the same rounding as the launcher's (launcher/halving.py rung_step)
+        end_step = min(end_step, rung_step(cfg.train.stop_at, schedules.total_steps))
     return Run(state, schedules, step_state, end_step)
 
 

@@ -114,6 +114,14 @@ def test_a_frozen_rank_stops_the_job_which_requeues_without_its_node_and_ends_ex
     wait_for(lambda: record().get("state") in ("completed", "failed"), 600, "the requeued run", poll=2)
     assert record()["state"] == "completed", record().get("error")
     assert record().get("requeues", 0) == 0 and record()["hangs"] == 1
+    # The requeued job imported the sweep's code snapshot, as the first job did (issue 29, part 3).
+    (snapshot,) = (tmp_path / "sweeps" / "hang" / "code").iterdir()
+    assert record()["code_hash"] == snapshot.name
+    starts = json.loads((run_dir / "repro.json").read_text())["starts"]  # where each start ran
+    assert (
+        len(starts) == 2 and rank1["host"] in starts[0]["hosts"] and rank1["host"] not in starts[1]["hosts"]
+    )
+    assert starts[1]["code_hash"] == snapshot.name and starts[1]["slurm"]["job_id"]
     nodes = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "NodeList"], capture_output=True,
                            text=True).stdout  # fmt: skip
     assert rank1["host"] not in subprocess.run(["scontrol", "show", "hostnames", nodes.strip()],

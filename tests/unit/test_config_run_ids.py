@@ -67,7 +67,7 @@ def test_the_fields_marked_out_of_the_run_id_are_the_keys_that_always_were():
          "train.device", "train.compile", "data.on_bad_image", "data.num_images", "train.collapse_stop",
          "train.collapse_patience_steps", "train.collapse_uniform_margin", "train.collapse_one_dim_fraction",
          "train.collapse_kl_flat", "train.collapse_kl_range",
-         "train.hang_timeout_s", "train.on_code_change"]
+         "train.hang_timeout_s", "train.on_code_change", "train.stop_at"]
     )  # fmt: skip
     assert all(not is_semantic(k) for k in ("run.dir", "tracking.uri", "storage.region", "monitor.knn_k"))
     assert is_semantic("train.removed_key") and is_semantic("optim.lr")  # an old checkpoint's keys count

@@ -39,6 +39,12 @@ METRICS = {
 }
 
 
+PRUNED = "pruned"
+"""The state of a run a successive-halving search stopped at a rung (tag dinolab.state=pruned)."""
+SEARCH_PREFIX = "tags.dinolab.search."
+SEARCH_TAG = re.compile(r"tags\.dinolab\.search\.(rung\d+|pruned_at|cell_value|saved_gpu_hours)")
+
+
 class ReportError(ValueError):
     """Nothing to report: no such store, experiment or runs."""
 
@@ -117,12 +123,46 @@ def collect(uri: str, experiment: str) -> pd.DataFrame:
     # A run the collapse guard stopped ends FINISHED with the tag dinolab.state=collapsed (dino/run/train.py).
     stopped = _column(runs, "tags.dinolab.state") == "collapsed"
     df.loc[stopped.to_numpy(), "state"] = "collapsed"
+    # A run a successive-halving search pruned (the launcher's decision step tags it dinolab.state=pruned;
+    # a revived one is tagged otherwise or not at all): partial training, never a result (reports/search.py).
+    pruned = _column(runs, "tags.dinolab.state") == PRUNED
+    df.loc[pruned.to_numpy(), "state"] = PRUNED
     df["collapse_step"] = pd.to_numeric(_column(runs, "tags.dinolab.collapse_step"), errors="coerce")
     df["total_steps"] = pd.to_numeric(_column(runs, "tags.dinolab.total_steps"), errors="coerce")
     df["flag"] = [flag(row, k) for (_, row), k in zip(df.iterrows(), df["out_dim"], strict=True)]
     _add_evaluations(uri, df, runs.get("artifact_uri", pd.Series("", index=runs.index)))
     df.attrs["axes"] = axes
+    _add_search(runs, df)
     return df.sort_values([*axes, "seed", "run"], ignore_index=True)
+
+
+def _add_search(runs: pd.DataFrame, df: pd.DataFrame) -> None:
+    """A successive-halving search's tags (set by the launcher's decision step on every run that took part
+    in a rung's decision): `search:rung<k>` (the run's metric at non-final rung k), and on a pruned run
+    `search:pruned_at` (the rung's fraction of the schedule), `search:cell_value` (its cell's mean there),
+    `search:saved_gpu_hours`; the search itself in `df.attrs["search"]` ({metric, mode, rungs}). A
+    sweep without a search gets none of them."""
+    found = [key for key in runs.columns if SEARCH_TAG.fullmatch(key)]
+    for key in sorted(found, key=lambda k: (not k.startswith(f"{SEARCH_PREFIX}rung"), len(k), k)):
+        df[f"search:{key[len(SEARCH_PREFIX) :]}"] = pd.to_numeric(runs[key], errors="coerce").to_numpy()
+    described = {name: _first(runs, SEARCH_PREFIX + name) for name in ("metric", "mode", "rungs")}
+    if not found and not any(described.values()):
+        return
+    rungs = []
+    for part in str(described["rungs"] or "").split(","):
+        try:
+            rungs.append(float(part))
+        except ValueError:
+            continue
+    df.attrs["search"] = {"metric": described["metric"] or "the rung metric",
+                          "mode": described["mode"] or "max", "rungs": rungs}  # fmt: skip
+
+
+def _first(runs: pd.DataFrame, column: str) -> str:
+    """The first value a run has in `column` ("" when none has one)."""
+    values = _column(runs, column).dropna()
+    values = values[values.astype(str) != ""]
+    return str(values.iloc[0]) if len(values) else ""
 
 
 def protocol_of(column: str) -> tuple[str, str] | None:

@@ -20,6 +20,13 @@ the GPU-hours saved. The runs table (--runs, and the HTML page) links each run's
 ran: code, packages, hosts, SLURM job, seeds). Runs that trained with different code (their
 dinolab.code_hash tags) get a warning naming each hash and its runs, on stderr and above the table.
 
+A successive-halving search (the sweep file's search:): runs pruned at a rung are never results; they
+are left out of the table, its statistics and plots and listed apart, one row per pruned cell with the
+rung, the cell's metric there, its seeds and the GPU-hours saved. Under the table, per rung, the
+Spearman rank correlation between the rung's metric and the final one over the runs that reached the
+end, with a warning when it is below 0.5 or rests on fewer than 5 runs (revive the pruned runs with
+`dinolab sweep submit FILE --only pruned` to measure it over the whole grid).
+
 --vs AXIS=VALUE (default: the sweep file's baseline:) adds each cell's difference to that reference
 cell, seed-paired, Holm-corrected, marked resolved or not resolved. --resolve POINTS prints the seeds
 per cell a difference of POINTS needs at 80 % power and what the missing runs cost in GPU-hours.
@@ -113,14 +120,19 @@ def _source(args: argparse.Namespace) -> tuple[str, str, list[str], str, object]
 
 def run_command(args: argparse.Namespace) -> int:
     from launcher.errors import UserError
-    from reports import compare, tables
+    from reports import compare, search, tables
     from reports.collect import ReportError, collect
 
     uri, experiment, axes, folder, sweep = _source(args)
     try:
-        df = collect(uri, experiment)
+        every = collect(uri, experiment)
     except ReportError as err:
         raise UserError(str(err)) from None
+    df, pruned = search.split(every)  # a run pruned by successive halving is never a result
+    if df.empty:
+        raise UserError(
+            f"all {len(pruned)} runs of experiment '{experiment}' were pruned: no result to tabulate"
+        )
     by = args.by or [a for a in axes if a in df.columns] or df.attrs["axes"]
     missing = [a for a in by if a not in df.columns]
     if missing or not by:
@@ -141,8 +153,21 @@ def run_command(args: argparse.Namespace) -> int:
     except compare.CompareError as err:
         raise UserError(str(err)) from None
     notes = tables.footnote(df, shown, columns, comparisons)
+    if len(pruned):
+        notes.append(
+            f"{len(pruned)} run(s) pruned by successive halving trained only to a rung: never results, they are "
+            f"left out of this table, its statistics and plots, and listed under '{search.HEADING}'."
+        )
     text = tables.render(shown, by, columns, args.format, with_paper=args.paper, comparisons=comparisons,
                          notes=notes)  # fmt: skip
+    ranked = search.correlations(df, columns[0].key, columns[0].better, args.sweep_file or "")
+    for found in ranked:
+        if found.warning:
+            print(f"dinolab report: warning: {found.label()}: {found.warning}", file=sys.stderr)
+    ranking = search.correlation_text(ranked, search.search_of(df) or {}, columns[0].header, columns[0].key,
+                                      args.format)  # fmt: skip
+    if ranking and args.format != "csv":  # under the table (CSV: a block of its own, last)
+        text += "\n\n" + ranking
     mixed = tables.mixed_code(df)  # runs of this table trained with different code
     if mixed:
         print(f"dinolab report: warning: mixed code: {mixed}", file=sys.stderr)
@@ -154,13 +179,18 @@ def run_command(args: argparse.Namespace) -> int:
             text += "\n" + plan.table.to_csv(index=False)
         else:
             text += "\n\n" + "\n".join(plan.lines()) + "\n\n" + tables.export(plan.table, args.format)
-    if args.runs:
-        text += "\n\n" + tables.runs_table(df, by, columns, args.format)
+    if args.runs:  # every run, a pruned one with its state
+        text += "\n\n" + tables.runs_table(every, by, columns, args.format)
     stopped = tables.collapsed_table(df, args.format)
     if stopped:  # saved = spent x (planned - stopped) / stopped steps
         text += (
             "\n\nStopped early by the collapse guard (saved = spent x unrun steps / run steps):\n\n" + stopped
         )
+    cut = search.pruned_section(pruned, df.attrs["axes"], search.search_of(every), args.format)
+    if cut:
+        text += ("\n" if args.format == "csv" else "\n\n") + cut
+    if ranking and args.format == "csv":
+        text += "\n" + ranking
     if args.output:
         with open(args.output, "w") as f:
             f.write(text + "\n")
@@ -168,9 +198,9 @@ def run_command(args: argparse.Namespace) -> int:
     else:
         print(text)
     if args.html:
-        write_html(
-            args.html, uri, experiment, df, summary, by, columns, args.paper, shown, comparisons, notes, plan
-        )
+        write_html(args.html, uri, experiment, df, summary, by, columns, args.paper, shown, comparisons, notes,
+                   plan, pruned=pruned, ranking=search.correlation_text(ranked, search.search_of(df) or {},
+                                                                       columns[0].header, columns[0].key, "html"))  # fmt: skip
         print(f"HTML report written to {args.html}", file=sys.stderr)
     for path in filter(None, (args.output, args.html)):
         _attach(folder, path)
@@ -278,28 +308,38 @@ def _with_weights(args: argparse.Namespace, summary, by, columns):
 
 
 def write_html(path, uri, experiment, df, summary, by, columns, with_paper, shown=None, comparisons=None,
-               notes=(), plan=None) -> None:  # fmt: skip
+               notes=(), plan=None, pruned=None, ranking="") -> None:  # fmt: skip
+    """The page: `df` the runs that can be results (plots, curves), `pruned` those a search pruned (their
+    section, and the runs table); `ranking` the search's rung correlations in HTML."""
+    import html
     import math
 
+    import pandas as pd
+
     from dino.io.mlflow_store import existing_client
-    from reports import plots, tables
+    from reports import plots, search, tables
 
     client = existing_client(uri)
     main = columns[0]
     table = shown if shown is not None else summary
     ablation = tables.render(table, by, columns, "html", with_paper=with_paper, comparisons=comparisons,
                              notes=notes)  # fmt: skip
-    sections = [("Ablation", tables.with_warning(ablation, tables.mixed_code(df), "html"))]
+    sections = [("Ablation", tables.with_warning(ablation, tables.mixed_code(df), "html") + ranking)]
     if len(by) == 2:
         sections.append((f"{main.header}: {by[0]} × {by[1]}", tables.pivot(summary, by, main, "html")))
     if plan is not None:
-        import html
-
         lines = "".join(f"<p class='note'>{html.escape(line)}</p>" for line in plan.lines())
         sections.append(
             (f"Seeds to resolve {plan.delta:g} points", lines + tables.export(plan.table, "html"))
         )
-    sections.append(("Runs", tables.runs_table(df, by, columns, "html")))
+    pruned = pruned if pruned is not None else df.iloc[:0]
+    cut = search.pruned_section(pruned, df.attrs["axes"], search.search_of(df), "html")
+    if cut:
+        heading, rest = cut.split("\n\n", 1)
+        sections.append((search.HEADING, f"<p class='note'>{html.escape(heading)}</p>\n{rest}"))
+    every = pd.concat([df, pruned], ignore_index=True) if len(pruned) else df
+    sections.append(("Runs", tables.runs_table(every.sort_values([*df.attrs["axes"], "seed", "run"]), by, columns,
+                                               "html")))  # fmt: skip
     figures = []
     if summary[f"{main.key}_n"].sum():
         figures.append((f"{main.header} against {by[0]} (mean and 95 % interval; random init dashed)",
@@ -322,6 +362,8 @@ def write_html(path, uri, experiment, df, summary, by, columns, with_paper, show
         )
         figures.append((f"{label} per run", plots.curves(histories, label, hline=log_k)))
     note = f"experiment {experiment} in {uri}; {len(df)} runs; means over healthy runs only."
+    if len(pruned):
+        note += f" {len(pruned)} run(s) pruned by successive halving: listed apart, never results."
     with open(path, "w") as f:
         f.write(tables.page(f"dinolab report: {experiment}", sections, figures, note))
 

@@ -217,7 +217,27 @@ class TrainJob(submitit.helpers.Checkpointable):
         elif main and result.finished:
             records.update_record(self.run_dir, state=records.COMPLETED, step=result.step, total_steps=result.total_steps,
                                   finished=time.time())  # fmt: skip
+        elif main and not result.stopped:  # at train.stop_at (a search's rung) or train.max_steps
+            self._record_pause(cfg, result)
         return {"run_dir": self.run_dir, "step": result.step, "finished": result.finished}
+
+    def _record_pause(self, cfg: Any, result: Any) -> None:
+        """`paused` at this step, and for a rung (train.stop_at) the metrics of its last window (the
+        k-NN monitor's among them) under `rungs`: what the search decides on. A job that found the
+        rung reached already (a resubmit) keeps what the first one recorded."""
+        fields: dict[str, Any] = {"state": records.PAUSED, "step": result.step, "total_steps": result.total_steps,
+                                  "checkpoint_step": result.step}  # fmt: skip
+        if cfg.train.stop_at and result.last_metrics:
+            from launcher.halving import fraction_key
+
+            rungs = dict(records.read_record(self.run_dir).get("rungs") or {})
+            last = result.last_metrics
+            rungs[fraction_key(cfg.train.stop_at)] = {
+                "step": result.step, "gpu_hours": last.get("gpu_hours"),
+                "metrics": {k: v for k, v in last.items() if isinstance(v, int | float)},
+            }  # fmt: skip
+            fields["rungs"] = rungs
+        records.update_record(self.run_dir, **fields)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """USR2: stop at the next boundary with a complete checkpoint, then requeue a fresh job."""

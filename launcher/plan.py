@@ -22,6 +22,9 @@ from launcher.sweep_file import Sweep
 
 NEW, RESUME, FINISHED, ACTIVE, FAILED = "new", "resume", "finished", "active", "failed"
 COLLAPSED = "collapsed"  # stopped by the collapse guard: done, its evaluations skipped
+# A search (launcher/halving.py): pruned at a rung (skipped; `--only pruned` revives it), or at its
+# rung already, waiting for the rung's decision (nothing to train).
+PRUNED, AWAIT = "pruned", "await"
 
 
 def submitit_folder(sweep: Sweep) -> str:
@@ -38,6 +41,10 @@ class Todo:
     action: str
     evals: list[str] = field(default_factory=list)  # evaluations still to run after (or without) pretraining
     note: str = ""
+    stop_at: float = 0.0
+    """A search's rung this submission trains the run to (train.stop_at; 0: to the end)."""
+    rung: int = -1
+    """The index of that rung in search.rungs (-1: not a search)."""
 
 
 def is_finished(run: RunSpec, record: dict[str, Any]) -> bool:
@@ -86,7 +93,31 @@ def classify(sweep: Sweep, runs: list[RunSpec]) -> list[Todo]:
             todos.append(Todo(run, RESUME, evals))
         else:
             todos.append(Todo(run, NEW, evals))
-    return todos
+    return _searched(sweep, todos, {run.run_id: record for run, record, _ in seen}) if sweep.search.halving else todos
+
+
+def _searched(sweep: Sweep, todos: list[Todo], records_by_id: dict[str, dict[str, Any]]) -> list[Todo]:
+    """A halving search's plan: each run trains only to its next rung (no evaluations before the
+    last), a run at its rung waits for the decision, a pruned run is skipped."""
+    from launcher import halving
+
+    state, rungs = halving.read_state(sweep), sweep.search.rungs
+    out = []
+    for todo in todos:
+        if todo.action in (FINISHED, ACTIVE, COLLAPSED):
+            out.append(todo)
+            continue
+        record = records_by_id[todo.run.run_id]
+        k = halving.target_rung(todo.run.run_id, state, rungs)
+        if k is None:
+            out.append(Todo(todo.run, PRUNED, todo.evals, note=f"at {record.get('pruned_at', 0):.0%}"))
+        elif k == len(rungs) - 1:
+            out.append(Todo(todo.run, todo.action, todo.evals, todo.note, 0.0, k))
+        elif halving.fraction_key(rungs[k]) in (record.get("rungs") or {}):
+            out.append(Todo(todo.run, AWAIT, note=f"rung {rungs[k]:.0%}", rung=k))
+        else:
+            out.append(Todo(todo.run, todo.action, [], todo.note, rungs[k], k))
+    return out
 
 
 def plan_table(sweep: Sweep, runs: list[RunSpec], todos: list[Todo] | None = None) -> Table:
@@ -98,7 +129,10 @@ def plan_table(sweep: Sweep, runs: list[RunSpec], todos: list[Todo] | None = Non
     for todo in todos:
         r = todo.run
         action = {NEW: "new", RESUME: "resume", FINISHED: "skip (finished)", ACTIVE: "skip (job live)",
-                  FAILED: f"retry ({todo.note})", COLLAPSED: f"skip (collapsed {todo.note})"}[todo.action]  # fmt: skip
+                  FAILED: f"retry ({todo.note})", COLLAPSED: f"skip (collapsed {todo.note})",
+                  PRUNED: f"skip (pruned {todo.note})", AWAIT: f"decide ({todo.note})"}[todo.action]  # fmt: skip
+        if todo.stop_at:
+            action += f" to {todo.stop_at:.0%}"
         table.add_row(r.name, r.run_id, *(str(r.axes[k]) for k in (*sweep.grid, *sweep.zip)), str(r.seed), action,
                       ", ".join(todo.evals) or "-")  # fmt: skip
     gpus = f"{res.gpus_per_node} GPU x " if res.gpus_per_node else ""
@@ -112,7 +146,7 @@ def plan_table(sweep: Sweep, runs: list[RunSpec], todos: list[Todo] | None = Non
 
 def to_submit(todos: list[Todo], only: str | None = None) -> tuple[list[Todo], list[Todo]]:
     """(runs to (re)train, finished runs that only need evaluations) of a submission."""
-    wanted = {"new": {NEW}, "unfinished": {RESUME, FAILED}, "failed": {FAILED}}.get(
+    wanted = {"new": {NEW}, "unfinished": {RESUME, FAILED}, "failed": {FAILED}, "pruned": {PRUNED}}.get(
         only or "", {NEW, RESUME, FAILED}
     )
     train = [t for t in todos if t.action in wanted]

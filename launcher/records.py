@@ -32,6 +32,10 @@ CANCELLED, COLLAPSED = "cancelled", "collapsed"
 # dino/io/watchdog.py); on SLURM the job is requeued without that rank's node (launcher/jobs.py),
 # elsewhere `sweep submit` resumes it like a failed run.
 HUNG = "hung"
+# A search's rungs (launcher/halving.py): `paused` at a rung with a complete checkpoint and the
+# search metric (record `rungs`), waiting for the decision; `pruned` by it (a decision like
+# `completed`: never resubmitted, unless `--only pruned`).
+PAUSED, PRUNED = "paused", "pruned"
 DONE = (COMPLETED, COLLAPSED)  # pretraining that will not run again
 # Evaluation states: running / completed / failed, and `skipped` (with a reason: the run collapsed).
 SKIPPED = "skipped"

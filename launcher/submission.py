@@ -12,11 +12,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher import code_snapshot, records, tracking_runs
+from launcher import code_snapshot, halving, records, tracking_runs
 from launcher.executors import build_executor
 from launcher.grid import RunSpec
 from launcher.jobs import EvalJob, TrainJob
-from launcher.plan import Todo, slots_folder, submitit_folder, to_submit
+from launcher.plan import AWAIT, PRUNED, Todo, classify, slots_folder, submitit_folder, to_submit
 from launcher.scheduler import SchedulerError, cancel_job, job_is_live, slurm_message
 from launcher.sweep_file import Sweep
 
@@ -28,6 +28,8 @@ class Submitted:
     skipped: list[Todo] = field(default_factory=list)
     code: code_snapshot.Snapshot | None = None
     """The code snapshot the jobs import; None when nothing was submitted."""
+    deciders: list[tuple[int, Any]] = field(default_factory=list)
+    """A halving search's decision jobs (rung index, job): one per rung this submission trains to."""
 
     def summary(self) -> str:
         ids = sorted({str(j.job_id).split("_")[0] for _, j in self.pretrain})
@@ -39,6 +41,8 @@ class Submitted:
             lines.append(
                 f"submitted {len(self.evals)} evaluation job(s) ({', '.join(sorted({p for _, p, _ in self.evals}))})"
             )
+        for rung, job in self.deciders:
+            lines.append(f"submitted the decision of rung {rung} (job {job.job_id})")
         for todo in self.skipped:
             lines.append(f"skipped {todo.run.label}: {' '.join(filter(None, (todo.action, todo.note)))}")
         return "\n".join(lines)
@@ -59,16 +63,20 @@ def submit(
     `estimates` (run id -> launcher.cost.record_fields) go into each (re)trained run's record and
     MLflow tags, for `status` and `report` to show beside the GPU-hours spent."""
     train, eval_only = to_submit(todos, only)
+    deciding = _rungs_to_decide(sweep, todos, train)
     out = Submitted(skipped=[t for t in todos if t not in train and t not in eval_only])
-    if train or eval_only:  # once, before any job: every job of this submit imports the same code
+    if train or eval_only or deciding:  # once, before any job: every job of this submit imports the same code
         out.code = code_snapshot.snapshot(sweep)
+    if only == PRUNED and train:  # on purpose: these runs train on to the end
+        halving.revive(sweep, [t.run for t in train])
     before = {t.run.run_dir: records.snapshot(t.run.run_dir) for t in [*train, *eval_only]}
     created: list[str] = []
     try:
         _submit_arrays(sweep, train, eval_only, executor, out, created, estimates or {})
+        _submit_deciders(sweep, deciding, executor, out)
     except Exception as err:
         # All or nothing: a refused array leaves no job queued, no record changed, no MLflow run.
-        for job in [j for _, j in out.pretrain] + [j for _, _, j in out.evals]:
+        for job in [j for _, j in out.pretrain] + [j for _, _, j in out.evals] + [j for _, j in out.deciders]:
             with contextlib.suppress(Exception):  # the refusal is what the user must see
                 cancel_job({"executor": executor, "job_id": str(job.job_id)}, {})
         for run_dir, files in before.items():
@@ -116,18 +124,23 @@ def _submit_arrays(sweep, train, eval_only, executor, out, created, estimates) -
             if job["stage"] != "pretrain" and job_is_live(job):
                 cancel_job(job, records.read_record(todo.run.run_dir))
         records.mark_pending(todo.run.run_dir, estimates.get(todo.run.run_id, {}))
-    if train:
+    # One pretraining array per rung this submission trains to (all to the end outside a search).
+    for stop_at in sorted({t.stop_at for t in train}, key=lambda f: f or 2.0):
+        group = [t for t in train if t.stop_at == stop_at]
         ex = build_executor(sweep, "pretrain", executor, folder, code_dir)
         jobs = _submit_array(sweep, ex, "pretrain", executor,
-                             [TrainJob(t.run.job_config(), t.run.run_dir, local_slots, slots_folder(sweep))
-                              for t in train])  # fmt: skip
-        for todo, job in zip(train, jobs, strict=True):
+                             [TrainJob(_job_config(t), t.run.run_dir, local_slots, slots_folder(sweep))
+                              for t in group])  # fmt: skip
+        for todo, job in zip(group, jobs, strict=True):
             _record_submission(todo.run, "pretrain", job, executor)
             out.pretrain.append((todo.run, job))
+    to_end = [(t, j) for t, (_, j) in zip(sorted(train, key=lambda t: t.stop_at or 2.0), out.pretrain, strict=True)
+              if not t.stop_at]  # fmt: skip
     for protocol in sweep.evals:
-        # Every run (re)trained now needs this evaluation again, on its final checkpoint; keeping the
-        # eval array the same size and order as the pretrain array lets SLURM pair task i with task i.
-        chained = [(t, j) for t, (_, j) in zip(train, out.pretrain, strict=True)]
+        # Every run (re)trained to its end now needs this evaluation again, on its final checkpoint;
+        # keeping the eval array the same size and order as that pretrain array lets SLURM pair task i
+        # with task i. A run trained to a search's rung is evaluated once it reaches the end.
+        chained = to_end
         alone = [t for t in eval_only if protocol in t.evals]
         overrides = sweep.eval_overrides.get(protocol, [])
         if chained:
@@ -215,3 +228,89 @@ def cancel(runs: list[RunSpec]) -> list[str]:
             records.mark_cancelled(run.run_dir)
             lines.append(f"cancelled {run.label} {job['stage']} job {job['job_id']}")
     return lines or ["no live jobs"]
+
+
+# ---- a halving search's rungs (launcher/halving.py) -------------------------------------------------
+
+
+def _job_config(todo: Todo) -> dict[str, Any]:
+    """The run's job config; trained to a search's rung: stop there, the k-NN monitor at that step."""
+    config = todo.run.job_config()
+    if todo.stop_at:
+        config["train"]["stop_at"] = todo.stop_at
+        config["monitor"]["knn_at_end"] = True
+    return config
+
+
+def _rungs_to_decide(sweep: Sweep, todos: list[Todo], train: list[Todo]) -> list[int]:
+    """The rungs whose decision this submission queues: those it trains runs to, and those whose
+    runs all wait at the rung with no live decision job (a decision job that died)."""
+    if not sweep.search.halving:
+        return []
+    state = halving.read_state(sweep)
+    wanted = {t.rung for t in train if t.stop_at} | {t.rung for t in todos if t.action == AWAIT}
+    trained = {t.rung for t in train if t.stop_at}
+    return sorted(
+        k for k in wanted
+        if str(k) not in state["rungs"] and (k in trained or not job_is_live(state["deciders"].get(str(k))))
+    )  # fmt: skip
+
+
+def _submit_deciders(sweep: Sweep, rungs: list[int], executor: str, out: Submitted) -> None:
+    """One decision job per rung: on SLURM it starts when the rung's array has ended (afterany);
+    locally it waits for the rung's runs itself."""
+    if not rungs:
+        return
+    state = halving.read_state(sweep)
+    folder = submitit_folder(sweep)
+    code_dir = str(out.code.path) if out.code is not None else ""
+    for k in rungs:
+        ex = build_executor(sweep, "search", executor, folder, code_dir)
+        arrays = {str(job.job_id).split("_")[0] for todo, job in out.pretrain if _rung_of(sweep, todo) == k}
+        if executor == "slurm" and arrays:
+            extra = dict(
+                sweep.stage_resources("search").additional, dependency="afterany:" + ":".join(sorted(arrays))
+            )
+            ex.update_parameters(slurm_additional_parameters=extra)
+        (job,) = _submit_array(sweep, ex, "search", executor, [RungJob(sweep, executor, k)])
+        state["deciders"][str(k)] = {"stage": "search", "job_id": str(job.job_id), "executor": executor,
+                                     "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}  # fmt: skip
+        out.deciders.append((k, job))
+    halving.write_state(sweep, state)
+
+
+def _rung_of(sweep: Sweep, run: RunSpec) -> int | None:
+    return halving.target_rung(run.run_id, halving.read_state(sweep), sweep.search.rungs)
+
+
+@dataclass
+class RungJob:
+    """A halving search's decision of one rung, then the next rung: waits until none of the rung's
+    runs has a live pretraining job (on SLURM the dependency already did), decides it
+    (`halving.decide`, once), and submits what follows: the promoted runs to the next rung with its
+    own decision job, or to the end with their evaluations. Holds the loaded sweep, so the decision
+    uses the sweep as it was submitted."""
+
+    sweep: Sweep
+    executor: str
+    rung: int
+    poll_s: float = 2.0
+
+    def __call__(self) -> dict[str, Any]:
+        from launcher import manifest
+
+        runs = manifest.runs(self.sweep)
+        state = halving.read_state(self.sweep)
+        rungs = self.sweep.search.rungs
+        candidates = [r for r in runs if halving.target_rung(r.run_id, state, rungs) == self.rung]
+        while any(job_is_live(records.last_job(r.run_dir)) for r in candidates):
+            time.sleep(self.poll_s)
+        decision = halving.decide(self.sweep, runs, self.rung)
+        print(
+            f"dinolab: rung {self.rung} ({rungs[self.rung]:.0%}) of {self.sweep.name}: "
+            f"{len(decision['promoted'])} run(s) go on, {len(decision['pruned'])} pruned",
+            flush=True,
+        )
+        next_up = submit(self.sweep, classify(self.sweep, runs), self.executor)
+        print(next_up.summary(), flush=True)
+        return {"rung": self.rung, "promoted": decision["promoted"], "pruned": decision["pruned"]}

@@ -128,6 +128,68 @@ class Resources:
     setup: list[str] = field(default_factory=list)
 
 
+STRATEGIES = ("grid", "halving")
+SEARCH_STAGE = "search"  # the resources of a halving search's decision jobs (`resources: search:`)
+MODES = ("max", "min")
+
+
+@dataclass
+class Search:
+    """How the grid is searched (`search:` in the sweep file): `grid` trains every run to the end;
+    `halving` is synchronous successive halving (launcher/halving.py): every run trains to the first
+    rung, the best 1/keep of the cells go on to the next, the rest are pruned."""
+
+    strategy: str = "grid"
+    metric: str = "monitor_knn_top1"
+    """The metric the rungs decide on: one the runs log (the k-NN monitor runs at every rung)."""
+    mode: str = "max"
+    """max: higher is better; min: lower is."""
+    rungs: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    """Fractions of each run's schedule at which to decide, increasing, the last 1.0."""
+    keep: int = 3
+    """η: the best ceil(cells / keep) cells of a rung go on."""
+
+    @property
+    def halving(self) -> bool:
+        return self.strategy == "halving"
+
+
+SEARCH_KEYS = {f.name for f in dataclasses.fields(Search)}
+
+
+def _read_search(raw: Any, path: str) -> Search:
+    """The `search:` block, checked: unknown keys, types, choices, the rungs and keep."""
+    if raw is None:
+        return Search()
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path}: search must be a mapping (strategy, metric, mode, rungs, keep)")
+    unknown = set(raw) - SEARCH_KEYS
+    if unknown:
+        key = sorted(unknown)[0]
+        raise SweepError(
+            f"{path}: unknown key 'search.{key}'{did_you_mean(key, SEARCH_KEYS)}; allowed: {', '.join(sorted(SEARCH_KEYS))}"
+        )
+    check_types(path, "search.", raw, Search)
+    search = Search(**raw)
+    for key, value, allowed in (("strategy", search.strategy, STRATEGIES), ("mode", search.mode, MODES)):
+        if value not in allowed:
+            raise SweepError(
+                f"{path}: search.{key}: '{value}'{did_you_mean(str(value), allowed)}; allowed: {', '.join(allowed)}"
+            )
+    rungs = [float(r) for r in search.rungs]
+    if not rungs or rungs[-1] != 1.0 or any(not 0 < r <= 1 for r in rungs) or rungs != sorted(set(rungs)):
+        raise SweepError(
+            f"{path}: search.rungs: {search.rungs} must be increasing fractions of the schedule in (0, 1], "
+            "the last 1.0 (e.g. [0.2, 1.0])"
+        )
+    search.rungs = rungs
+    if search.keep < 2:
+        raise SweepError(f"{path}: search.keep: {search.keep} must be at least 2 (keep the best 1/keep)")
+    if not search.metric:
+        raise SweepError(f"{path}: search.metric must name a metric the runs log (e.g. monitor_knn_top1)")
+    return search
+
+
 @dataclass
 class Sweep:
     name: str
@@ -150,6 +212,8 @@ class Sweep:
     baseline: dict[str, Any] = field(default_factory=dict)
     """The report's reference cell, {axis: value} (`dinolab report --vs` by default): every other cell is
     compared with it. Axes of `grid`/`zip` only, each value one of that axis's."""
+    search: Search = field(default_factory=Search)
+    """`grid` (every run to the end) or successive `halving` over the grid (launcher/halving.py)."""
     logs_root: str = ""
     """Shared-filesystem folder for what the scheduler needs as files (submitit logs and scripts,
     local slot locks, the default SQLite store): empty = root for a local root, ~/dinolab for s3://."""
@@ -170,6 +234,11 @@ class Sweep:
         return os.path.join(self.local_root, self.name)
 
     def stage_resources(self, stage: str) -> Resources:
+        if stage == SEARCH_STAGE and SEARCH_STAGE not in self.resources:
+            # A rung's decision: reads records, ranks, submits; one CPU beside the pretraining's
+            # partition, account and setup, no GPU.
+            return dataclasses.replace(self.stage_resources("pretrain"), nodes=1, gpus_per_node=0, tasks_per_node=1,
+                                       cpus_per_task=1, mem_gb=2)  # fmt: skip
         return self.resources.get(stage) or self.resources.get("pretrain") or Resources()
 
 
@@ -198,9 +267,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         )
     if "name" not in raw:
         raise SweepError(f"{path}: missing key 'name'")
+    search = _read_search(raw.pop("search", None), path)  # a section of its own, checked there
     check_types(path, "", raw, Sweep)
     resources = _read_resources(raw.pop("resources", None) or {}, path)
-    sweep = Sweep(path=path, resources=resources, **raw)
+    sweep = Sweep(path=path, resources=resources, search=search, **raw)
     sweep.root = expand_env(str(sweep.root), path, "root")  # root: /checkpoint/${USER:-me}/dinolab
     sweep.logs_root = os.path.expanduser(expand_env(str(sweep.logs_root or ""), path, "logs_root"))
     if storage.is_remote(sweep.logs_root):
@@ -277,7 +347,19 @@ def _apply_edits(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], pa
             stages = raw["eval_overrides"] = raw.get("eval_overrides") or {}
             stage = key.split(".", 1)[1]
             stages[stage] = [*(stages.get(stage) or []), *values]  # a "[...]" value parses to a list
-        elif key in SWEEP_KEYS and key not in ("base", "grid", "zip", "resources", "eval_overrides"):
+        elif key.startswith("search.") and key.split(".", 1)[1] in SEARCH_KEYS:  # search.keep=2
+            try:
+                raw.setdefault("search", {})[key.split(".", 1)[1]] = read_value(value)
+            except yaml.YAMLError as err:
+                raise SweepError(yaml_error(f"{path}: {ov}", err)) from None
+        elif key in SWEEP_KEYS and key not in (
+            "base",
+            "grid",
+            "zip",
+            "resources",
+            "eval_overrides",
+            "search",
+        ):
             try:
                 raw[key] = read_value(value)
             except yaml.YAMLError as err:
@@ -291,9 +373,9 @@ def _read_resources(raw: dict[str, Any], path: str) -> dict[str, Resources]:
     """The `resources:` mapping as {stage: Resources}, every key and value checked."""
     resources = {}
     for stage, res in raw.items():
-        if stage not in ("pretrain", *EVALS):
+        if stage not in ("pretrain", *EVALS, SEARCH_STAGE):
             raise SweepError(
-                f"{path}: resources.{stage}: unknown stage{did_you_mean(stage, ['pretrain', *EVALS])}"
+                f"{path}: resources.{stage}: unknown stage{did_you_mean(stage, ['pretrain', *EVALS, SEARCH_STAGE])}"
             )
         if not isinstance(res, dict | None):
             raise SweepError(f"{path}: resources.{stage}: {res!r} is not a mapping of scheduler parameters")

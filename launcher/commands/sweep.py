@@ -46,8 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--executor", default="local", choices=["local", "slurm", "debug"])
         p.add_argument(
             "--only",
-            choices=["new", "unfinished", "failed"],
-            help="submit only runs in this state (default: all not finished)",
+            choices=["new", "unfinished", "failed", "pruned"],
+            help="submit only runs in this state (default: all not finished; pruned: revive a search's "
+            "pruned runs, trained on to the end)",
         )
         p.add_argument(
             "--max-gpu-hours",
@@ -118,6 +119,10 @@ def _print_cost(sweep, runs) -> None:
     show(console, cost.cost_table(sweep, estimate))
     for line in cost.summary_lines(sweep, estimate):
         _line(line)
+    if sweep.search.halving:
+        from launcher import halving
+
+        _line(halving.expected_cost(sweep, estimate)[2])
 
 
 def _estimate_submission(args: argparse.Namespace, sweep, todos) -> dict:
@@ -148,9 +153,25 @@ def _estimate_submission(args: argparse.Namespace, sweep, todos) -> dict:
         return {}
     if chosen:
         _line(cost.summary_lines(sweep, estimate)[0])
-    if limit:
+    if sweep.search.halving and limit:  # the budget is the whole search's, not this rung's
+        _check_search_budget(sweep, todos, limit, origin)
+    elif limit:
         cost.check_budget(sweep, estimate, limit, origin)
     return {r.run.run_id: cost.record_fields(r) for r in estimate.runs}
+
+
+def _check_search_budget(sweep, todos, limit: float, origin: str) -> None:
+    """A halving search's budget: its expected GPU-hours over every run (`halving.expected_cost`)."""
+    from launcher import cost, halving
+
+    expected, full, line = halving.expected_cost(sweep, cost.estimate(sweep, [t.run for t in todos]))
+    _line(line)
+    if expected > limit:
+        raise cost.BudgetExceeded(
+            f"{sweep.path}: the search is expected to cost {cost.gpu_hours_text(expected)} GPU-hours "
+            f"(the full grid {cost.gpu_hours_text(full)}), over {origin} of {limit:g}. Nothing was submitted: "
+            "search fewer cells, prune harder (search.keep, an earlier first rung) or raise the limit"
+        )
 
 
 def _check_executor(executor: str) -> None:

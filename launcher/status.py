@@ -137,6 +137,13 @@ def status_table(sweep: Sweep, runs: list[RunSpec], compact: bool = False) -> Ta
             note = " | ".join(rec["error"].strip().splitlines()[-2:])
         elif state == records.REQUEUED and rec.get("state") == records.HUNG:
             note = rec.get("error", "")
+        elif state == records.PRUNED:
+            note = pruned_note(rec)
+        elif state == records.PAUSED:
+            rungs = rec.get("rungs") or {}
+            note = f"at step {rec.get('step')}" + (
+                f", rung {max(rungs, key=float)}: waiting for its decision" if rungs else ""
+            )
         elif state == records.COLLAPSED:
             note = f"collapsed at step {rec.get('collapse_step')}: {rec.get('collapse_signal', '')}"
         elif state == records.RUNNING and straggler_note(rec):
@@ -151,6 +158,8 @@ def status_table(sweep: Sweep, runs: list[RunSpec], compact: bool = False) -> Ta
             "running": "cyan",
             "requeued": "yellow",
             "collapsed": "magenta",
+            "pruned": "bright_black",
+            "paused": "yellow",
         }.get(state, "")
         # Plain Text cells: an error such as gloo's "[/…/pair.cc:561] Connection closed by peer"
         # or an axis value like "[5, 10]" is not rich markup.
@@ -178,6 +187,18 @@ def status_table(sweep: Sweep, runs: list[RunSpec], compact: bool = False) -> Ta
     if hidden:
         table.caption += f"\n--wide also shows: {', '.join(hidden)}"
     return table
+
+
+def pruned_note(record: dict[str, Any]) -> str:
+    """ "pruned at 20%: monitor_knn_top1 41.2 (cell mean), 0.8 GPU-h saved" (launcher/halving.py)."""
+    from launcher.cost import gpu_hours_text
+
+    value = record.get("cell_value")
+    shown = f"{value:.4g}" if isinstance(value, int | float) else "none (no value at the rung)"
+    return (
+        f"at {record.get('pruned_at', 0):.0%}: {shown} (cell), {gpu_hours_text(record.get('saved_gpu_hours') or 0.0)} "
+        "GPU-h saved"
+    )
 
 
 def straggler_note(record: dict[str, Any]) -> str:

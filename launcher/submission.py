@@ -208,6 +208,22 @@ def wait(sweep: Sweep, runs: list[RunSpec], submitted: Submitted, console) -> bo
     return ok
 
 
+def wait_search(sweep: Sweep, runs: list[RunSpec], console: Any, poll_s: float = 2.0) -> bool:
+    """`sweep run` of a halving search: after the first rung's jobs, wait until no decision job and
+    no job of any run is live (the later rungs are submitted by the decision jobs); True when no run
+    failed."""
+    with console.status("searching: waiting for the rungs' decisions and the promoted runs"):
+        while True:
+            state = halving.read_state(sweep)
+            jobs = [records.newest_jobs(r.run_dir) for r in runs]
+            live = [j for js in jobs for j in js.values() if job_is_live(j)]
+            live += [j for j in state["deciders"].values() if job_is_live(j)]
+            if not live:
+                break
+            time.sleep(poll_s)
+    return all(records.read_record(r.run_dir).get("state") != records.FAILED for r in runs)
+
+
 def executor_is_debug(job: Any) -> bool:
     return type(job).__name__ == "DebugJob"
 

@@ -89,14 +89,16 @@ def total_line(cells: pd.DataFrame) -> str:
     return f"{n} cell{'' if n == 1 else 's'} pruned, {hours} GPU-hours saved"
 
 
-def pruned_section(pruned: pd.DataFrame, axes: list[str], search: dict | None, fmt: str) -> str:
-    """The pruned cells in `fmt`, under a heading, with the total line ("" when nothing was pruned).
-    CSV: a block of its own, one line per cell and a last line of kind `total`."""
+def pruned_section(
+    pruned: pd.DataFrame, axes: list[str], search: dict | None, fmt: str, heading: bool = True
+) -> str:
+    """The pruned cells in `fmt`, under a heading (`heading`), with the total line ("" when nothing was
+    pruned). CSV: a block of its own, one line per cell and a last line of kind `total`."""
     cells = pruned_cells(pruned, axes, search)
     if cells.empty:
         return ""
     search = search or {}
-    metric, mode = search.get("metric", "the rung metric"), search.get("mode", "max")
+    metric = search.get("metric", "the rung metric")
     if fmt == "csv":
         frame = cells.assign(kind="pruned cell", metric=metric)[
             ["kind", *axes, "pruned_at", "metric", "value", "seeds", "saved"]
@@ -113,13 +115,21 @@ def pruned_section(pruned: pd.DataFrame, axes: list[str], search: dict | None, f
     view[f"{metric} (cell mean)"] = cells["value"].map(lambda v: dash if pd.isna(v) else f"{v:.4g}")
     view["seeds"] = cells["seeds"].map(str)
     view["GPU-hours saved"] = cells["saved"].map(lambda v: dash if pd.isna(v) else f"{v:.3g}")
+    parts = [tables.export(view, fmt), _note(total_line(cells), fmt)]
+    if heading:
+        parts.insert(0, _plain(pruned_heading(search), fmt))
+    return "\n\n".join(parts)
+
+
+def pruned_heading(search: dict) -> str:
+    """`Pruned by successive halving (monitor_knn_top1, higher is better; rungs 0.2, 1): never results, ...`"""
     rungs = ", ".join(f"{r:g}" for r in search.get("rungs") or [])
-    heading = (
-        f"{HEADING} ({metric}, {'higher' if mode != 'min' else 'lower'} is better"
+    better = "lower" if search.get("mode") == "min" else "higher"
+    return (
+        f"{HEADING} ({search.get('metric', 'the rung metric')}, {better} is better"
         + (f"; rungs {rungs}" if rungs else "")
         + "): never results, left out of the table, its statistics and plots:"
     )
-    return "\n\n".join([heading, tables.export(view, fmt), _note(total_line(cells), fmt)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,6 +217,10 @@ def _note(text: str, fmt: str) -> str:
     if fmt == "latex":
         return f"\\par\\smallskip{{\\footnotesize {_latex(text)}}}"
     return text
+
+
+def _plain(text: str, fmt: str) -> str:
+    return html.escape(text) if fmt == "html" else _latex(text) if fmt == "latex" else text
 
 
 def _warning(title: str, text: str, fmt: str) -> str:

@@ -333,10 +333,10 @@ def write_html(path, uri, experiment, df, summary, by, columns, with_paper, show
             (f"Seeds to resolve {plan.delta:g} points", lines + tables.export(plan.table, "html"))
         )
     pruned = pruned if pruned is not None else df.iloc[:0]
-    cut = search.pruned_section(pruned, df.attrs["axes"], search.search_of(df), "html")
+    cut = search.pruned_section(pruned, df.attrs["axes"], search.search_of(df), "html", heading=False)
     if cut:
-        heading, rest = cut.split("\n\n", 1)
-        sections.append((search.HEADING, f"<p class='note'>{html.escape(heading)}</p>\n{rest}"))
+        heading = search.pruned_heading(search.search_of(df) or {})
+        sections.append((search.HEADING, f"<p class='note'>{html.escape(heading)}</p>\n{cut}"))
     every = pd.concat([df, pruned], ignore_index=True) if len(pruned) else df
     sections.append(("Runs", tables.runs_table(every.sort_values([*df.attrs["axes"], "seed", "run"]), by, columns,
                                                "html")))  # fmt: skip

@@ -100,7 +100,63 @@ def fake_sweep(tmp_path_factory):
             tags["dinolab.run_dir"] = f"/runs/mixed-code/nl{num_local}-s{seed}"
         log_run(client, mixed, parent, num_local, seed, results=results, tags=tags,
                 params=() if code else [("run.dir", "runs/default")])  # fmt: skip
+    log_search(client, "search-fake", folder, revived=False)
+    log_search(client, "search-revived", folder, revived=True)
     return uri
+
+
+# A successive-halving search (issue 30) over optim.lr x teacher.temp, rungs [0.2, 1.0], keep 3: per run
+# (lr, temp, seed) -> (monitor_knn_top1 at rung 0.2, final k-NN top-1, final linear top-1, GPU-hours a
+# pruned run saved). The 3 cells with the best mean at the rung finish; the 6 others are pruned, the
+# (0.001, 0.06) cell with both its seeds (mean 48.5). Revived (`--only pruned`), every run ends.
+SEARCH = {
+    (0.0001, 0.02, 0): (41.0, 62.0, 75.0, 0.8),
+    (0.0001, 0.04, 0): (43.0, 63.5, 78.0, 0.8),
+    (0.0001, 0.06, 0): (44.5, 63.0, 71.0, 0.8),
+    (0.0003, 0.02, 0): (46.0, 66.0, 74.0, 1.2),
+    (0.0003, 0.04, 0): (52.0, 70.1, 72.5, None),
+    (0.0003, 0.06, 0): (50.5, 71.0, 73.0, None),
+    (0.001, 0.02, 0): (47.5, 65.5, 77.0, 1.6),
+    (0.001, 0.04, 0): (53.5, 71.9, 70.0, None),
+    (0.001, 0.06, 0): (48.0, 67.0, 76.0, 1.6),
+    (0.001, 0.06, 1): (49.0, 68.5, 72.0, 1.6),
+}
+PRUNED_WITH_KNN = (0.0001, 0.06, 0)  # a pruned run whose k-NN was evaluated anyway: 99.0, never a result
+
+
+def log_search(client, experiment: str, folder, revived: bool) -> None:
+    """The runs of SEARCH with the tags the launcher's decision step sets (dinolab.search.*); `revived`: the
+    pruned ones were revived with --only pruned and finished (dinolab.state completed, or no state tag)."""
+    exp = client.create_experiment(experiment, artifact_location=f"file://{folder / 'mlartifacts'}")
+    cell_mean = {}
+    for (lr, temp, _), values in SEARCH.items():
+        cell_mean.setdefault((lr, temp), []).append(values[0])
+    for i, ((lr, temp, seed), (rung, knn, linear, saved)) in enumerate(SEARCH.items()):
+        tags = {"dinolab.kind": "run", "axis.optim.lr": str(lr), "axis.teacher.temp": str(temp),
+                "dinolab.seed": str(seed), "dinolab.search.rung0": str(rung),
+                "dinolab.search.metric": "monitor_knn_top1", "dinolab.search.mode": "max",
+                "dinolab.search.rungs": "0.2,1.0"}  # fmt: skip
+        pruned = saved is not None
+        if pruned:
+            tags.update({"dinolab.search.pruned_at": "0.2", "dinolab.search.saved_gpu_hours": str(saved),
+                         "dinolab.search.cell_value": str(sum(cell_mean[lr, temp]) / len(cell_mean[lr, temp]))})  # fmt: skip
+            if not revived:
+                tags["dinolab.state"] = "pruned"
+            elif i % 2:
+                tags["dinolab.state"] = "completed"
+        rid = client.create_run(exp, run_name=f"lr{lr}-t{temp}-s{seed}", tags=tags).info.run_id
+        metrics = [
+            Metric("monitor_knn_top1", rung, 0, 20),
+            Metric("gpu_hours", 0.2, 0, 20),
+            Metric("loss", 5.0, 0, 20),
+        ]
+        if not pruned or revived:
+            metrics += [Metric("knn_top1_k20", knn, 0, 100), Metric("linear_top1", linear, 0, 100),
+                        Metric("gpu_hours", 1.0, 0, 100)]  # fmt: skip
+        elif (lr, temp, seed) == PRUNED_WITH_KNN:
+            metrics.append(Metric("knn_top1_k20", 99.0, 0, 20))
+        client.log_batch(rid, metrics=metrics, params=[Param("train.seed", str(seed))])
+        client.set_terminated(rid, "FINISHED")  # a pruned run's MLflow run ends too: only its tag says pruned
 
 
 def check_golden(name: str, text: str) -> None:
@@ -398,3 +454,181 @@ def test_report_with_a_weights_file_adds_its_row_beside_the_runs(fake_sweep, tmp
     assert other.returncode == 2 and other.stderr.strip().splitlines()[-1].startswith(
         f"dinolab report: error: --with {results}: no k-NN or finished linear result on data fashion_mnist"
     )
+
+
+# ---- a successive-halving search (SEARCH above) ------------------------------------------------------
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's ρ by the textbook formula for values without ties: 1 − 6 Σd² / (n (n² − 1))."""
+    rank_x = {x: i for i, x in enumerate(sorted(xs))}
+    rank_y = {y: i for i, y in enumerate(sorted(ys))}
+    n = len(xs)
+    return 1 - 6 * sum((rank_x[x] - rank_y[y]) ** 2 for x, y in zip(xs, ys, strict=True)) / (n * (n * n - 1))
+
+
+def pruned_cells() -> list[tuple[float, float, float, int, float]]:
+    """(lr, temp, mean at the rung, seeds, GPU-hours saved) of each pruned cell of SEARCH, best first."""
+    cells: dict[tuple, list] = {}
+    for (lr, temp, _), (rung, _, _, saved) in SEARCH.items():
+        if saved is not None:
+            cells.setdefault((lr, temp), []).append((rung, saved))
+    found = [
+        (lr, t, sum(r for r, _ in v) / len(v), len(v), sum(s for _, s in v)) for (lr, t), v in cells.items()
+    ]
+    return sorted(found, key=lambda c: -c[2])
+
+
+ENDED = [values for values in SEARCH.values() if values[3] is None]  # trained to the end in search-fake
+FEW = ("Too few runs reached the end to judge the rung (n=3); revive the pruned runs with "
+       "`dinolab sweep submit FILE --only pruned` to measure it")  # fmt: skip
+LOW = ("The rung metric does not rank runs like the final evaluation: pruning at this rung may drop the best "
+       "cells; use a later rung")  # fmt: skip
+
+
+def search_report(capsys, uri: str, experiment: str, *args: str) -> tuple[str, str]:
+    code, out, err = report_here(capsys, "--experiment", experiment, "--tracking-uri", uri, *args)
+    assert code == 0, err
+    return out, err
+
+
+def test_a_searchs_pruned_runs_are_no_results_and_are_listed_apart_one_row_per_cell(fake_sweep, capsys):
+    out, _ = search_report(capsys, fake_sweep, "search-fake", "--runs")
+    blocks = out.split("\n\n")
+    ended = sorted((lr, t, v[1]) for (lr, t, _), v in SEARCH.items() if v[3] is None)
+    rows = first_table(out)  # the ablation table: the 3 cells that reached the end, nothing left out
+    assert [(float(r[0]), float(r[1]), r[2], r[-1]) for r in rows] == [
+        (lr, t, f"{knn:.1f} (1 seed)", "1 finished") for lr, t, knn in ended
+    ]
+    pivot = next(b for b in blocks if b.startswith("| optim.lr   | teacher.temp=0.04"))
+    assert "99.0" not in blocks[0] + pivot and "left out" not in blocks[0]  # the pruned run's k-NN: no result
+    assert "7 run(s) pruned by successive halving trained only to a rung: never results" in out
+    runs = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| lr")}
+    assert len(runs) == len(SEARCH)  # --runs: every run, a pruned one with its state
+    assert sum("| pruned " in line for line in runs.values()) == 7
+    at = blocks.index(
+        "Pruned by successive halving (monitor_knn_top1, higher is better; rungs 0.2, 1): never results, "
+        "left out of the table, its statistics and plots:"
+    )
+    cut = [[c.strip() for c in line.strip("|").split("|")] for line in blocks[at + 1].splitlines()[2:]]
+    assert cut == [
+        [str(lr), str(t), "0.2 of the schedule", f"{mean:.4g}", str(seeds), f"{saved:.3g}"]
+        for lr, t, mean, seeds, saved in pruned_cells()
+    ]
+    assert cut[0][3:5] == ["48.5", "2"]  # the cell of two seeds, pruned together on their mean
+    total = sum(c[4] for c in pruned_cells())
+    assert (
+        blocks[at + 2].strip()
+        == f"6 cells pruned, {total:.3g} GPU-hours saved"
+        == "6 cells pruned, 8.4 GPU-hours saved"
+    )
+
+
+def test_the_rung_is_judged_by_its_spearman_correlation_with_the_final_metric(fake_sweep, capsys):
+    out, err = search_report(capsys, fake_sweep, "search-fake")
+    rho = spearman([v[0] for v in ENDED], [v[1] for v in ENDED])  # rung value, final k-NN
+    line = f"rung 0.2 (monitor_knn_top1) → final k-NN top-1 (k=20): Spearman ρ = {rho:.2f} over 3 runs"
+    assert f"\n\n{line}\n\n> **Warning: rung 0.2.** {FEW}\n\n" in out  # under the table, n < 5 warned
+    assert f"dinolab report: warning: rung 0.2: t{FEW[1:]}" in err and "does not rank" not in out
+
+    # Revived with --only pruned: every run ended (dinolab.state completed, or no state tag), rung tags kept.
+    out, err = search_report(capsys, fake_sweep, "search-revived")
+    rho = spearman([v[0] for v in SEARCH.values()], [v[1] for v in SEARCH.values()])
+    assert rho >= 0.5 and f"Spearman ρ = {rho:.2f} over 10 runs\n" in out
+    assert "Warning" not in out and "warning: rung" not in err
+    assert "Pruned by successive halving" not in out and len(first_table(out)) == 9  # nothing pruned any more
+
+    out, err = search_report(capsys, fake_sweep, "search-revived", "--metric", "linear_top1")
+    rho = spearman([v[0] for v in SEARCH.values()], [v[2] for v in SEARCH.values()])
+    assert (
+        rho < 0.5
+        and f"→ final linear top-1: Spearman ρ = {rho:.2f} over 10 runs\n\n> **Warning: rung 0.2.** {LOW}"
+        in out
+    )
+    assert f"dinolab report: warning: rung 0.2: t{LOW[1:]}" in err and "Too few" not in out
+
+
+@pytest.mark.parametrize("fmt", ["latex", "html", "csv"])
+def test_a_searchs_report_in_every_format(fake_sweep, capsys, fmt):
+    out, _ = search_report(capsys, fake_sweep, "search-fake", "--format", fmt)
+    rho = spearman([v[0] for v in ENDED], [v[1] for v in ENDED])
+    total = sum(c[4] for c in pruned_cells())
+    lr, t, mean, seeds, saved = pruned_cells()[0]
+    if fmt == "latex":
+        table = out[: out.index("\\end{tabular}")]
+        assert table.count("1 finished") == 3 and "99.0" not in table
+        assert ("\\par\\smallskip{\\footnotesize rung 0.2 (monitor\\_knn\\_top1) $\\rightarrow$ final k-NN top-1 "
+                f"(k=20): Spearman $\\rho$ = {rho:.2f} over 3 runs}}") in out  # fmt: skip
+        assert "\\textbf{Warning: rung 0.2.} Too few runs reached the end to judge the rung (n=3)" in out
+        assert "\\texttt{dinolab sweep submit FILE --only pruned}" in out
+        assert f"{lr} & {t} & 0.2 of the schedule & {mean:.4g} & {seeds} & {saved:.3g} \\\\" in out
+        assert f"\\par\\smallskip{{\\footnotesize 6 cells pruned, {total:.3g} GPU-hours saved}}" in out
+    elif fmt == "html":
+        table = out[: out.index("</table>")]
+        assert table.count("1 finished") == 3 and "99.0" not in table
+        assert (f"<p class='note'>rung 0.2 (monitor_knn_top1) → final k-NN top-1 (k=20): Spearman ρ = {rho:.2f} "
+                "over 3 runs</p>\n<p class='warning'><b>Warning: rung 0.2.</b> Too few runs") in out  # fmt: skip
+        assert (
+            f"<td>{lr}</td>\n      <td>{t}</td>\n      <td>0.2 of the schedule</td>\n      <td>{mean:.4g}</td>"
+            in out
+        )
+        assert f"<p class='note'>6 cells pruned, {total:.3g} GPU-hours saved</p>" in out
+    else:
+        import io
+
+        import pandas as pd
+
+        table, cut, ranked = (pd.read_csv(io.StringIO(block)) for block in out.strip().split("\n\n"))
+        knn = table[table["metric"] == "knn_top1@20"]
+        ended = sorted((lr, t, v[1]) for (lr, t, _), v in SEARCH.items() if v[3] is None)
+        assert list(zip(knn["optim.lr"], knn["teacher.temp"], knn["mean"], strict=True)) == ended
+        assert (knn["n_seeds"] == 1).all() and (
+            knn["n_left_out"] == 0
+        ).all()  # the pruned: no seed, none left out
+        cells = cut[cut["kind"] == "pruned cell"]
+        assert [tuple(r) for r in cells[["optim.lr", "teacher.temp", "cell_value", "n_seeds", "saved_gpu_hours"]]
+                .itertuples(index=False)] == [pytest.approx(c) for c in pruned_cells()]  # fmt: skip
+        assert (cells["pruned_at"] == 0.2).all() and (cut["metric"] == "monitor_knn_top1").all()
+        (last,) = cut[cut["kind"] == "total"].itertuples()
+        assert last.n_seeds == 7 and last.saved_gpu_hours == pytest.approx(total)
+        (row,) = ranked.itertuples()
+        assert (row.rung, row.rung_fraction, row.final_metric, row.n_runs) == (0, 0.2, "knn_top1@20", 3)
+        assert row.spearman_rho == pytest.approx(rho, abs=1e-6) and row.warning.startswith("too few runs")
+
+
+def test_the_html_page_of_a_search_plots_no_pruned_run(fake_sweep, capsys, tmp_path, monkeypatch):
+    from reports import plots
+
+    plotted: dict[str, object] = {}
+
+    def curves(histories, label, hline=None):
+        plotted[label] = sorted(histories)
+        return b"png"
+
+    def metric_vs_axis(summary, by, metric, label):
+        plotted["cells"] = len(summary)
+        return b"png"
+
+    monkeypatch.setattr(plots, "curves", curves)
+    monkeypatch.setattr(plots, "metric_vs_axis", metric_vs_axis)
+    search_report(capsys, fake_sweep, "search-fake", "--html", str(tmp_path / "page.html"))
+    page = (tmp_path / "page.html").read_text()
+    ended = sorted(f"lr{lr}-t{t}-s{s}" for (lr, t, s), v in SEARCH.items() if v[3] is None)
+    assert plotted.pop("cells") == 3 and plotted and all(runs == ended for runs in plotted.values())
+    assert (
+        "<h2>Pruned by successive halving</h2><p class='note'>Pruned by successive halving (monitor_knn_top1"
+        in page
+    )
+    assert "<p class='note'>6 cells pruned, 8.4 GPU-hours saved</p>" in page
+    assert "Spearman ρ = 0.50 over 3 runs</p>" in page and "<b>Warning: rung 0.2.</b> Too few" in page
+    assert "<td>lr0.0001-t0.06-s0</td>" in page and "<td>pruned</td>" in page  # the runs table: every run
+    assert "10 runs" not in page and "3 runs; means over healthy runs only. 7 run(s) pruned" in page
+
+
+def test_a_sweep_without_a_search_gets_no_search_columns(fake_sweep):
+    from reports.collect import collect
+
+    plain, searched = collect(fake_sweep, "multicrop-fake"), collect(fake_sweep, "search-fake")
+    assert "search" not in plain.attrs and not any(c.startswith("search:") for c in plain.columns)
+    assert searched.attrs["search"] == {"metric": "monitor_knn_top1", "mode": "max", "rungs": [0.2, 1.0]}
+    assert (searched["state"] == "pruned").sum() == 7 and searched["search:rung0"].notna().all()

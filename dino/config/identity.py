@@ -69,8 +69,22 @@ def _left_out(key: str, left_out: frozenset[str] | list[str]) -> bool:
 
 def semantic_items(cfg: DinoConfig | dict[str, Any]) -> dict[str, Any]:
     """The flat {dotted key: value} that identifies a run (`cfg` nested or flat)."""
-    flat = flatten(to_dict(cfg) if isinstance(cfg, DinoConfig) else cfg)
-    return _identifying(flat, is_semantic, _schema_marks()[1])
+    if isinstance(cfg, DinoConfig):
+        cfg = to_dict(cfg)
+    # A flat dict (the composer's, one per run of a sweep) is its own flattening: it is read as it is,
+    # with which of its keys count decided once per set of keys (`_counted`), not per key and run.
+    flat = flatten(cfg) if any(isinstance(v, dict) for v in cfg.values()) else cfg
+    counted, later = _counted(tuple(flat))
+    return {k: flat[k] for k in counted if k not in later or later[k] != flat[k]}
+
+
+@functools.lru_cache(maxsize=64)
+def _counted(keys: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """(the `keys` that can change a result, {those marked `added_later`: their old-behaviour value}):
+    `_identifying` of `semantic_items`, decided per key once."""
+    later = _schema_marks()[1]
+    counted = tuple(k for k in keys if is_semantic(k))
+    return counted, {k: later[k] for k in counted if k in later}
 
 
 _ABSENT = object()
@@ -92,10 +106,14 @@ def identity_items(cfg: Any) -> dict[str, Any]:
     return _identifying(flatten(to_dict(cfg)), lambda key: not _left_out(key, left_out), later)
 
 
+_SORTED_JSON = json.JSONEncoder(sort_keys=True)
+"""`json.dumps(..., sort_keys=True)` without building its encoder anew for each of a sweep's runs."""
+
+
 def config_hash(cfg: DinoConfig | dict[str, Any]) -> str:
     """Short hash of the keys that change the result: same hash, same run. `cfg` may also be its
     nested or flat (dotted keys) dict."""
-    blob = json.dumps(semantic_items(cfg), sort_keys=True)
+    blob = _SORTED_JSON.encode(semantic_items(cfg))
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 

@@ -269,10 +269,22 @@ LONG = 200
 def plain(table: Table) -> str:
     """The table's title, rows and caption as aligned plain text."""
     columns = [[c.plain if isinstance(c, Text) else str(c) for c in column.cells] for column in table.columns]
-    rows = list(zip(*columns, strict=True))
-    body = tabulate(
-        rows, headers=[str(c.header) for c in table.columns], tablefmt="simple", disable_numparse=True
-    )
+    headers = [str(c.header) for c in table.columns]
+    text = "".join(headers) + "".join("".join(column) for column in columns)
+    if table.row_count and text.isascii() and text.isprintable():
+        # One-line ASCII cells (every run table), laid out here as tabulate's "simple" format lays them
+        # out (cells stripped, a column as wide as its widest cell or its header + 2, two spaces
+        # between, lines right-stripped): tabulate first guesses each cell's type, 0.5 s of a
+        # 10,000-run plan. Anything else (wide characters, line breaks, escapes) goes to tabulate.
+        columns = [[cell.strip() for cell in column] for column in columns]
+        widths = [max(len(h) + 2, *map(len, column)) for h, column in zip(headers, columns, strict=True)]
+        lines = ["  ".join(map(str.ljust, headers, widths)), "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(map(str.ljust, row, widths)) for row in zip(*columns, strict=True)]
+        body = "\n".join(line.rstrip() for line in lines)
+    else:
+        body = tabulate(
+            list(zip(*columns, strict=True)), headers=headers, tablefmt="simple", disable_numparse=True
+        )
     return "\n".join(str(part) for part in (table.title, body, table.caption) if part)
 
 

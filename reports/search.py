@@ -123,7 +123,7 @@ def pruned_section(
 
 def pruned_heading(search: dict) -> str:
     """`Pruned by successive halving (monitor_knn_top1, higher is better; rungs 0.2, 1): never results, ...`"""
-    rungs = ", ".join(f"{r:g}" for r in search.get("rungs") or [])
+    rungs = ", ".join(str(r) for r in search.get("rungs") or [])
     better = "lower" if search.get("mode") == "min" else "higher"
     return (
         f"{HEADING} ({search.get('metric', 'the rung metric')}, {better} is better"

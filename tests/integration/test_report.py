@@ -507,7 +507,7 @@ def test_a_searchs_pruned_runs_are_no_results_and_are_listed_apart_one_row_per_c
     assert len(runs) == len(SEARCH)  # --runs: every run, a pruned one with its state
     assert sum("| pruned " in line for line in runs.values()) == 7
     at = blocks.index(
-        "Pruned by successive halving (monitor_knn_top1, higher is better; rungs 0.2, 1): never results, "
+        "Pruned by successive halving (monitor_knn_top1, higher is better; rungs 0.2, 1.0): never results, "
         "left out of the table, its statistics and plots:"
     )
     cut = [[c.strip() for c in line.strip("|").split("|")] for line in blocks[at + 1].splitlines()[2:]]

@@ -133,17 +133,13 @@ def expand(sweep: Sweep) -> list[RunSpec]:
     runs: list[RunSpec] = []
     policy = _code_policy(sweep)
     for point in _grid_points(sweep):
+        # What the point's seeds share, written once per point rather than once per run.
+        point_parts = [f"{_short(k, sweep)}{_value(v)}" for k, v in point.items()]
+        point_overrides = [*sweep.base, *(f"{k}={_value(v)}" for k, v in point.items())]
         for seed in sweep.seeds:
-            parts = [f"{_short(k, sweep)}{_value(v)}" for k, v in point.items()]
-            if len(sweep.seeds) > 1:
-                parts.append(f"s{seed}")
+            parts = [*point_parts, f"s{seed}"] if len(sweep.seeds) > 1 else point_parts
             name = "-".join(parts) or "run"
-            overrides = [
-                *sweep.base,
-                *(f"{k}={_value(v)}" for k, v in point.items()),
-                f"train.seed={seed}",
-                *policy,
-            ]
+            overrides = [*point_overrides, f"train.seed={seed}", *policy]
             if sweep.tracking_uri:  # the launcher creates the MLflow run; these name it for `train` alone
                 overrides += [f"tracking.uri={sweep.tracking_uri}", f"tracking.experiment={sweep.name}",
                               f"tracking.run_name={_text(name)}"]  # fmt: skip

@@ -1,7 +1,8 @@
 """How long `dinolab sweep plan` and `sweep status` take on a 1,000-run search (issue 21's target:
-plan <= 3 s, status <= 2 s on the 2-core CI machine).
+plan <= 3 s, status <= 2 s on the 2-core CI machine), or a 10,000-run one with --seeds 100 (issue
+30's: both under 5 s).
 
-    python scripts/bench_sweep_scale.py [--runs-per-seed 100] [--seeds 10] [--repeat 3]
+    python scripts/bench_sweep_scale.py [--seeds 10] [--repeat 3] [--folder DIR]
 
 The grid: 5 teacher momenta x 5 learning rates x 4 local-crop counts x N seeds of the quickstart's
 tiny model. `plan` is timed on the fresh sweep (nothing submitted: every run is composed). Then the
@@ -9,12 +10,15 @@ sweep is made to look submitted the way `sweep submit` leaves it, without runnin
 manifest, and in every run folder a jobs.json (a local job whose process is gone), a record.json
 (70% completed with a k-NN record and result, 15% running, 10% failed, 5% never started) — and
 `status` is timed reading it. Each figure is the wall time of the real command in a fresh process
-(Python start and imports included): the best of --repeat, and each.
+(Python start and imports included): the best of --repeat, and each. --folder keeps the sweep file
+and its runs there (to profile a command on them: `python -m cProfile -m launcher.cli sweep plan
+DIR/scale.yaml`; `plan` then shows the runs as submitted); by default they go to a temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -114,9 +118,12 @@ def main() -> None:
         "--seeds", type=int, default=10, help="seeds per grid point (100 points): 10 = 1,000 runs"
     )
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--folder", type=Path, help="keep the sweep file and its runs here (a new folder)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = sweep_file(Path(tmp), args.seeds)
+    if args.folder is not None:
+        args.folder.mkdir(parents=True)  # a folder with runs in it already would not time a fresh plan
+    with contextlib.nullcontext(args.folder) if args.folder else tempfile.TemporaryDirectory() as tmp:
+        path = sweep_file(Path(tmp).resolve(), args.seeds)
         plan_s, out = timed(["sweep", "plan", str(path)], args.repeat)
         rows = sum(1 for line in out.splitlines() if " new " in line and line.lstrip("│ ").startswith("m0."))
         start = time.perf_counter()

@@ -126,7 +126,7 @@ PRUNED_WITH_KNN = (0.0001, 0.06, 0)  # a pruned run whose k-NN was evaluated any
 
 def log_search(client, experiment: str, folder, revived: bool) -> None:
     """The runs of SEARCH with the tags the launcher's decision step sets (dinolab.search.*); `revived`: the
-    pruned ones were revived with --only pruned and finished (dinolab.state completed, or no state tag)."""
+    pruned ones were revived with --only pruned and finished (dinolab.state revived or completed, or none)."""
     exp = client.create_experiment(experiment, artifact_location=f"file://{folder / 'mlartifacts'}")
     cell_mean = {}
     for (lr, temp, _), values in SEARCH.items():
@@ -142,8 +142,8 @@ def log_search(client, experiment: str, folder, revived: bool) -> None:
                          "dinolab.search.cell_value": str(sum(cell_mean[lr, temp]) / len(cell_mean[lr, temp]))})  # fmt: skip
             if not revived:
                 tags["dinolab.state"] = "pruned"
-            elif i % 2:
-                tags["dinolab.state"] = "completed"
+            elif i % 3:  # launcher/halving.py:revive tags "revived"; any state but pruned is not pruned
+                tags["dinolab.state"] = ("revived", "completed")[i % 3 - 1]
         rid = client.create_run(exp, run_name=f"lr{lr}-t{temp}-s{seed}", tags=tags).info.run_id
         metrics = [
             Metric("monitor_knn_top1", rung, 0, 20),
@@ -531,7 +531,7 @@ def test_the_rung_is_judged_by_its_spearman_correlation_with_the_final_metric(fa
     assert f"\n\n{line}\n\n> **Warning: rung 0.2.** {FEW}\n\n" in out  # under the table, n < 5 warned
     assert f"dinolab report: warning: rung 0.2: t{FEW[1:]}" in err and "does not rank" not in out
 
-    # Revived with --only pruned: every run ended (dinolab.state completed, or no state tag), rung tags kept.
+    # Revived with --only pruned: every run ended (dinolab.state revived, completed or none), rung tags kept.
     out, err = search_report(capsys, fake_sweep, "search-revived")
     rho = spearman([v[0] for v in SEARCH.values()], [v[1] for v in SEARCH.values()])
     assert rho >= 0.5 and f"Spearman ρ = {rho:.2f} over 10 runs\n" in out

@@ -33,7 +33,10 @@ import copy
 import dataclasses
 import functools
 import importlib.resources
+import itertools
+import operator
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,19 +119,37 @@ def _leaves(nested: dict[str, Any], cls: type = DinoConfig, prefix: str = "") ->
     return flat
 
 
+def _values_of(keys: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple]:
+    """A function of a flat dict giving the values of `keys` as a tuple, in C when it can: an
+    itemgetter of one key gives the value itself, not a 1-tuple."""
+    if len(keys) > 1:
+        return operator.itemgetter(*keys)
+    return lambda flat: tuple(flat[key] for key in keys)
+
+
 @functools.cache
-def _plan(cls: type, prefix: str = "") -> tuple[tuple, tuple]:
-    """((field name, dotted key) of each leaf, (field name, class, its plan) of each section) of `cls`:
-    `_build` of a sweep's 10,000 configs looks its keys up instead of formatting them per run."""
+def _plan(cls: type, prefix: str = "") -> tuple:
+    """How `_construct` builds `cls`, worked out once per class: (its field names when they must be
+    passed by name (a keyword-only or init=False field), else None: by position, which costs a
+    quarter of keywords; when every field is a leaf, one function giving all their values (a C
+    itemgetter), else None; (dotted key, None for a leaf or (section class, its plan)) of each field)."""
     fields = _fields(cls)
-    leaves = tuple((name, f"{prefix}{name}") for name, child in fields if child is None)
-    sections = tuple(
-        (name, child, _plan(child, f"{prefix}{name}.")) for name, child in fields if child is not None
+    by_name = any(f.kw_only or not f.init for f in dataclasses.fields(cls))
+    names = tuple(name for name, _ in fields) if by_name else None
+    keys = tuple(f"{prefix}{name}" for name, _ in fields)
+    if all(child is None for _, child in fields):
+        return names, _values_of(keys), ()
+    parts = tuple(
+        (key, None if child is None else (child, _plan(child, key + ".")))
+        for key, (_, child) in zip(keys, fields, strict=True)
     )
-    return leaves, sections
+    return names, None, parts
 
 
 _ATOMS = (str, int, float, bool, type(None))
+_CONTAINERS = itertools.repeat((list, dict))
+"""`map(isinstance, values, _CONTAINERS)`: which values are lists or mappings, without a Python-level
+loop over a config's 80 leaves (a repeat iterator holds no state: one serves every call)."""
 
 
 def _copied(value: list | dict) -> list | dict:
@@ -142,17 +163,21 @@ def _copied(value: list | dict) -> list | dict:
     return copy.deepcopy(value)
 
 
-def _build(flat: dict[str, Any], cls: type = DinoConfig, plan: tuple | None = None) -> Any:
+def _build(flat: dict[str, Any], cls: type = DinoConfig) -> Any:
     """The dataclass tree of `cls` from a flat {dotted leaf: value} dict. Lists and mappings are
     copied: the composer's caches hand the same value to every run that has it."""
-    leaves, sections = plan or _plan(cls)
-    kwargs = {name: flat[key] for name, key in leaves}
-    for name, value in kwargs.items():
-        if isinstance(value, list | dict):
-            kwargs[name] = _copied(value)  # a key that is already there: the dict keeps its size
-    for name, child, child_plan in sections:
-        kwargs[name] = _build(flat, child, child_plan)
-    return cls(**kwargs)
+    lists = itertools.compress(flat, map(isinstance, flat.values(), _CONTAINERS))
+    copies = {key: _copied(flat[key]) for key in lists}
+    return _construct({**flat, **copies} if copies else flat, cls, _plan(cls))
+
+
+def _construct(flat: dict[str, Any], cls: type, plan: tuple) -> Any:
+    names, values, parts = plan
+    if values is not None:
+        args = values(flat)
+    else:
+        args = [flat[key] if section is None else _construct(flat, *section) for key, section in parts]
+    return cls(*args) if names is None else cls(**dict(zip(names, args, strict=True)))
 
 
 def _holds(value: Any, text: str) -> bool:

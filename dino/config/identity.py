@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
+import itertools
 import json
 import sys
 import typing
@@ -73,7 +74,7 @@ def semantic_items(cfg: DinoConfig | dict[str, Any]) -> dict[str, Any]:
         cfg = to_dict(cfg)
     # A flat dict (the composer's, one per run of a sweep) is its own flattening: it is read as it is,
     # with which of its keys count decided once per set of keys (`_counted`), not per key and run.
-    flat = flatten(cfg) if any(isinstance(v, dict) for v in cfg.values()) else cfg
+    flat = flatten(cfg) if any(map(isinstance, cfg.values(), itertools.repeat(dict))) else cfg
     counted, later = _counted(tuple(flat))
     return {k: flat[k] for k in counted if k not in later or later[k] != flat[k]}
 

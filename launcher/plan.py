@@ -93,7 +93,11 @@ def classify(sweep: Sweep, runs: list[RunSpec]) -> list[Todo]:
             todos.append(Todo(run, RESUME, evals))
         else:
             todos.append(Todo(run, NEW, evals))
-    return _searched(sweep, todos, {run.run_id: record for run, record, _ in seen}) if sweep.search.halving else todos
+    return (
+        _searched(sweep, todos, {run.run_id: record for run, record, _ in seen})
+        if sweep.search.halving
+        else todos
+    )
 
 
 def _searched(sweep: Sweep, todos: list[Todo], records_by_id: dict[str, dict[str, Any]]) -> list[Todo]:

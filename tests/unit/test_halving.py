@@ -30,8 +30,14 @@ def _sweep(tmp_path, search=None, seeds=(0,), **extra):
 @pytest.mark.parametrize(
     ("search", "message"),
     [
-        ({"strategy": "halfing"}, "search.strategy: 'halfing' (did you mean halving?); allowed: grid, halving"),
-        ({"rungs": [0.5]}, "search.rungs: [0.5] must be increasing fractions of the schedule in (0, 1], the last 1.0"),
+        (
+            {"strategy": "halfing"},
+            "search.strategy: 'halfing' (did you mean halving?); allowed: grid, halving",
+        ),
+        (
+            {"rungs": [0.5]},
+            "search.rungs: [0.5] must be increasing fractions of the schedule in (0, 1], the last 1.0",
+        ),
         ({"rungs": [0.5, 0.2, 1.0]}, "must be increasing"),
         ({"keep": 1}, "search.keep: 1 must be at least 2"),
         ({"kepe": 3}, "unknown key 'search.kepe' (did you mean keep?)"),
@@ -54,7 +60,11 @@ def test_the_default_search_is_the_grid_and_search_keys_edit_from_the_command_li
 
 def _reach(run, fraction, value, gpu_hours=0.01):
     """What a TrainJob records when it stops at a rung (launcher/jobs.py _record_pause)."""
-    rung = {"step": 8, "gpu_hours": gpu_hours, "metrics": {} if value is None else {"monitor_knn_top1": value}}
+    rung = {
+        "step": 8,
+        "gpu_hours": gpu_hours,
+        "metrics": {} if value is None else {"monitor_knn_top1": value},
+    }
     records.update_record(run.run_dir, state=records.PAUSED, step=8, total_steps=32, gpu_hours=gpu_hours,
                           rungs={halving.fraction_key(fraction): rung})  # fmt: skip
 

@@ -208,16 +208,21 @@ def wait(sweep: Sweep, runs: list[RunSpec], submitted: Submitted, console) -> bo
     return ok
 
 
-def wait_search(sweep: Sweep, runs: list[RunSpec], console: Any, poll_s: float = 2.0) -> bool:
+def wait_search(
+    sweep: Sweep, runs: list[RunSpec], submitted: Submitted, console: Any, poll_s: float = 2.0
+) -> bool:
     """`sweep run` of a halving search: after the first rung's jobs, wait until no decision job and
     no job of any run is live (the later rungs are submitted by the decision jobs); True when no run
-    failed."""
+    failed. This process's own decision jobs are asked through submitit (`done()` also reaps a
+    local one: a finished child left unreaped would look alive to a pid check forever)."""
+    own = {str(job.job_id) for _, job in submitted.deciders}
     with console.status("searching: waiting for the rungs' decisions and the promoted runs"):
         while True:
             state = halving.read_state(sweep)
             jobs = [records.newest_jobs(r.run_dir) for r in runs]
             live = [j for js in jobs for j in js.values() if job_is_live(j)]
-            live += [j for j in state["deciders"].values() if job_is_live(j)]
+            live += [j for j in state["deciders"].values() if j["job_id"] not in own and job_is_live(j)]
+            live += [job for _, job in submitted.deciders if not job.done()]
             if not live:
                 break
             time.sleep(poll_s)

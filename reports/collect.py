@@ -127,6 +127,9 @@ def collect(uri: str, experiment: str) -> pd.DataFrame:
     # a revived one is tagged otherwise or not at all): partial training, never a result (reports/search.py).
     pruned = _column(runs, "tags.dinolab.state") == PRUNED
     df.loc[pruned.to_numpy(), "state"] = PRUNED
+    # Stopped at a rung (or train.max_steps), not preempted: KILLED in MLflow, tagged paused by the job.
+    paused = (_column(runs, "tags.dinolab.state") == "paused") & (df["state"] == "preempted")
+    df.loc[paused.to_numpy(), "state"] = "paused"
     df["collapse_step"] = pd.to_numeric(_column(runs, "tags.dinolab.collapse_step"), errors="coerce")
     df["total_steps"] = pd.to_numeric(_column(runs, "tags.dinolab.total_steps"), errors="coerce")
     df["flag"] = [flag(row, k) for (_, row), k in zip(df.iterrows(), df["out_dim"], strict=True)]

@@ -225,6 +225,10 @@ def _tracked(ctx: RunContext) -> TrainResult:
         # with the tag dinolab.state=collapsed; KILLED is a run stopped to be requeued.
         done = result.finished or result.collapsed is not None
         status = "FINISHED" if done else "KILLED"
+        if not done and not result.stopped:  # at train.stop_at (a search's rung) or max_steps: not preempted
+            tracker.set_tags({"dinolab.state": "paused"})
+        elif result.finished and cfg.train.stop_at == 0:
+            tracker.set_tags({"dinolab.state": "finished"})  # a run paused before: no longer
         if done and ctx.logs:
             tracker.log_artifact(ctx.logs["metrics.jsonl"].local_path, "")
         return result

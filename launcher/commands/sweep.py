@@ -208,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
     console.print(submitted.summary())
     ok = submission.wait(sweep, runs, submitted, console)
     if sweep.search.halving:  # the later rungs: submitted by each rung's decision job
-        ok = submission.wait_search(sweep, runs, console) and ok
+        ok = submission.wait_search(sweep, runs, submitted, console) and ok
     show(console, status.status_table(sweep, runs, compact=True))
     return 0 if ok else 1
 

@@ -174,12 +174,15 @@ class TrainJob(submitit.helpers.Checkpointable):
                                   requeues=prior.get("requeues", 0), started=time.time(),
                                   code_hash=code_hash())  # fmt: skip
 
+        slow: dict[str, Any] = {}  # the straggler count of the previous window (this job's)
+
         def report(metrics: dict[str, float]) -> None:
+            slow.update(_straggler(slow.get("straggler"), metrics))
             records.update_record(
                 self.run_dir, state=records.RUNNING, step=int(metrics["step"]), total_steps=int(metrics["total_steps"]),
                 loss=metrics["loss"], teacher_entropy=metrics["teacher_entropy"], img_per_s=metrics["img_per_s"],
                 checkpoint_step=int(metrics["checkpoint_step"]), gpu_hours=metrics.get("gpu_hours"),
-                **_straggler(records.read_record(self.run_dir).get("straggler"), metrics),
+                **slow,
             )  # fmt: skip
 
         outcome: dict[str, Any] = {}

@@ -151,7 +151,7 @@ class Correlation:
 
 def correlations(df: pd.DataFrame, key: str, better: str, sweep_file: str = "") -> list[Correlation]:
     """Per non-final rung k, the Spearman ρ (scipy.stats.spearmanr) between the rung's value and the
-    final `key` over the runs that reached the end (finished, not pruned) with both; signed so that 1
+    final `key` over the runs that reached the end (finished, not pruned, not flagged) with both; signed so that 1
     means both rank the runs alike (a `mode: min` rung metric or a `better: min` final column turn the
     sign). Warned: fewer than MIN_RUNS runs; else ρ below MIN_RHO (or undefined)."""
     search = search_of(df)
@@ -161,7 +161,10 @@ def correlations(df: pd.DataFrame, key: str, better: str, sweep_file: str = "") 
 
     rungs = list(search.get("rungs") or [])
     sign = (-1 if search.get("mode") == "min" else 1) * (-1 if better == "min" else 1)
-    ended = df[(df["state"] == "finished") & df[key].notna()]
+    # The table's healthy runs: a finished run the report flags (collapsed, diverged) is no result there,
+    # so it does not judge the rung either.
+    healthy = df["flag"].fillna("") == "" if "flag" in df else True
+    ended = df[(df["state"] == "finished") & healthy & df[key].notna()]
     found = []
     for column in sorted((c for c in df.columns if c.startswith("search:rung")), key=lambda c: int(c[11:])):
         k = int(column[len("search:rung") :])

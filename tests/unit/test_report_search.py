@@ -66,3 +66,12 @@ def test_a_pruned_cell_without_its_cell_value_tag_takes_its_runs_mean_at_the_run
     ]
     assert cells["saved"].tolist()[1] == pytest.approx(0.75) and math.isnan(cells["saved"].tolist()[0])
     assert search.total_line(cells) == "2 cells pruned, 0.75 GPU-hours saved"
+
+
+def test_a_finished_run_the_report_flags_is_no_result_and_does_not_judge_the_rung():
+    # Measured on Fashion-MNIST (docs/sweeps.md): the best cell at the rung collapsed later; the table
+    # leaves it out (flag "collapsed (uniform)"), and so must the correlation.
+    df = runs([1.0, 2.0, 3.0, 4.0, 5.0, 9.0], [1.0] * 6, [60.0, 61.0, 62.0, 63.0, 64.0, 10.0])
+    df["flag"] = ["", "", "", "", "", "collapsed (uniform)"]
+    c = search.correlations(df, "knn_top1@20", "max")[0]
+    assert (c.n, c.warning) == (5, "") and c.rho == pytest.approx(1.0)

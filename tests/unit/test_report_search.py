@@ -71,7 +71,7 @@ def test_a_pruned_cell_without_its_cell_value_tag_takes_its_runs_mean_at_the_run
 def test_a_finished_run_the_report_flags_is_no_result_and_does_not_judge_the_rung():
     # Measured on Fashion-MNIST (docs/sweeps.md): the best cell at the rung collapsed later; the table
     # leaves it out (flag "collapsed (uniform)"), and so must the correlation.
-    df = runs([1.0, 2.0, 3.0, 4.0, 5.0, 9.0], [1.0] * 6, [60.0, 61.0, 62.0, 63.0, 64.0, 10.0])
+    df = runs([5.0, 4.0, 3.0, 2.0, 1.0, 0.1], [1.0] * 6, [60.0, 61.0, 62.0, 63.0, 64.0, 10.0])  # loss: min
     df["flag"] = ["", "", "", "", "", "collapsed (uniform)"]
     c = search.correlations(df, "knn_top1@20", "max")[0]
     assert (c.n, c.warning) == (5, "") and c.rho == pytest.approx(1.0)

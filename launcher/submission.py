@@ -251,6 +251,16 @@ def cancel(runs: list[RunSpec]) -> list[str]:
     return lines or ["no live jobs"]
 
 
+def cancel_deciders(sweep: Sweep) -> list[str]:
+    """Cancel a halving search's live decision jobs: a cancelled search must not submit its next rung."""
+    lines = []
+    for rung, job in halving.read_state(sweep)["deciders"].items():
+        if job_is_live(job):
+            cancel_job(job, {})
+            lines.append(f"cancelled the decision of rung {rung} (job {job['job_id']})")
+    return lines
+
+
 # ---- a halving search's rungs (launcher/halving.py) -------------------------------------------------
 
 
@@ -283,11 +293,14 @@ def _submit_deciders(sweep: Sweep, rungs: list[int], executor: str, out: Submitt
     if not rungs:
         return
     state = halving.read_state(sweep)
+    targets = {
+        run.run_id: halving.target_rung(run.run_id, state, sweep.search.rungs) for run, _ in out.pretrain
+    }
     folder = submitit_folder(sweep)
     code_dir = str(out.code.path) if out.code is not None else ""
     for k in rungs:
         ex = build_executor(sweep, "search", executor, folder, code_dir)
-        arrays = {str(job.job_id).split("_")[0] for todo, job in out.pretrain if _rung_of(sweep, todo) == k}
+        arrays = {str(job.job_id).split("_")[0] for run, job in out.pretrain if targets.get(run.run_id) == k}
         if executor == "slurm" and arrays:
             extra = dict(
                 sweep.stage_resources("search").additional, dependency="afterany:" + ":".join(sorted(arrays))
@@ -298,10 +311,6 @@ def _submit_deciders(sweep: Sweep, rungs: list[int], executor: str, out: Submitt
                                      "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}  # fmt: skip
         out.deciders.append((k, job))
     halving.write_state(sweep, state)
-
-
-def _rung_of(sweep: Sweep, run: RunSpec) -> int | None:
-    return halving.target_rung(run.run_id, halving.read_state(sweep), sweep.search.rungs)
 
 
 @dataclass

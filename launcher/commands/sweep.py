@@ -250,7 +250,8 @@ def _cancel(args: argparse.Namespace) -> int:
     from launcher import submission
 
     sweep, runs, _ = _load(args, submitted=True)
-    for line in submission.cancel(runs):
+    deciders = submission.cancel_deciders(sweep) if sweep.search.halving and not args.run else []
+    for line in [*deciders, *submission.cancel(runs)]:
         console.print(line)
     return 0
 

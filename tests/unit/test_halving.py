@@ -119,3 +119,18 @@ def test_the_expected_cost_of_a_search_against_the_full_grid(tmp_path):
     # 9 cells to 20%, 3 on to 50%, 1 to the end: (9*0.2 + 3*0.3 + 1*0.5) / 9 of the full grid
     assert halving.halving_fraction(sweep, 9) == pytest.approx((1.8 + 0.9 + 0.5) / 9)
     assert halving.runs_per_rung(sweep, 10) == [10, 4, 2]
+
+
+def test_cancelling_a_search_cancels_its_decision_jobs(tmp_path):
+    import subprocess
+
+    from launcher.submission import cancel_deciders
+
+    sweep = load_sweep(_sweep(tmp_path))
+    decider = subprocess.Popen(["sleep", "30"])  # a live local job: its id is its process's
+    halving.write_state(
+        sweep, {"rungs": {}, "deciders": {"0": {"executor": "local", "job_id": str(decider.pid)}}}
+    )
+    assert cancel_deciders(sweep) == [f"cancelled the decision of rung 0 (job {decider.pid})"]
+    assert decider.wait(timeout=10) < 0  # SIGTERM: it will not submit the next rung
+    assert cancel_deciders(sweep) == []

@@ -145,6 +145,10 @@ def test_evaluation_and_sweep_records_on_a_full_disk_name_the_file(small_disk, t
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"dinolab sweep: error: cannot write {small_disk}/sweeps/full/"), last
-    assert last.endswith("/record.json: No space left on device"), last
+    # The code snapshot is the submission's first write (launcher/code_snapshot.py): it names its folder.
+    assert last.startswith(
+        f"dinolab sweep: error: cannot snapshot the dinolab code into {small_disk}/sweeps/full/code:"
+    ), last
+    assert "No space left on device" in last, last
+    assert not list((small_disk / "sweeps" / "full" / "code").iterdir())  # the partial copy is gone
     assert_nothing_half_written(small_disk)

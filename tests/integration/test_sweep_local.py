@@ -98,7 +98,7 @@ def check_status(root, run_dirs, monkeypatch) -> None:
     (header,) = [line.split("┃")[1:-1] for line in wide.stdout.splitlines() if line.startswith("┃")]
     assert [h.strip() for h in header] == [
         "run", "teacher.momentum", "crops.num_local", "optim.batch_size", "seed", "state", "step", "loss",
-        "GPU-h spent/est.", "requeues", "job", "knn", "note",
+        "GPU-h spent/est.", "requeues", "job", "code", "knn", "note",
     ]  # fmt: skip
     assert "--wide" not in wide.stdout
     monkeypatch.delenv("COLUMNS")

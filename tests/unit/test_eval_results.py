@@ -51,12 +51,12 @@ def test_eval_job_calls_the_protocol_and_records_its_outcome(tmp_path, monkeypat
     run_dir = str(tmp_path / "run")
     records.update_record(run_dir, state=records.COMPLETED)
     calls = []
-    monkeypatch.setattr(knn, "run_knn", lambda overrides: calls.append(overrides))
+    monkeypatch.setattr(knn, "run_knn", lambda overrides, on_hang=None: calls.append(overrides))
     assert EvalJob("knn", run_dir, ["knn.max_test=8"])() == {"run_dir": run_dir, "protocol": "knn"}
     assert calls == [[f"run.dir={run_dir}", "knn.max_test=8"]]
     assert records.read_record(run_dir)["evals"] == {"knn": records.COMPLETED}
 
-    def refuse(overrides):
+    def refuse(overrides, on_hang=None):
         raise ConfigError("no such data")
 
     monkeypatch.setattr(knn, "run_knn", refuse)
@@ -70,7 +70,9 @@ def test_eval_job_of_a_collapsed_run_skips_without_evaluating(tmp_path, monkeypa
 
     run_dir = str(tmp_path / "run")
     records.update_record(run_dir, state=records.COLLAPSED, collapse_step=8, collapse_signal="entropy")
-    monkeypatch.setattr(linear, "run_linear", lambda overrides: pytest.fail("evaluated a collapsed run"))
+    monkeypatch.setattr(
+        linear, "run_linear", lambda overrides, on_hang=None: pytest.fail("evaluated a collapsed run")
+    )
     assert "skipped" in EvalJob("linear", run_dir)()
     assert records.read_record(run_dir)["evals"] == {"linear": records.SKIPPED}
     assert "collapsed at step 8" in records.eval_reason(run_dir, "linear")

@@ -79,9 +79,10 @@ def test_a_long_phase_gets_its_allowance_and_a_zero_timeout_turns_the_watchdog_o
 
 
 def _beat(rank, step, phase="step", alive=0.0, progress=0.0, host="n1"):
-    now = time.time()
+    """A heartbeat as ages (seconds before the test looks), made into times when the test runs: the
+    parameters are built at collection, which may be minutes earlier."""
     return {"rank": rank, "host": host, "pid": 100 + rank, "step": step, "phase": phase,
-            "alive_at": now - alive, "progress_at": now - progress}  # fmt: skip
+            "alive_age": alive, "progress_age": progress}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -96,8 +97,13 @@ def _beat(rank, step, phase="step", alive=0.0, progress=0.0, host="n1"):
     ],
 )
 def test_the_suspect_is_the_frozen_rank_else_the_one_furthest_behind(tmp_path, beats, suspect, frozen):
+    now = time.time()
+    beats = {
+        r: {**b, "alive_at": now - b["alive_age"], "progress_at": now - b["progress_age"]}
+        for r, b in beats.items()
+    }
     dog = watchdog.Watchdog(str(tmp_path), 0, 3 if len(beats) != 2 else 2, 60.0, interval_s=10)
-    rank, _, was_frozen = dog.find_suspect(beats, time.time())
+    rank, _, was_frozen = dog.find_suspect(beats, now)
     assert (rank, was_frozen) == (suspect, frozen)
 
 

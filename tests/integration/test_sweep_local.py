@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -170,8 +173,12 @@ def test_a_sweep_with_its_runs_on_s3(s3_env, tmp_path, monkeypatch):
     the local copies made to upload artifacts are gone afterwards."""
     import mlflow
 
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where the jobs' temporary files go
-    (tmp_path / "tmp").mkdir()
+    # Where the jobs' temporary files go. Short: a data loader worker passes tensors through a Unix
+    # socket made under TMPDIR, whose path may not exceed 107 bytes; under pytest-xdist a tmp_path
+    # (/tmp/pytest-of-root/pytest-122/popen-gw1/test_a_sweep_…/tmp/pymp-…/listener-…) did, and the
+    # loader waited for ever ("AF_UNIX path too long" in the job's log).
+    jobs_tmp = Path(tempfile.mkdtemp(prefix="dl-"))
+    monkeypatch.setenv("TMPDIR", str(jobs_tmp))
 
     root, logs_root = "s3://dinolab-test/sweeps", tmp_path / "logs"
     args = [
@@ -195,7 +202,8 @@ def test_a_sweep_with_its_runs_on_s3(s3_env, tmp_path, monkeypatch):
     assert any(k.startswith(f"sweeps/quickstart/{run}/eval/knn/") for k in keys)
     assert any(k.startswith("sweeps/mlartifacts/quickstart/") and k.endswith("config.yaml") for k in keys)
     assert list((logs_root / "quickstart" / ".submitit").iterdir())  # scheduler files stay local
-    assert not list((tmp_path / "tmp").glob("dinolab-artifact-*"))  # uploaded copies removed
+    assert not list(jobs_tmp.glob("dinolab-artifact-*"))  # uploaded copies removed
+    shutil.rmtree(jobs_tmp, ignore_errors=True)
     status = dinolab("sweep", "status", *args)
     assert status.returncode == 0 and "1 completed" in status.stdout
     mlflow.set_tracking_uri(f"sqlite:///{logs_root / 'mlflow.db'}")

@@ -238,22 +238,26 @@ def describe(search: Search) -> str:
 
 def expected_cost(sweep: Sweep, full: Any) -> tuple[float, float, str]:
     """(the search's expected GPU-hours, the full grid's, one line saying so) from the full grid's
-    estimate (`launcher.cost.estimate` of every run): pretraining scaled by `halving_fraction`, the
-    evaluations by the share of cells that reach the end. The k-NN monitor at each rung (a few
-    thousand images forward) is left out."""
+    estimate (`launcher.cost.estimate` of every run): pretraining's images scaled by
+    `halving_fraction`, what each pretraining job pays once (measured: warm-up and the k-NN monitor,
+    `Speed.fixed_s`) by the rung jobs the search starts against one job a run, the evaluations by the
+    share of cells that reach the end."""
     runs = [r.run for r in full.runs]
     cells = count_cells(runs)
     counts = runs_per_rung(sweep, cells)
     stages = full.by_stage()
-    pretrain = stages.get("pretrain", 0.0)
+    fixed = full.fixed("pretrain")
+    streamed = stages.get("pretrain", 0.0) - fixed
     evals = sum(v for k, v in stages.items() if k != "pretrain")
-    search = pretrain * halving_fraction(sweep, cells) + evals * counts[-1] / max(cells, 1)
+    share = 1 / max(cells, 1)
+    pretrain = streamed * halving_fraction(sweep, cells) + fixed * sum(counts) * share
+    search = pretrain + evals * counts[-1] * share
     from launcher.cost import gpu_hours_text
 
     saved = 1 - search / full.gpu_hours if full.gpu_hours else 0.0
     line = (
         f"search: {describe(sweep.search)}: {' → '.join(map(str, counts))} cells; expected "
-        f"{gpu_hours_text(search)} GPU-hours against {gpu_hours_text(full.gpu_hours)} for the full grid "
-        f"({saved:.0%} less)"
+        f"{gpu_hours_text(search)} GPU-hours (pretrain {gpu_hours_text(pretrain)}) against "
+        f"{gpu_hours_text(full.gpu_hours)} for the full grid ({saved:.0%} less)"
     )
     return search, full.gpu_hours, line

@@ -95,6 +95,11 @@ class MetricsWindow:
     `train_seconds` are the wall seconds of the kept steps (carried in checkpoints, for GPU-hours);
     the average throughput counts this process's windows after its first (warm-up: compilation,
     loader start), and the last window of the run.
+
+    `job_fixed_s` is what this process spent beyond its steady rate: its first window's seconds over
+    what its images take at `avg_img_per_s`, plus the k-NN monitor. A job pays it once whatever its
+    length, so the cost estimate adds it per job start (launcher/cost/speeds.py) rather than folding
+    it into img/s: a search's rung jobs pay it once each.
     """
 
     def __init__(
@@ -117,6 +122,8 @@ class MetricsWindow:
         self.last: dict[str, float] = {}
         self.start, self.steps = time.monotonic(), 0
         self.timed_s, self.timed_images, self.windows = 0.0, 0.0, 0
+        self.paused_s = 0.0  # this process's k-NN monitor
+        self.first_window: tuple[float, int] | None = None  # (seconds, images), when it is not timed
         self.clock = StepClock(device)
 
     def add(self, out: dict[str, torch.Tensor], step: int) -> None:
@@ -130,6 +137,7 @@ class MetricsWindow:
         """Time spent on something else (the k-NN monitor): compute for GPU-hours, not for img/s."""
         self.start += seconds
         self.train_seconds += seconds
+        self.paused_s += seconds
 
     def reduce(self, step: int, extra: dict[str, float]) -> dict[str, float]:
         """The metrics line of the window ending at `step` (same on every rank); starts a new window.
@@ -145,6 +153,8 @@ class MetricsWindow:
         if self.windows > 1 or step >= self.end_step:
             self.timed_s += elapsed
             self.timed_images += images
+        else:
+            self.first_window = (elapsed, images)
         if bad_ranks.item() > 0 or not math.isfinite(loss):
             bad_step = int(self.first_bad.item()) if self.first_bad.item() >= 0 else step
             raise NonFiniteLossError(
@@ -168,12 +178,22 @@ class MetricsWindow:
             "avg_img_per_s": self.timed_images / self.timed_s if self.timed_s > 0 else rate,
             "memory_gib": memory_gib(self.device),
             "gpu_hours": self.train_seconds * self.world_size / 3600,
+            "job_fixed_s": self._fixed_s(),
             **stragglers,
             **extra,
         }
         self.sums.zero_()
         self.start, self.steps = time.monotonic(), 0
         return self.last
+
+    def _fixed_s(self) -> float:
+        """This process's seconds beyond its steady rate so far (`job_fixed_s`): the first window's
+        excess over the average rate once a later window has timed one, and the monitor."""
+        excess = 0.0
+        if self.first_window is not None and self.timed_s > 0:
+            seconds, images = self.first_window
+            excess = max(0.0, seconds - images * self.timed_s / self.timed_images)
+        return excess + self.paused_s
 
     def _rank_times(self) -> dict[str, float]:
         """Every rank's own seconds per step this window (`StepClock`), gathered: one small

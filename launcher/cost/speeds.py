@@ -2,8 +2,10 @@
 launcher/cost/sweep_cost.py turns into GPU-hours. Three sources, in order of trust:
 
 1. measured: finished, running or preempted runs in the sweep's MLflow store (any experiment) with the
-   same shape on the same card, and their logged `avg_img_per_s`. One search per sweep; the store is
-   opened through dino/io/mlflow_store.py and never created.
+   same shape on the same card, and their logged `avg_img_per_s`, with `job_fixed_s`: what each job
+   pays once beyond that rate (its first window's warm-up, the k-NN monitor), which the estimate adds
+   per job start. One search per sweep; the store is opened through dino/io/mlflow_store.py and never
+   created.
 2. calibrated: a `dinolab bench --save` record of that shape on that card (`<root>/bench.json`,
    `save_bench`).
 3. estimated, the least trusted: FLOPs per image, counted by torch's FLOP counter on the meta device
@@ -50,6 +52,8 @@ class Speed:
     memory_gib: float | None
     source: str
     detail: str
+    # Seconds a job of this shape pays once beyond `img_per_s` (measured only; else none counted).
+    fixed_s: float = 0.0
 
 
 # What sets a training step's img/s per GPU (and its memory), besides the card: a run whose values
@@ -95,9 +99,13 @@ def _card_matches(wanted: str, have: str) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def measured_runs(uri: str) -> tuple[list[tuple[tuple[str, ...], float, float | None, str]], str]:
-    """(shape, img/s per GPU, peak memory GiB, experiment) of every finished, running or preempted run
-    in the store that logged a throughput and its card, and a note when the store could not be read.
+# One measured run: (shape, img/s per GPU, peak memory GiB, experiment, its last job's fixed seconds).
+MeasuredRun = tuple[tuple[str, ...], float, float | None, str, float | None]
+
+
+def measured_runs(uri: str) -> tuple[list[MeasuredRun], str]:
+    """A `MeasuredRun` of every finished, running or preempted run in the store that logged a
+    throughput and its card, and a note when the store could not be read.
     One search over all experiments; a local store that does not exist is not created."""
     if not uri or mlflow_store.missing_store(uri):
         return [], ""
@@ -120,9 +128,9 @@ def measured_runs(uri: str) -> tuple[list[tuple[tuple[str, ...], float, float | 
                 if any(k not in params for k in _SHAPE_KEYS):
                     continue
                 shape = (*(params[k] for k in _SHAPE_KEYS), card)
-                found.append(
-                    (shape, rate, run.data.metrics.get("memory_gib"), experiments[run.info.experiment_id])
-                )
+                metrics = run.data.metrics
+                found.append((shape, rate, metrics.get("memory_gib"), experiments[run.info.experiment_id],
+                              metrics.get("job_fixed_s")))  # fmt: skip
             token = page.token
             if not token:
                 break
@@ -134,17 +142,27 @@ def measured_runs(uri: str) -> tuple[list[tuple[tuple[str, ...], float, float | 
         )
 
 
-def measured_speed(shape: tuple[str, ...], runs: list) -> Speed | None:
+def measured_speed(shape: tuple[str, ...], runs: list[MeasuredRun]) -> Speed | None:
+    """The speed of `shape` as the store's runs of it measured. GPU-hours add up (images / rate +
+    fixed seconds, job after job), so the figures are the ones that predict a sum: the harmonic mean
+    of the rates (each run's images at its own rate) and the mean of the fixed seconds. A median
+    would be robust to one odd run but under-prices a sweep whose runs were slowed unevenly (a busy
+    node, a shared filesystem): the sum is what the budget is checked against."""
     hits = [r for r in runs if r[0][:-1] == shape[:-1] and _card_matches(shape[-1], r[0][-1])]
     if not hits:
         return None
-    rate = statistics.median(r[1] for r in hits)
+    rate = statistics.harmonic_mean([r[1] for r in hits])
     memory = [r[2] for r in hits if r[2] is not None]
     where = sorted({r[3] for r in hits})
-    detail = f"median of {len(hits)} run(s) in {', '.join(where[:3])}{' ...' if len(where) > 3 else ''}"
+    detail = f"mean of {len(hits)} run(s) in {', '.join(where[:3])}{' ...' if len(where) > 3 else ''}"
     if shape[-1] == UNKNOWN_GPU:
         detail += f" on {', '.join(sorted({r[0][-1] for r in hits}))}"
-    return Speed(rate, max(memory) if memory else None, MEASURED, detail)
+    # The latest value each run logged: its last job's (runs logged before the metric existed: none).
+    fixed = [r[4] for r in hits if r[4] is not None]
+    fixed_s = statistics.fmean(fixed) if fixed else 0.0
+    if fixed:
+        detail += f", + {fixed_s:.3g} s per job"
+    return Speed(rate, max(memory) if memory else None, MEASURED, detail, fixed_s)
 
 
 # --------------------------------------------------------------------------------------------------

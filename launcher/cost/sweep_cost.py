@@ -77,9 +77,15 @@ class StageCost:
 
     @property
     def gpu_hours(self) -> float | None:
+        """The images at the stage's rate, plus the job's fixed seconds on each of its GPUs."""
         if self.images is None or not self.speed.img_per_s:
             return None
-        return self.images / self.speed.img_per_s / 3600
+        return self.images / self.speed.img_per_s / 3600 + self.fixed_gpu_hours
+
+    @property
+    def fixed_gpu_hours(self) -> float:
+        """What the stage's job pays once, whatever its length (measured speeds only: `Speed.fixed_s`)."""
+        return self.speed.fixed_s * self.devices / 3600
 
     @property
     def hours(self) -> float | None:
@@ -141,6 +147,10 @@ class SweepCost:
             for s in r.stages:
                 totals[s.stage] = totals.get(s.stage, 0.0) + (s.gpu_hours or 0.0)
         return totals
+
+    def fixed(self, stage: str) -> float:
+        """The part of a stage's GPU-hours its jobs pay once each (a search pays it per rung job)."""
+        return sum(s.fixed_gpu_hours for r in self.runs for s in r.stages if s.stage == stage and s.gpu_hours)
 
     def most_expensive(self, n: int = 3) -> list[RunCost]:
         return sorted(self.runs, key=lambda r: -(r.gpu_hours or 0.0))[:n]

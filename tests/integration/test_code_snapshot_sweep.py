@@ -21,7 +21,9 @@ from launcher import records
 from tests.conftest import TINY_OVERRIDES
 from tests.integration.cli import REPO
 
-pytestmark = pytest.mark.slow
+# heavy: a local-executor sweep of its own (~12 s alone, ~45 s beside the quick tier's other workers);
+# the quick tier keeps the snapshot's unit tests (tests/unit/test_code_snapshot.py).
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 def copy_source(to: Path) -> Path:

@@ -77,9 +77,11 @@ def test_plan_uses_a_measured_twin_then_a_bench_calibration_then_a_flop_guess(tm
     assert f"{rate:,.0f}" in measured and measured.rstrip(" │").endswith("measured")
     assert fresh.rstrip(" │").endswith("estimated")
     assert (
-        f"pretrain of batch_size8: measured, {rate:,.0f} img/s per GPU: median of 1 run(s) in elsewhere"
+        f"pretrain of batch_size8: measured, {rate:,.0f} img/s per GPU: mean of 1 run(s) in elsewhere, + "
         in out
     )
+    fixed = twin.data.metrics["job_fixed_s"]  # what the twin's job paid once: added to each job's cost
+    assert f"+ {fixed:.3g} s per job" in out
     assert "pretrain of batch_size4: estimated, " in out and "GFLOP/image" in out
     assert "knn of batch_size8, batch_size4: estimated, " in out
     assert "cost: " in out and "GPU-hours (pretrain " in out and "wall-clock " in out

@@ -4,6 +4,7 @@ the order of trust of the sources and the budget check. No MLflow, no training."
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -61,6 +62,51 @@ def test_gpu_hours_and_wall_clock_of_a_stage():
     assert cost.StageCost("pretrain", None, 1, speed).gpu_hours is None  # dataset size unknown
 
 
+def test_a_jobs_fixed_seconds_are_its_warm_up_and_monitor_and_count_once_a_job(monkeypatch, tmp_path):
+    """The train loop logs `job_fixed_s` (its first window's seconds over the steady rate, plus the
+    monitor); a measured speed carries the median and a stage adds it once per job, on each GPU."""
+    import torch
+
+    from dino.run import train_metrics
+
+    clock = [100.0]
+    monkeypatch.setattr(train_metrics.time, "monotonic", lambda: clock[0])
+    schedules = SimpleNamespace(
+        lr=[0.1] * 40, weight_decay=[0.0] * 40, momentum=[0.99] * 40, teacher_temp=[0.04] * 40
+    )
+    window = train_metrics.MetricsWindow(torch.device("cpu"), schedules, 10, 8, 1, 40, str(tmp_path))
+    out = {"loss": torch.tensor(1.0), "teacher_entropy": torch.tensor(1.0), "kl": torch.tensor(0.0)}
+
+    def steps(end: int, seconds: float) -> dict[str, float]:
+        for step in range(end - 9, end + 1):
+            window.add(out, step)
+        clock[0] += seconds
+        return window.reduce(end, {})
+
+    assert steps(10, 5.0)["job_fixed_s"] == 0.0  # the warm-up is not priced before a steady window
+    clock[0] += 2.0  # the k-NN monitor: outside img/s, inside GPU-hours and the job's fixed seconds
+    window.pause(2.0)
+    line = steps(20, 1.0)  # 80 images a second: the first window's 80 should have taken 1 s, not 5
+    assert line["job_fixed_s"] == pytest.approx(4.0 + 2.0) and line["avg_img_per_s"] == pytest.approx(80)
+    assert line["gpu_hours"] == pytest.approx(8.0 / 3600)
+    assert steps(30, 3.0)["job_fixed_s"] == pytest.approx(5.0 - 2.0 + 2.0)  # now 40 img/s on average
+
+    # Figures that predict a sum: 1,200 images a run at 100, 200 and 300 img/s take 12 + 6 + 4 s, the
+    # harmonic mean's 3,600 / 164 (a median of 200 would say 18 s); fixed seconds by their mean.
+    hits = [
+        (("s",), 100.0, None, "e", 30.0),
+        (("s",), 200.0, None, "e", 10.0),
+        (("s",), 300.0, None, "e", None),
+    ]
+    speed = speeds.measured_speed(("s",), hits)
+    assert speed.img_per_s == pytest.approx(3600 / 22) and speed.detail.startswith("mean of 3 run(s) in e")
+    assert speed.fixed_s == 20.0 and "+ 20 s per job" in speed.detail  # runs logged before it: left out
+    stage = cost.StageCost("pretrain", 3_600_000, 16, speed)
+    assert stage.fixed_gpu_hours == pytest.approx(20 * 16 / 3600)
+    assert stage.gpu_hours == pytest.approx(3_600_000 / (3600 / 22) / 3600 + 20 * 16 / 3600)
+    assert speeds.measured_speed(("s",), hits[2:]).fixed_s == 0.0
+
+
 def test_wall_clock_runs_array_parallelism_jobs_at_a_time_and_chains_evaluations(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path, grid={"optim.batch_size": [8, 4, 2]}, evals=["knn"]))
     runs = expand(sweep)
@@ -101,7 +147,7 @@ def test_a_measured_shape_wins_over_a_calibration_which_wins_over_a_flop_estimat
     sweep = load_sweep(sweep_file(tmp_path))
     big, small = expand(sweep)
     shape = speeds.shape_of(big.config, "cpu")
-    measured = [(shape, 500.0, 1.0, "elsewhere")]
+    measured = [(shape, 500.0, 1.0, "elsewhere", None)]
     bench = {speeds._bench_key(shape): {"img_per_s": 300.0, "memory_gib": 1.5, "device": "cpu", "time": 0}}
     assert speeds.measured_speed(shape, measured).img_per_s == 500.0
     assert (

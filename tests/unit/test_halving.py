@@ -9,7 +9,8 @@ import json
 import pytest
 import yaml
 
-from launcher import halving, plan, records
+from launcher import cost, halving, plan, records
+from launcher.cost import speeds
 from launcher.grid import expand
 from launcher.sweep_file import SweepError, load_sweep
 
@@ -119,6 +120,17 @@ def test_the_expected_cost_of_a_search_against_the_full_grid(tmp_path):
     # 9 cells to 20%, 3 on to 50%, 1 to the end: (9*0.2 + 3*0.3 + 1*0.5) / 9 of the full grid
     assert halving.halving_fraction(sweep, 9) == pytest.approx((1.8 + 0.9 + 0.5) / 9)
     assert halving.runs_per_rung(sweep, 10) == [10, 4, 2]
+
+    # Each run: 1 h of images, 0.1 h its job pays once (measured), 0.1 h of k-NN. The search streams
+    # 3.2/9 of the images, starts 9 + 3 + 1 jobs where the grid starts 9, and evaluates 1 cell.
+    measured = cost.Speed(1.0, None, speeds.MEASURED, "", fixed_s=360.0)
+    knn = cost.Speed(1.0, None, speeds.ESTIMATED, "")
+    full = cost.SweepCost([cost.RunCost(r, [cost.StageCost("pretrain", 3600, 1, measured),
+                                            cost.StageCost("knn", 360, 1, knn)]) for r in expand(sweep)], None)  # fmt: skip
+    search, whole, line = halving.expected_cost(sweep, full)
+    assert whole == pytest.approx(9 * 1.2) and search == pytest.approx(3.2 + 1.3 + 0.1)
+    assert line.endswith("9 → 3 → 1 cells; expected 4.6 GPU-hours (pretrain 4.5) against 10.8 for the full grid "
+                         "(57% less)")  # fmt: skip
 
 
 def test_cancelling_a_search_cancels_its_decision_jobs(tmp_path):

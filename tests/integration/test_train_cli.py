@@ -149,6 +149,8 @@ def test_a_frozen_rank_under_plain_torchrun_stops_the_job_with_exit_code_75(tmp_
     assert (found["rank"], found["frozen"], found["pid"], found["detected_by"]) == (1, True, pid, 0)
     assert "hung: rank 1 on" in (run_dir / "train.log").read_text()
     stacks = (run_dir / "health" / f"stacks-train-rank0-{found['detected_on']}.txt").read_text()
-    assert "dino/run/loop.py" in stacks and "all_reduce" in stacks  # waiting for rank 1
+    # Waiting for rank 1: in a collective of ours (the centre's, the window's all_reduce) or in DDP's
+    # gradient all-reduce, which runs in C++ under `backward` (where rank 0 is depends on the step).
+    assert "dino/run/loop.py" in stacks and ("all_reduce" in stacks or " in backward" in stacks), stacks
     frozen = (run_dir / "health" / "py-spy-train-rank1.txt").read_text()  # read from outside
     assert f"Process {pid}" in frozen and "dino/run/loop.py" in frozen

@@ -15,16 +15,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
-import torch
 
 from launcher import records
-from tests.conftest import load_final
-from tests.integration.cli import REPO, dinolab, env
+from tests.integration.cli import assert_equals_torchrun_reference, dinolab
 from tests.integration.slurm_cluster import slurm_cluster  # noqa: F401
 from tests.integration.test_sweep_slurm import TINY_BASE, epochs_lasting, logged_steps, run_dirs, wait_for
 
@@ -140,14 +137,4 @@ def test_a_frozen_rank_stops_the_job_which_requeues_without_its_node_and_ends_ex
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
     # The reference: the same config, uninterrupted, 2 processes on one node.
-    ref_dir = tmp_path / "ref"
-    ref = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-         "launcher.cli", "train", *base, "teacher.momentum=0.996", f"run.dir={ref_dir}"],
-        capture_output=True, text=True, env=env(), cwd=REPO, timeout=600,
-    )  # fmt: skip
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    a, b = load_final(ref_dir), load_final(run_dir)
-    assert a["step"] == b["step"] == total
-    for part in ("student", "teacher"):
-        assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part
+    assert_equals_torchrun_reference(run_dir, tmp_path / "ref", [*base, "teacher.momentum=0.996"], total)

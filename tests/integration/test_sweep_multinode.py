@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
-import torch
 
 from launcher import records
-from tests.conftest import load_final
-from tests.integration.cli import REPO, dinolab, env, results
+from tests.integration.cli import assert_equals_torchrun_reference, dinolab, results
 from tests.integration.slurm_cluster import slurm_cluster  # noqa: F401
 from tests.integration.test_sweep_slurm import TINY_BASE, epochs_lasting, logged_steps, run_dirs, wait_for
 
@@ -115,16 +112,7 @@ def test_two_node_run_is_preempted_resumes_exactly_and_evaluates_on_two_nodes(sl
 
     # The reference: the same config, uninterrupted, as one node with 2 processes (torchrun).
     ref_dir = tmp_path / "ref"
-    ref = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-         "launcher.cli", "train", *base, "teacher.momentum=0.996", f"run.dir={ref_dir}"],
-        capture_output=True, text=True, env=env(), cwd=REPO, timeout=600,
-    )  # fmt: skip
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    a, b = load_final(ref_dir), load_final(run_dir)
-    assert a["step"] == b["step"] == total
-    for part in ("student", "teacher"):
-        assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part
+    assert_equals_torchrun_reference(run_dir, ref_dir, [*base, "teacher.momentum=0.996"], total)
 
     # k-NN: 2 tasks on 2 nodes (each its share of the feature shards) = 1 process.
     (two_tasks,) = results(run_dir, "knn").values()

@@ -47,22 +47,13 @@ def eval_record(protocol: str) -> str:
     return f"record-{protocol}.json"
 
 
-def _read(path: str, default: Any) -> Any:
-    if not storage.exists(path):
-        return default
-    try:
-        return json.loads(storage.read_text(path))
-    except (json.JSONDecodeError, OSError):
-        return default
-
-
 def read_record(run_dir: str) -> dict[str, Any]:
     """record.json, with `evals` ({protocol: state}) read from each evaluation's own file (older
     runs kept them in record.json itself, still read)."""
-    record = _read(storage.join(run_dir, RECORD), {})
+    record = storage.read_json(storage.join(run_dir, RECORD), {})
     evals = dict(record.get("evals", {}))
     for protocol in EVAL_PROTOCOLS:
-        own = _read(storage.join(run_dir, eval_record(protocol)), {})
+        own = storage.read_json(storage.join(run_dir, eval_record(protocol)), {})
         if own.get("state"):
             evals[protocol] = own["state"]
     if evals or "evals" in record:
@@ -83,12 +74,12 @@ def set_eval_state(run_dir: str, protocol: str, state: str, reason: str = "", **
 
 def read_eval_record(run_dir: str, protocol: str) -> dict[str, Any]:
     """One evaluation's own record (empty when it never ran)."""
-    return _read(storage.join(run_dir, eval_record(protocol)), {})
+    return storage.read_json(storage.join(run_dir, eval_record(protocol)), {})
 
 
 def eval_reason(run_dir: str, protocol: str) -> str:
     """Why an evaluation was skipped ("" when it was not)."""
-    return _read(storage.join(run_dir, eval_record(protocol)), {}).get("reason", "")
+    return storage.read_json(storage.join(run_dir, eval_record(protocol)), {}).get("reason", "")
 
 
 def reset_evals(run_dir: str) -> None:
@@ -141,7 +132,7 @@ def restore(run_dir: str, files: dict[str, str | None]) -> None:
 
 
 def read_jobs(run_dir: str) -> list[dict[str, Any]]:
-    return _read(storage.join(run_dir, JOBS), [])
+    return storage.read_json(storage.join(run_dir, JOBS), [])
 
 
 def add_job(run_dir: str, stage: str, job_id: str, executor: str, stdout: str, stderr: str) -> None:

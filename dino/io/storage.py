@@ -16,13 +16,14 @@ the endpoint is wrong) are dino/io/object_store.py; `configure` sets their optio
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import posixpath
 import tempfile
 import uuid
 from collections.abc import Callable
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 import fsspec
 
@@ -158,6 +159,17 @@ def read_bytes(path: str) -> bytes:
 
 def read_text(path: str) -> str:
     return read_bytes(path).decode()
+
+
+def read_json(path: str, default: Any = None) -> Any:
+    """The JSON a small state file holds (a record, hang.json), or `default` when the file is absent,
+    unreadable or not JSON (a reader never stops on another process's state file)."""
+    if not exists(path):
+        return default
+    try:
+        return json.loads(read_text(path))
+    except (json.JSONDecodeError, OSError):
+        return default
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

@@ -107,13 +107,7 @@ class Hang:
 
 def read_hang(run_dir: str) -> dict | None:
     """The newest hang.json of the run (None: it never hung)."""
-    path = storage.join(health_dir(run_dir), HANG_FILE)
-    if not storage.exists(path):
-        return None
-    try:
-        return json.loads(storage.read_text(path))
-    except (json.JSONDecodeError, OSError):
-        return None
+    return storage.read_json(storage.join(health_dir(run_dir), HANG_FILE))
 
 
 class Watchdog:

@@ -151,29 +151,33 @@ def decide(sweep: Sweep, runs: list[RunSpec], k: int) -> dict[str, Any]:
         "promoted": [r.run_id for c in ranked if c.key in kept for r in c.runs],
         "pruned": [r.run_id for c in ranked if c.key not in kept for r in c.runs],
     }
-    _prune(sweep, [c for c in ranked if c.key not in kept], k)
-    _tag(sweep, candidates, decision, k)
+    saved = _prune(sweep, [c for c in ranked if c.key not in kept], k)
+    _tag(sweep, candidates, decision, k, saved)
     state["rungs"][str(k)] = decision
     write_state(sweep, state)
     return decision
 
 
-def _prune(sweep: Sweep, cells: list[Cell], k: int) -> None:
+def _prune(sweep: Sweep, cells: list[Cell], k: int) -> dict[str, float]:
+    """Each run of `cells` recorded `pruned`; returns {run id: the GPU-hours its pruning saved}."""
     fraction = sweep.search.rungs[k]
+    saved = {}
     for cell in cells:
         for run in cell.runs:
-            record = records.read_record(run.run_dir)
-            spent = float(record.get("gpu_hours") or 0.0)
+            spent = float(records.read_record(run.run_dir).get("gpu_hours") or 0.0)
+            saved[run.run_id] = spent * (1 - fraction) / fraction
             records.update_record(
                 run.run_dir, state=records.PRUNED, pruned_at=fraction, rung_value=cell.values[run.run_id],
-                cell_value=cell.value, search_metric=sweep.search.metric,
-                saved_gpu_hours=spent * (1 - fraction) / fraction,
+                cell_value=cell.value, search_metric=sweep.search.metric, saved_gpu_hours=saved[run.run_id],
             )  # fmt: skip
+    return saved
 
 
-def _tag(sweep: Sweep, candidates: list[RunSpec], decision: dict[str, Any], k: int) -> None:
+def _tag(
+    sweep: Sweep, candidates: list[RunSpec], decision: dict[str, Any], k: int, saved: dict[str, float]
+) -> None:
     """The decision on each candidate's MLflow run (the report reads these tags): its value at the
-    rung, and for a pruned run the rung, its cell's value and the GPU-hours saved."""
+    rung, and for a pruned run the rung, its cell's value and the GPU-hours saved (`saved`)."""
     from launcher import tracking_runs
 
     search = sweep.search
@@ -188,10 +192,9 @@ def _tag(sweep: Sweep, candidates: list[RunSpec], decision: dict[str, Any], k: i
             f"dinolab.search.rung{k}": "" if values[run.run_id] is None else f"{values[run.run_id]:.6g}",
         }
         if run.run_id in decision["pruned"]:
-            record = records.read_record(run.run_dir)
             own.update({"dinolab.state": records.PRUNED, "dinolab.search.pruned_at": fraction_key(decision["fraction"]),
                         "dinolab.search.cell_value": "" if cell_values[run.run_id] is None else f"{cell_values[run.run_id]:.6g}",
-                        "dinolab.search.saved_gpu_hours": f"{record.get('saved_gpu_hours', 0.0):.6g}"})  # fmt: skip
+                        "dinolab.search.saved_gpu_hours": f"{saved[run.run_id]:.6g}"})  # fmt: skip
         tags[run.run_id] = own
     tracking_runs.prepare(sweep, candidates, tags=tags)
 

@@ -263,14 +263,14 @@ class Watchdog:
         rank, beat, frozen = self.find_suspect(beats, now)
         live = [r for r in beats if r != rank and now - beats[r]["alive_at"] <= self.stale_after_s]
         leader = min(live or [self.rank]) == self.rank
-        stacks = [self._dump_stacks()]
+        self._dump_stacks()
         hang = Hang(rank=rank, host=beat.get("host", "?"), pid=beat.get("pid", 0), step=beat.get("step", -1),
                     phase=beat.get("phase", "?"), frozen=frozen,
                     stalled_s=round(now - beat.get("progress_at", now - stalled), 1),
                     detected_by=self.rank, detected_on=self.host, detected_at=now, job=self.job)  # fmt: skip
         if leader:
             if frozen and hang.host == self.host:
-                stacks.append(self._py_spy(hang.pid, rank))
+                self._py_spy(hang.pid, rank)
             time.sleep(min(5.0, 2 * self.interval_s))  # the other live ranks' stacks land first
             hang.stacks = sorted(
                 p for p in storage.listdir(health_dir(self.run_dir)) if p.endswith(".txt") and self.job in p

@@ -125,6 +125,7 @@ def _submit_arrays(sweep, train, eval_only, executor, out, created, estimates) -
                 cancel_job(job, records.read_record(todo.run.run_dir))
         records.mark_pending(todo.run.run_dir, estimates.get(todo.run.run_id, {}))
     # One pretraining array per rung this submission trains to (all to the end outside a search).
+    to_end: list[tuple[Todo, Any]] = []
     for stop_at in sorted({t.stop_at for t in train}, key=lambda f: f or 2.0):
         group = [t for t in train if t.stop_at == stop_at]
         ex = build_executor(sweep, "pretrain", executor, folder, code_dir)
@@ -134,8 +135,8 @@ def _submit_arrays(sweep, train, eval_only, executor, out, created, estimates) -
         for todo, job in zip(group, jobs, strict=True):
             _record_submission(todo.run, "pretrain", job, executor)
             out.pretrain.append((todo.run, job))
-    to_end = [(t, j) for t, (_, j) in zip(sorted(train, key=lambda t: t.stop_at or 2.0), out.pretrain, strict=True)
-              if not t.stop_at]  # fmt: skip
+        if not stop_at:
+            to_end = list(zip(group, jobs, strict=True))
     for protocol in sweep.evals:
         # Every run (re)trained to its end now needs this evaluation again, on its final checkpoint;
         # keeping the eval array the same size and order as that pretrain array lets SLURM pair task i

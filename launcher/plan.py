@@ -84,10 +84,8 @@ def classify(sweep: Sweep, runs: list[RunSpec]) -> list[Todo]:
             todos.append(Todo(run, ACTIVE if live_eval else FINISHED, [] if live_eval else evals))
         elif live(jobs.get("pretrain")):
             todos.append(Todo(run, ACTIVE))
-        elif record.get("state") in (
-            records.FAILED,
-            records.HUNG,
-        ):  # a hang not requeued: retried like a failure
+        # A hang the watchdog did not requeue (local executor, or its requeues used up): a failure.
+        elif record.get("state") in (records.FAILED, records.HUNG):
             todos.append(Todo(run, FAILED, evals, note=record["state"]))
         elif record or checkpoint.list_steps(run.run_dir):
             todos.append(Todo(run, RESUME, evals))

@@ -190,7 +190,8 @@ def status_table(sweep: Sweep, runs: list[RunSpec], compact: bool = False) -> Ta
 
 
 def pruned_note(record: dict[str, Any]) -> str:
-    """ "pruned at 20%: monitor_knn_top1 41.2 (cell mean), 0.8 GPU-h saved" (launcher/halving.py)."""
+    """A pruned run's note, "at 20%: 41.2 (cell), 0.8 GPU-h saved": the rung, its cell's mean value
+    of the search metric there and the GPU-hours not spent (launcher/halving.py)."""
     from launcher.cost import gpu_hours_text
 
     value = record.get("cell_value")

@@ -215,11 +215,7 @@ def correlation_text(found: list[Correlation], search: dict, header: str, final:
 
 
 def _note(text: str, fmt: str) -> str:
-    if fmt == "html":
-        return f"<p class='note'>{html.escape(text)}</p>"
-    if fmt == "latex":
-        return f"\\par\\smallskip{{\\footnotesize {_latex(text)}}}"
-    return text
+    return tables.note_block(text, fmt, _latex)
 
 
 def _plain(text: str, fmt: str) -> str:
@@ -227,12 +223,7 @@ def _plain(text: str, fmt: str) -> str:
 
 
 def _warning(title: str, text: str, fmt: str) -> str:
-    text = text[0].upper() + text[1:]
-    if fmt == "html":
-        return f"<p class='warning'><b>Warning: {html.escape(title)}</b> {html.escape(text)}</p>"
-    if fmt == "latex":
-        return f"\\par\\noindent{{\\footnotesize\\textbf{{Warning: {_latex(title)}}} {_latex(text)}}}\\par\\smallskip"
-    return f"> **Warning: {title}** {text}"
+    return tables.warning_block(title, text, fmt, _latex)
 
 
 def _latex(text: str) -> str:

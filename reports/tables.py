@@ -21,6 +21,7 @@ import base64
 import html
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -341,13 +342,32 @@ def render(
         return "\n\n".join([table, *notes]) if notes else table
     if fmt == "html":
         table = out.to_html(index=False, escape=False, border=0, classes="ablation")
-        return table + "".join(f"\n<p class='note'>{html.escape(n)}</p>" for n in notes)
+        return table + "".join(f"\n{note_block(n, fmt)}" for n in notes)
     latex = out.rename(columns=lambda c: c.replace("_", "\\_").replace("%", "\\%"))
     latex = latex.map(lambda v: v.replace("_", "\\_") if isinstance(v, str) and "$" not in v else v)
     table = latex.to_latex(
         index=False, escape=False, column_format="l" * len(by) + "r" * (len(out.columns) - len(by))
     )
-    return table + "".join(f"\n\\par\\smallskip{{\\footnotesize {_latex_text(n)}}}" for n in notes)
+    return table + "".join(f"\n{note_block(n, fmt)}" for n in notes)
+
+
+def note_block(text: str, fmt: str, latex: Callable[[str], str] | None = None) -> str:
+    """A note under a table in `fmt` (markdown: the text); `latex` escapes it (default `_latex_text`)."""
+    if fmt == "html":
+        return f"<p class='note'>{html.escape(text)}</p>"
+    if fmt == "latex":
+        return f"\\par\\smallskip{{\\footnotesize {(latex or _latex_text)(text)}}}"
+    return text
+
+
+def warning_block(title: str, text: str, fmt: str, latex: Callable[[str], str] | None = None) -> str:
+    """A visible warning in `fmt`: `title` in bold, then `text` with a capital first letter."""
+    text, escape = text[0].upper() + text[1:], latex or _latex_text
+    if fmt == "html":
+        return f"<p class='warning'><b>Warning: {html.escape(title)}</b> {html.escape(text)}</p>"
+    if fmt == "latex":
+        return f"\\par\\noindent{{\\footnotesize\\textbf{{Warning: {escape(title)}}} {escape(text)}}}\\par\\smallskip"
+    return f"> **Warning: {title}** {text}"
 
 
 def _latex_text(text: str) -> str:
@@ -468,15 +488,12 @@ def with_warning(text: str, warning: str, fmt: str) -> str:
     command prints the warning on stderr)."""
     if not warning or fmt == "csv":
         return text
-    line, warning = warning, warning[0].upper() + warning[1:]  # line: as the command prints it on stderr
+    block = warning_block("mixed code.", warning, fmt)
     if fmt == "markdown":
-        return f"> **Warning: mixed code.** {warning}\n\n{text}"
+        return f"{block}\n\n{text}"
     if fmt == "html":
-        return f"<p class='warning'><b>Warning: mixed code.</b> {html.escape(warning)}</p>\n{text}"
-    return (
-        f"% dinolab report: warning: mixed code: {line}\n"
-        f"\\par\\noindent{{\\footnotesize\\textbf{{Warning: mixed code.}} {_latex_text(warning)}}}\\par\\smallskip\n{text}"
-    )
+        return f"{block}\n{text}"
+    return f"% dinolab report: warning: mixed code: {warning}\n{block}\n{text}"  # as the command prints it on stderr
 
 
 def collapsed_table(df: pd.DataFrame, fmt: str) -> str:

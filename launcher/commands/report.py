@@ -199,7 +199,7 @@ def run_command(args: argparse.Namespace) -> int:
         print(text)
     if args.html:
         write_html(args.html, uri, experiment, df, summary, by, columns, args.paper, shown, comparisons, notes,
-                   plan, pruned=pruned, ranking=search.correlation_text(ranked, search.search_of(df) or {},
+                   plan, every=every, ranking=search.correlation_text(ranked, search.search_of(df) or {},
                                                                        columns[0].header, columns[0].key, "html"))  # fmt: skip
         print(f"HTML report written to {args.html}", file=sys.stderr)
     for path in filter(None, (args.output, args.html)):
@@ -308,13 +308,11 @@ def _with_weights(args: argparse.Namespace, summary, by, columns):
 
 
 def write_html(path, uri, experiment, df, summary, by, columns, with_paper, shown=None, comparisons=None,
-               notes=(), plan=None, pruned=None, ranking="") -> None:  # fmt: skip
-    """The page: `df` the runs that can be results (plots, curves), `pruned` those a search pruned (their
-    section, and the runs table); `ranking` the search's rung correlations in HTML."""
-    import html
+               notes=(), plan=None, every=None, ranking="") -> None:  # fmt: skip
+    """The page: `df` the runs that can be results (plots, curves), `every` all the collected runs (the
+    runs table; those a search pruned also get their section); `ranking` the search's rung
+    correlations in HTML."""
     import math
-
-    import pandas as pd
 
     from dino.io.mlflow_store import existing_client
     from reports import plots, search, tables
@@ -328,18 +326,17 @@ def write_html(path, uri, experiment, df, summary, by, columns, with_paper, show
     if len(by) == 2:
         sections.append((f"{main.header}: {by[0]} × {by[1]}", tables.pivot(summary, by, main, "html")))
     if plan is not None:
-        lines = "".join(f"<p class='note'>{html.escape(line)}</p>" for line in plan.lines())
+        lines = "".join(tables.note_block(line, "html") for line in plan.lines())
         sections.append(
             (f"Seeds to resolve {plan.delta:g} points", lines + tables.export(plan.table, "html"))
         )
-    pruned = pruned if pruned is not None else df.iloc[:0]
+    every = every if every is not None else df
+    pruned = search.split(every)[1]
     cut = search.pruned_section(pruned, df.attrs["axes"], search.search_of(df), "html", heading=False)
     if cut:
         heading = search.pruned_heading(search.search_of(df) or {})
-        sections.append((search.HEADING, f"<p class='note'>{html.escape(heading)}</p>\n{cut}"))
-    every = pd.concat([df, pruned], ignore_index=True) if len(pruned) else df
-    sections.append(("Runs", tables.runs_table(every.sort_values([*df.attrs["axes"], "seed", "run"]), by, columns,
-                                               "html")))  # fmt: skip
+        sections.append((search.HEADING, f"{tables.note_block(heading, 'html')}\n{cut}"))
+    sections.append(("Runs", tables.runs_table(every, by, columns, "html")))
     figures = []
     if summary[f"{main.key}_n"].sum():
         figures.append((f"{main.header} against {by[0]} (mean and 95 % interval; random init dashed)",

@@ -31,6 +31,7 @@ from typing import Any
 
 from dino.io import storage
 from launcher import records
+from launcher.errors import UserError
 from launcher.grid import RunSpec
 from launcher.sweep_file import Search, Sweep
 
@@ -65,7 +66,16 @@ def read_state(sweep: Sweep) -> dict[str, Any]:
     path = state_path(sweep)
     if not storage.exists(path):
         return {"rungs": {}, "deciders": {}}
-    state = json.loads(storage.read_text(path))
+    try:
+        state = json.loads(storage.read_text(path))
+        if not isinstance(state, dict):
+            raise ValueError(f"a JSON {type(state).__name__}, not an object")
+    except ValueError as err:  # JSONDecodeError too
+        # Not read as empty: what it says (decisions, revived runs, decision jobs) must not be lost silently.
+        raise UserError(
+            f"{path} is damaged ({err}): it holds the search's decisions; restore it, or remove it to have "
+            "each rung decided again from the runs' records"
+        ) from None
     state.setdefault("rungs", {})
     state.setdefault("deciders", {})
     return state

@@ -114,6 +114,19 @@ def test_a_rung_keeps_the_best_cells_on_their_seeds_mean_and_prunes_the_rest_onc
     assert [again[t.run.run_id].stop_at for t in revive[:2]] == [0.0, 0.0]  # revived: on to the end
 
 
+def test_a_damaged_search_file_is_named_not_read_as_empty(tmp_path):
+    from launcher.errors import UserError
+
+    sweep = load_sweep(_sweep(tmp_path))
+    path = tmp_path / "runs" / "hv" / halving.SEARCH_FILE
+    path.parent.mkdir(parents=True)
+    for damaged, why in (('{"rungs": {"0": ', "Expecting value"), ("[1, 2]", "a JSON list, not an object")):
+        path.write_text(damaged)
+        with pytest.raises(UserError, match=f"{path} is damaged \\({why}.*decided again"):
+            halving.read_state(sweep)
+        assert path.read_text() == damaged  # nothing rewritten
+
+
 def test_the_expected_cost_of_a_search_against_the_full_grid(tmp_path):
     sweep = load_sweep(_sweep(tmp_path, {"strategy": "halving", "rungs": [0.2, 0.5, 1.0], "keep": 3}))
     assert halving.runs_per_rung(sweep, 9) == [9, 3, 1]
